@@ -1,0 +1,597 @@
+"""L2W-DEN: Learning to Weight Samples for Dynamic Early-exiting Networks.
+
+Han, Pu, Lai, Wang, Song, Cao, Huang, Deng, Huang. ECCV 2022. https://arxiv.org/abs/2209.08310
+
+A multi-exit network answers at K depths; at test time a sample stops at the first exit that
+is confident enough. L2W-DEN trains a small weight prediction network (WPN) by meta-learning
+so that each training sample gets a weight at each exit, and the weighted training makes the
+network do well under that early-exit regime. This file is the whole method: config, the
+meta-learning iteration (Alg. 1), anytime and budgeted evaluation (MSDNet's protocols),
+the training loop with exact resume, and the CLI.
+
+    pip install -r requirements.txt
+    python l2w.py --dataset cifar10 --arch msdnet --exits 7          # the paper's setting
+    python l2w.py --dataset synthetic --exits 3                      # one-minute offline demo
+    python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
+    python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
+    python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
+
+Tested with torch 2.14 on CPU (see README.md for what has been verified and what has not).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import higher
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import data
+from models import build_model, count_cost
+
+
+# ============================================================================
+# Config: one dataclass; per-dataset presets hold the paper's values (PAPER.md)
+# ============================================================================
+
+@dataclass
+class Config:
+    dataset: str = "cifar10"       # cifar10 | cifar100 | synthetic (offline demo and tests)
+    data_dir: str = "./data"       # where torchvision downloads / finds the dataset
+    arch: str = "msdnet"           # backbone (models.py)
+    exits: int = 5                 # number of exits K (the paper: 5 and 7 for MSDNet on CIFAR)
+    step: int = 4                  # ImageNet MSDNet step s (the paper: 4, 6, 7); unused on CIFAR
+    method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
+    epochs: int = 300
+    batch_size: int = 1024         # split into two halves, each one SGD update (Alg. 1)
+    lr: float = 0.8                # backbone lr, cosine to 0; 0.1 x half-batch / 64 as released
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    wpn_lr: float = 1e-4           # Adam, cosine to 0
+    wpn_weight_decay: float = 1e-4
+    wpn_depth: int = 1             # hidden layers d of the WPN
+    wpn_width: int = 500           # hidden width w of the WPN
+    q: float = 0.75                # budget variable of the meta objective: exit fractions ~ q^k
+    delta: float = 0.8             # perturbation: weights = 1 + delta * (g - mean g)
+    constraint: str = "col"        # mean taken per sample ('col'), per exit ('row') or overall ('mat')
+    meta_interval: int = 1         # the WPN is meta-updated every I iterations
+    holdout: int = 5000            # training images held out for validation and thresholds
+    synthetic_size: int = 2000     # training images of --dataset synthetic (test set: a third)
+    seed: int = 0
+    workers: int = 4               # data-loading processes
+    device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
+    out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>
+    print_every: int = 20          # iterations between progress lines
+    resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
+    eval_only: bool = False        # evaluate --resume and write results.json, no training
+    bench: bool = False            # time a plain and an L2W iteration, then exit
+    bench_iters: int = 10          # timed iterations per method in --bench
+
+
+# The released settings (PAPER.md, "Hyperparameters"). Precedence: defaults < preset < flags.
+CIFAR = dict(epochs=300, batch_size=1024, lr=0.8, q=0.75, delta=0.8, constraint="col",
+             meta_interval=1, holdout=5000)
+PRESETS = {
+    "cifar10": CIFAR,
+    "cifar100": CIFAR,
+    # sized so that an epoch of L2W-DEN on a 3-exit MSDNet takes seconds on a laptop CPU
+    "synthetic": dict(epochs=5, batch_size=128, lr=0.1, q=0.75, delta=0.8, constraint="col",
+                      meta_interval=1, holdout=500, workers=0, print_every=5),
+}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def check_config(cfg):
+    if cfg.dataset not in data.DATASETS:
+        raise UsageError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(data.DATASETS)})")
+    if cfg.method not in ("l2w", "baseline"):
+        raise UsageError(f"unknown method '{cfg.method}' (choose l2w or baseline)")
+    if cfg.constraint not in ("col", "row", "mat"):
+        raise UsageError(f"unknown constraint '{cfg.constraint}' (choose col, row or mat)")
+    if cfg.batch_size < 2 or cfg.batch_size % 2:
+        raise UsageError(f"--batch-size must be even (it is split into two halves), got {cfg.batch_size}")
+    if cfg.q <= 0:
+        raise UsageError(f"--q must be > 0, got {cfg.q}")
+    if cfg.delta < 0:
+        raise UsageError(f"--delta must be >= 0, got {cfg.delta}")
+    if cfg.eval_only and not cfg.resume:
+        raise UsageError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
+    if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0:
+        raise UsageError("--meta-interval must be >= 1, --epochs and --wpn-depth >= 0")
+    try:
+        build_model(cfg.arch, 10, cfg.exits, data.DATASETS[cfg.dataset][1], cfg.step)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse_config(argv=None):
+    """CLI generated from the Config fields: --batch-size 1024, --eval-only, ..."""
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f"(default: {f.default})")
+        else:
+            parser.add_argument(flag, type=type(f.default), metavar=f.name.upper(), help=f"(default: {f.default})")
+    flags = vars(parser.parse_args(argv))
+    base = {}
+    if flags.get("resume"):  # a run continues with its own config; flags given now still win
+        base = load_checkpoint(flags["resume"])["config"]
+    dataset = flags.get("dataset", base.get("dataset", Config.dataset))
+    cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
+    if not cfg.out:
+        cfg.out = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}{cfg.exits}_{cfg.method}")
+    check_config(cfg)
+    return cfg
+
+
+# ============================================================================
+# The method (Sec. 3, Alg. 1)
+# ============================================================================
+
+class WPN(nn.Module):
+    """Weight prediction network (Sec. 3.2): the K per-exit losses of a sample -> K values in (-1, 1).
+
+    An MLP with `depth` hidden ReLU layers of `width` units and a tanh output.
+    """
+
+    def __init__(self, exits, depth=1, width=500):
+        super().__init__()
+        layers, d_in = [], exits
+        for _ in range(depth):
+            layers += [nn.Linear(d_in, width), nn.ReLU(inplace=True)]
+            d_in = width
+        self.net = nn.Sequential(*layers, nn.Linear(d_in, exits), nn.Tanh())
+
+    def forward(self, losses):
+        return self.net(losses)
+
+
+def sample_weights(g, delta, constraint):
+    """Weights w = 1 + delta * (g - mean(g)) (Sec. 3.2): the mean is per sample over the exits
+    ('col'), per exit over the batch ('row') or over the whole matrix ('mat'), so the weights
+    average to 1 along that direction and only redistribute the loss."""
+    dims = {"col": (1,), "row": (0,), "mat": (0, 1)}[constraint]
+    return 1 + delta * (g - g.mean(dim=dims, keepdim=True))
+
+
+def per_exit_losses(logits, targets):
+    """L[i, k] = cross-entropy of sample i at exit k, shape (n, K)."""
+    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
+
+
+def weighted_loss(losses, weights):
+    """sum_k mean_i w[i,k] L[i,k]: the training objective of one half-batch (Eq. 2)."""
+    return (weights * losses).mean(dim=0).sum()
+
+
+def exit_fractions(q, exits):
+    """Target share of samples leaving at each exit: f_k = q^k / sum_j q^j (MSDNet, Sec. 5.2)."""
+    f = torch.tensor([q ** k for k in range(1, exits + 1)], dtype=torch.float64)
+    return f / f.sum()
+
+
+def assign_exits(confidence, fractions):
+    """Exit of each sample when exits take fixed shares, as at test time (Sec. 3.3).
+
+    Walking the exits in order, exit k takes the floor(n * f_k) most confident samples (at exit
+    k) among those not yet assigned; the last exit takes the rest. confidence: (K, n).
+    """
+    exits, n = confidence.shape
+    exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
+    free = torch.ones(n, dtype=torch.bool, device=confidence.device)
+    for k in range(exits - 1):
+        take = math.floor(n * fractions[k].item())
+        if take == 0:
+            continue
+        chosen = confidence[k].masked_fill(~free, -math.inf).topk(take).indices
+        exit_of[chosen] = k
+        free[chosen] = False
+    return exit_of
+
+
+def meta_loss_fn(logits, targets, q):
+    """Meta objective (Sec. 3.3, Eq. 5): assign the meta samples to exits as budgeted inference
+    with fractions ~ q^k would, then sum over exits the mean CE of the samples each exit gets."""
+    confidence = torch.stack([z.detach().softmax(dim=1).amax(dim=1) for z in logits])
+    exit_of = assign_exits(confidence, exit_fractions(q, len(logits)))
+    total = 0.0
+    for k, z in enumerate(logits):
+        mine = exit_of == k
+        if mine.any():
+            total = total + F.cross_entropy(z[mine], targets[mine])
+    return total
+
+
+def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta):
+    """One update of Alg. 1 on a (train half, meta half) pair; returns (loss, meta loss or None).
+
+    The virtual step and the real step start from the same parameters and the same images, so
+    one forward pass (and its graph) serves both: this changes no number the algorithm computes.
+    """
+    losses = per_exit_losses(model(images), targets)               # Alg. 1, line 4: L[i, k]
+    meta_loss = None
+    if cfg.method == "l2w" and meta:
+        # Virtual step (Alg. 1, lines 5-6): theta' = SGD step on the WPN-weighted loss, with the
+        # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
+        # higher copies the optimizer state and the BN buffers, so the real model, its
+        # optimizer and its running statistics are left exactly as they were.
+        fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=True)
+        virtual_sgd = higher.get_diff_optim(optimizer, model.parameters(), fmodel=fmodel)
+        weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
+        virtual_sgd.step(weighted_loss(losses, weights), params=list(model.parameters()))
+
+        # Meta objective on the meta half with theta' (Alg. 1, line 7; Eq. 5), then the WPN's
+        # Adam step (line 8). Only the WPN receives gradients here.
+        meta_loss = meta_loss_fn(fmodel(meta_images), meta_targets, cfg.q)
+        grads = torch.autograd.grad(meta_loss, list(wpn.parameters()))
+        for p, g in zip(wpn.parameters(), grads):
+            p.grad = g
+        wpn_optimizer.step()
+        meta_loss = meta_loss.item()
+
+    # Real step (Alg. 1, lines 9-10): weights from the updated WPN, no gradient into it.
+    if cfg.method == "l2w":
+        with torch.no_grad():
+            weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
+    else:  # the paper's baseline: every sample weighs 1 at every exit
+        weights = torch.ones_like(losses)
+    loss = weighted_loss(losses, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), meta_loss
+
+
+def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True):
+    """One iteration of Alg. 1: the batch is split into halves A and B; A trains with B as the
+    meta set, then B with A. `meta=False` weights with the current WPN without updating it."""
+    model.train()
+    wpn.train()
+    a, b = images.chunk(2), targets.chunk(2)
+    if a[0].shape[0] != a[1].shape[0]:
+        raise ValueError(f"batch of {images.shape[0]} cannot be split into two equal halves")
+    first = half_step(model, wpn, optimizer, wpn_optimizer, a[0], b[0], a[1], b[1], cfg, meta)
+    second = half_step(model, wpn, optimizer, wpn_optimizer, a[1], b[1], a[0], b[0], cfg, meta)
+    metas = [m for m in (first[1], second[1]) if m is not None]
+    return {"loss": (first[0] + second[0]) / 2, "meta_loss": sum(metas) / 2 if metas else None}
+
+
+# ============================================================================
+# Evaluation: anytime and budgeted (MSDNet's protocols, PAPER.md)
+# ============================================================================
+
+@torch.no_grad()
+def predict(model, loader, device):
+    """Logits of every exit for a whole split: (list of K (n, classes) tensors, targets), on CPU."""
+    model.eval()
+    outputs, targets = [], []
+    for images, labels in loader:
+        outputs.append([z.float().cpu() for z in model(images.to(device, non_blocking=True))])
+        targets.append(labels)
+    return [torch.cat(z) for z in zip(*outputs)], torch.cat(targets)
+
+
+def topk_accuracy(logits, targets, k):
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return 100.0 * (top == targets[:, None]).any(dim=1).float().mean().item()
+
+
+def anytime_evaluate(logits, targets, flops, params):
+    """Anytime protocol: top-1/top-5 of every exit with its cumulative Mul-Adds and params."""
+    return [{"exit": k + 1, "acc1": topk_accuracy(z, targets, 1), "acc5": topk_accuracy(z, targets, 5),
+             "flops": flops[k], "params": params[k]} for k, z in enumerate(logits)]
+
+
+def confidences(logits):
+    """(K, n) max softmax probability of every sample at every exit."""
+    return torch.stack([z.softmax(dim=1).amax(dim=1) for z in logits])
+
+
+def fit_thresholds(confidence, fractions):
+    """Per-exit thresholds on the hold-out split (MSDNet's dynamic_eval_find_threshold).
+
+    Walking the exits in order, exit k's threshold is the confidence of the floor(n * f_k)-th
+    most confident sample among those that have not exited; if that count is 0 or is not
+    reached, nobody exits there (threshold +inf). The last exit takes everything (-inf).
+    """
+    exits, n = confidence.shape
+    thresholds = torch.full((exits,), math.inf)
+    exited = torch.zeros(n, dtype=torch.bool)
+    for k in range(exits - 1):
+        take = math.floor(n * fractions[k].item())
+        remaining = confidence[k][~exited]
+        if 1 <= take <= remaining.numel():
+            thresholds[k] = remaining.topk(take).values[-1]
+        exited |= confidence[k] >= thresholds[k]
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def exit_with_thresholds(confidence, thresholds):
+    """Index of the first exit whose threshold each sample reaches, shape (n,)."""
+    reached = confidence >= thresholds[:, None]
+    return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
+
+
+def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
+    """Budgeted protocol: for q = p/20, p = 1..39, fit thresholds on the hold-out split, apply
+    them to the test set, and report accuracy and expected Mul-Adds sum_k share_k * flops_k."""
+    val_conf, test_conf = confidences(val_logits), confidences(test_logits)
+    correct = torch.stack([z.argmax(dim=1) == test_targets for z in test_logits])   # (K, n)
+    n, exits = test_targets.numel(), len(test_logits)
+    flops = torch.tensor(flops, dtype=torch.float64)
+    curve = []
+    for p in range(1, 40):
+        q = p / 20
+        thresholds = fit_thresholds(val_conf, exit_fractions(q, exits))
+        exit_of = exit_with_thresholds(test_conf, thresholds)
+        share = torch.bincount(exit_of, minlength=exits).double() / n
+        acc = 100.0 * correct[exit_of, torch.arange(n)].float().mean().item()
+        curve.append({"q": q, "acc": acc, "flops": float((share * flops).sum())})
+    return curve
+
+
+@torch.no_grad()
+def early_exit_predict(model, image, thresholds):
+    """Real early exiting for one image: run exits in order and stop computing at the first
+    whose confidence reaches its threshold. Returns (predicted class, exit index)."""
+    model.eval()
+    for k, logits in enumerate(model.exits_iter(image[None])):
+        confidence, label = logits.softmax(dim=1).max(dim=1)
+        if confidence.item() >= thresholds[k]:
+            return label.item(), k
+
+
+# ============================================================================
+# Training loop: cosine schedules, progress, atomic checkpoints, exact resume
+# ============================================================================
+
+def cosine(base, iteration, total):
+    """Per-iteration cosine decay from `base` to 0 (as in the released MSDNet/L2W code)."""
+    return 0.5 * base * (1 + math.cos(math.pi * iteration / total))
+
+
+def atomic_write(path, write):
+    """Write to a temporary file in the same directory, then rename: a crash never leaves a
+    half-written checkpoint or results file behind."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state["config"], state["model"], state["epoch"]
+    except Exception as e:
+        raise UsageError(f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint ({type(e).__name__})") from None
+    return state
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_loader(dataset, cfg, device, shuffle, epoch=0):
+    """Shuffling and worker seeds come from (seed, epoch), so a resumed epoch sees the same batches."""
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle,
+                      num_workers=cfg.workers, pin_memory=device.type == "cuda", generator=generator)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but CUDA is not available here")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'") from None
+
+
+def build(cfg, num_classes, device):
+    """Backbone, WPN and their optimizers as configured (PAPER.md, "Hyperparameters")."""
+    model = build_model(cfg.arch, num_classes, cfg.exits, data.DATASETS[cfg.dataset][1], cfg.step).to(device)
+    wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=cfg.wpn_lr, weight_decay=cfg.wpn_weight_decay)
+    return model, wpn, optimizer, wpn_optimizer
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(cfg, stop_after_epoch=None):
+    """Train (or, with cfg.eval_only, only evaluate) and write results.json; returns the results.
+
+    `stop_after_epoch` ends the run early as an interruption would (used to test resume).
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    state = load_checkpoint(cfg.resume) if cfg.resume else None
+    splits = data.load(cfg, state["holdout_indices"] if state else None)
+    model, wpn, optimizer, wpn_optimizer = build(cfg, splits.num_classes, device)
+    start_epoch = 0
+    if state:
+        try:
+            model.load_state_dict(state["model"])
+            wpn.load_state_dict(state["wpn"])
+            optimizer.load_state_dict(state["optimizer"])
+            wpn_optimizer.load_state_dict(state["wpn_optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"checkpoint '{cfg.resume}' does not fit this model ({str(e).splitlines()[0]})") from None
+        start_epoch = state["epoch"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {cfg.resume} at epoch {start_epoch}")
+    os.makedirs(cfg.out, exist_ok=True)
+    flops, params = count_cost(model, data.DATASETS[cfg.dataset][1])
+    print(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, "
+          f"{flops[-1] / 1e6:.2f}M Mul-Adds through the last exit; {cfg.method} on {device}")
+    if splits.threshold_source == "train":
+        print("no hold-out split (--holdout 0): thresholds are fitted on the training images "
+              "with test-time transforms; no per-epoch validation")
+
+    n_batches = len(splits.train) // cfg.batch_size
+    if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
+    total_iters = cfg.epochs * n_batches
+    started, done_here = time.time(), 0
+    epochs = range(start_epoch, cfg.epochs) if not cfg.eval_only else range(0)
+    for epoch in epochs:
+        for i, (images, targets) in enumerate(make_loader(splits.train, cfg, device, True, epoch)):
+            iteration = epoch * n_batches + i
+            for group in optimizer.param_groups:
+                group["lr"] = cosine(cfg.lr, iteration, total_iters)
+            for group in wpn_optimizer.param_groups:
+                group["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
+            out = train_step(model, wpn, optimizer, wpn_optimizer, images.to(device, non_blocking=True),
+                             targets.to(device, non_blocking=True), cfg, meta=iteration % cfg.meta_interval == 0)
+            done_here += 1
+            if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
+                elapsed = time.time() - started
+                meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
+                eta = elapsed / done_here * (total_iters - iteration - 1)
+                print(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
+                      f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
+                      f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}", flush=True)
+        if splits.threshold_source == "holdout":
+            val_logits, val_targets = predict(model, make_loader(splits.threshold_set, cfg, device, False), device)
+            accs = " ".join(f"{topk_accuracy(z, val_targets, 1):.2f}" for z in val_logits)
+            print(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}", flush=True)
+        checkpoint = {"model": model.state_dict(), "wpn": wpn.state_dict(), "optimizer": optimizer.state_dict(),
+                      "wpn_optimizer": wpn_optimizer.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
+                      "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices}
+        atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda p: torch.save(checkpoint, p))
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            return None
+    return evaluate(cfg, model, splits, device, flops, params)
+
+
+def evaluate(cfg, model, splits, device, flops, params):
+    """Both protocols on the test set; thresholds come from the hold-out split (or the training
+    images with test-time transforms), never from the test set."""
+    test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device)
+    val_logits, val_targets = predict(model, make_loader(splits.threshold_set, cfg, device, False), device)
+    anytime = anytime_evaluate(test_logits, test_targets, flops, params)
+    dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
+    print(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
+    for row in anytime:
+        print(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
+              f"{row['params'] / 1e6:12.3f}")
+    print(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images)"
+          "\n    q   top-1   Mul-Adds (M)")
+    for row in dynamic:
+        print(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
+    results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
+               "anytime": anytime, "dynamic": dynamic}
+    path = os.path.join(cfg.out, "results.json")
+    atomic_write(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+    print(f"\nwrote {path}")
+    return results
+
+
+# ============================================================================
+# Benchmark: cost of an L2W iteration relative to plain multi-exit training
+# ============================================================================
+
+def bench(cfg):
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    num_classes, size = data.DATASETS[cfg.dataset]
+    model, wpn, optimizer, wpn_optimizer = build(cfg, num_classes, device)
+    images = torch.randn(cfg.batch_size, 3, size, size, device=device)
+    targets = torch.randint(num_classes, (cfg.batch_size,), device=device)
+
+    def plain_step():  # one SGD step on the full batch, every exit weighted 1
+        model.train()
+        loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def l2w_step():
+        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True)
+
+    def timed(step):
+        times = []
+        for i in range(cfg.bench_iters + 2):   # two warm-up iterations
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[2:])
+
+    print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.dataset} shapes, batch {cfg.batch_size}, {device}, "
+          f"{torch.get_num_threads()} threads, median of {cfg.bench_iters}")
+    results = {}
+    for name, step in (("plain", plain_step), ("l2w", l2w_step)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results[name] = timed(step)
+        memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(f"{name:6s} {results[name] * 1000:9.1f} ms/iter {cfg.batch_size / results[name]:9.1f} img/s "
+              f"peak memory {memory / 2**20:8.0f} MiB{' (process RSS)' if device.type != 'cuda' else ''}")
+    print(f"ratio  {results['l2w'] / results['plain']:.2f}x (L2W iteration / plain iteration)")
+    return results
+
+
+# ============================================================================
+# main
+# ============================================================================
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        if cfg.bench:
+            bench(cfg)
+        else:
+            train(cfg)
+    except (UsageError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
