@@ -1,0 +1,527 @@
+"""Tests for the L2W-DEN reference implementation (CPU, a few minutes in all).
+
+Each test compares against something independent: a published figure, a second computation
+of the same quantity (torch.func, finite differences, a literal loop), or a hand-worked case.
+"""
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import data
+import l2w
+import models
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def small_cfg(**overrides):
+    base = dict(dataset="synthetic", exits=3, epochs=1, batch_size=32, lr=0.1, holdout=60,
+                synthetic_size=300, workers=0, print_every=100, device="cpu")
+    return l2w.Config(**{**base, **overrides})
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "l2w.py"), *args], capture_output=True,
+                          text=True, cwd=cwd or HERE, timeout=600)
+
+
+# ----------------------------------------------------------------------------
+# models.py: published figures (PAPER.md, "Published figures to match")
+# ----------------------------------------------------------------------------
+
+def test_msdnet_cifar100_matches_published_figures():
+    model = models.build_model("msdnet", 100, 5)
+    flops, params = models.count_cost(model, 32)
+    assert [round(f / 1e6, 2) for f in flops] == [6.86, 14.35, 27.54, 41.71, 58.48]
+    assert params[-1] == 2_078_924 == sum(p.numel() for p in model.parameters())
+
+
+def test_msdnet_imagenet_step4_matches_published_figures():
+    model = models.build_model("msdnet", 1000, 5, image_size=224, step=4)
+    flops, params = models.count_cost(model, 224)
+    assert [round(p / 1e6, 2) for p in params] == [4.24, 8.77, 13.07, 16.75, 23.96]
+    assert [round(f / 1e9, 2) for f in flops] == [0.34, 0.69, 1.01, 1.25, 1.36]
+
+
+def test_msdnet_cifar_layer_layout_and_any_exit_count():
+    # block k holds k layers, so exit k follows layer 1 + ... + k (15 layers for 5 exits, 28 for 7)
+    for exits in (1, 2, 5, 7, 9):
+        model = models.build_model("msdnet", 10, exits)
+        n_layers = sum(isinstance(m, models.MSDLayer) for m in model.modules())
+        assert n_layers == exits * (exits + 1) // 2
+        outputs = model(torch.randn(2, 3, 32, 32))
+        assert len(outputs) == exits and all(z.shape == (2, 10) for z in outputs)
+    with pytest.raises(ValueError):
+        models.build_model("msdnet", 10, 0)
+
+
+def test_count_cost_hand_worked_on_a_tiny_network():
+    # conv 3->4 3x3 on 8x8: 3*4*9*64 = 6912; ReLU 4*64 = 256; avgpool 2: 4*16*4 = 256;
+    # linear 64->2: 128 + 2. Params: conv 108, BN 8, linear 130.
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = models.conv_bn_relu(3, 4)
+            self.head = torch.nn.Sequential(torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+
+        def forward(self, x):
+            return [self.head(self.body(x))]
+
+    flops, params = models.count_cost(Tiny(), 8)
+    assert flops == [6912 + 256 + 256 + 130] and params == [108 + 8 + 130]
+
+
+# ----------------------------------------------------------------------------
+# The method: weights, meta objective, one iteration of Alg. 1
+# ----------------------------------------------------------------------------
+
+def test_weight_constraints_hand_worked():
+    g = torch.tensor([[1.0, -1.0], [0.5, 0.5]])
+    assert torch.allclose(l2w.sample_weights(g, 0.5, "col"), torch.tensor([[1.5, 0.5], [1.0, 1.0]]))
+    assert torch.allclose(l2w.sample_weights(g, 0.5, "row"), torch.tensor([[1.125, 0.625], [0.875, 1.375]]))
+    assert torch.allclose(l2w.sample_weights(g, 0.5, "mat"), torch.tensor([[1.375, 0.375], [1.125, 1.125]]))
+    g = torch.rand(16, 5) * 2 - 1
+    assert torch.allclose(l2w.sample_weights(g, 0.8, "col").mean(dim=1), torch.ones(16))
+    assert torch.allclose(l2w.sample_weights(g, 0.8, "row").mean(dim=0), torch.ones(5))
+    assert torch.allclose(l2w.sample_weights(g, 0.8, "mat").mean(), torch.tensor(1.0))
+
+
+def test_wpn_shape_and_range():
+    wpn = l2w.WPN(5, depth=2, width=7)
+    assert sum(isinstance(m, torch.nn.Linear) for m in wpn.modules()) == 3
+    out = wpn(torch.rand(4, 5) * 10)
+    assert out.shape == (4, 5) and out.abs().max() < 1
+
+
+def test_assign_exits_hand_worked():
+    confidence = torch.tensor([[0.9, 0.8, 0.3, 0.2, 0.1],
+                               [0.1, 0.9, 0.8, 0.2, 0.7],
+                               [0.5, 0.5, 0.5, 0.5, 0.5]])
+    # n=5, fractions (0.4, 0.4, 0.2): exit 0 takes 2 (samples 0, 1), exit 1 takes 2 of the rest
+    # by its own confidence (samples 2, 4), the last exit gets sample 3.
+    exit_of = l2w.assign_exits(confidence, torch.tensor([0.4, 0.4, 0.2]))
+    assert exit_of.tolist() == [0, 0, 1, 2, 1]
+
+
+def reference_meta_loss(logits, targets, q):
+    """PAPER.md, Alg. step 4, written as a plain loop over Python lists."""
+    n, exits = targets.numel(), len(logits)
+    fractions = [q ** k / sum(q ** j for j in range(1, exits + 1)) for k in range(1, exits + 1)]
+    confidence = [z.detach().softmax(1).max(1).values.tolist() for z in logits]
+    free, members = list(range(n)), []
+    for k in range(exits - 1):
+        chosen = sorted(free, key=lambda i: -confidence[k][i])[:math.floor(n * fractions[k])]
+        members.append(chosen)
+        free = [i for i in free if i not in chosen]
+    members.append(free)
+    return sum(F.cross_entropy(z[idx], targets[idx]) for z, idx in zip(logits, members) if idx)
+
+
+def reference_virtual_meta_loss(model, wpn_params, wpn, optimizer, images, targets, meta_images,
+                                meta_targets, cfg):
+    """Meta loss after a virtual SGD step, built with torch.func and the SGD formula by hand
+    (no `higher`): theta' = theta - lr * (momentum * buf + grad + wd * theta)."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    logits = functional_call(model, {**params, **buffers}, (images,))
+    losses = torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], 1)
+    g = functional_call(wpn, wpn_params, (losses.detach(),))
+    weights = 1 + cfg.delta * (g - g.mean(dim=1, keepdim=True))      # 'col'
+    grads = torch.autograd.grad((weights * losses).mean(0).sum(), list(params.values()), create_graph=True)
+    group = optimizer.param_groups[0]
+    virtual = {}
+    for (name, p), grad in zip(params.items(), grads):
+        d = grad + group["weight_decay"] * p
+        buf = optimizer.state[p].get("momentum_buffer")
+        virtual[name] = p - group["lr"] * (d if buf is None else group["momentum"] * buf + d)
+    meta_logits = functional_call(model, {**virtual, **{n: b.clone() for n, b in model.named_buffers()}},
+                                  (meta_images,))
+    return reference_meta_loss(meta_logits, meta_targets, cfg.q)
+
+
+def reference_train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg):
+    """Alg. 1 built independently of l2w.py's half_step, with the meta-gradient from torch.func."""
+    halves = list(zip(images.chunk(2), targets.chunk(2)))
+    for (x, y), (xm, ym) in (halves, halves[::-1]):
+        wpn_params = dict(wpn.named_parameters())
+        meta = reference_virtual_meta_loss(model, wpn_params, wpn, optimizer, x, y, xm, ym, cfg)
+        for p, g in zip(wpn_params.values(), torch.autograd.grad(meta, list(wpn_params.values()))):
+            p.grad = g
+        wpn_optimizer.step()
+        losses = torch.stack([F.cross_entropy(z, y, reduction="none") for z in model(x)], 1)
+        with torch.no_grad():
+            g = wpn(losses)
+            weights = 1 + cfg.delta * (g - g.mean(dim=1, keepdim=True))
+        optimizer.zero_grad()
+        (weights * losses).mean(0).sum().backward()
+        optimizer.step()
+
+
+def double_setup(seed=0, batch=8, exits=3, lr=0.5):
+    """A float64 MSDNet, WPN and optimizers with momentum buffers already filled."""
+    torch.manual_seed(seed)
+    cfg = small_cfg(exits=exits, lr=lr, batch_size=batch)
+    model, wpn, optimizer, wpn_optimizer = l2w.build(cfg, 10, torch.device("cpu"))
+    model.double()
+    wpn.double()
+    images = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
+    targets = torch.randint(10, (batch,))
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images.flip(0), targets.flip(0), cfg)
+    return cfg, model, wpn, optimizer, wpn_optimizer, images, targets
+
+
+def state_of(model, wpn, optimizer):
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    return list(model.state_dict().values()) + list(wpn.state_dict().values()) + momentum
+
+
+def test_train_step_matches_independent_torch_func_computation():
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup()
+    ref = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))   # one deepcopy keeps optimizer links
+    recorded = []
+    step = wpn_optimizer.step
+    wpn_optimizer.step = lambda: (recorded.append([p.grad.clone() for p in wpn.parameters()]), step())[1]
+    out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+    assert out["meta_loss"] is not None and len(recorded) == 2
+
+    # the first half's meta-gradient, independently
+    rmodel, rwpn, ropt, rwopt = ref
+    x, xm = images.chunk(2)
+    y, ym = targets.chunk(2)
+    wpn_params = dict(rwpn.named_parameters())
+    meta = reference_virtual_meta_loss(rmodel, wpn_params, rwpn, ropt, x, y, xm, ym, cfg)
+    expected = torch.autograd.grad(meta, list(wpn_params.values()))
+    for got, want in zip(recorded[0], expected):
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-12)
+    assert max(g.abs().max() for g in expected) > 1e-6   # the gradient is not trivially zero
+
+    # the whole iteration: parameters, BN statistics, momentum buffers, WPN
+    ref = copy.deepcopy(ref)
+    reference_train_step(*ref, images, targets, cfg)
+    for got, want in zip(state_of(model, wpn, optimizer), state_of(*ref[:3])):
+        assert torch.allclose(got.double(), want.double(), rtol=1e-8, atol=1e-10)
+
+
+def test_meta_gradient_matches_finite_differences():
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=1)
+    x, xm = images.chunk(2)
+    y, ym = targets.chunk(2)
+    recorded = []
+    step = wpn_optimizer.step
+    wpn_optimizer.step = lambda: (recorded.append([p.grad.clone() for p in wpn.parameters()]), step())[1]
+    snapshot = copy.deepcopy((model, wpn, optimizer))
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+
+    rmodel, rwpn, ropt = snapshot
+    names = [n for n, _ in rwpn.named_parameters()]
+    last_bias = names.index("net.2.bias")
+    eps = 1e-6
+    for j in range(cfg.exits):
+        losses = []
+        for sign in (1, -1):
+            params = {n: p.detach().clone() for n, p in rwpn.named_parameters()}
+            params["net.2.bias"][j] += sign * eps
+            losses.append(reference_virtual_meta_loss(rmodel, params, rwpn, ropt, x, y, xm, ym, cfg).item())
+        finite_difference = (losses[0] - losses[1]) / (2 * eps)
+        assert finite_difference == pytest.approx(recorded[0][last_bias][j].item(), rel=1e-4, abs=1e-9)
+
+
+def test_virtual_step_leaves_model_optimizer_and_bn_untouched():
+    # With delta = 0 every weight is 1 whatever the WPN says, so an L2W iteration must end in
+    # exactly the state of a baseline iteration -- unless the virtual step leaked into the real
+    # parameters, momentum buffers or BatchNorm running statistics.
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=2)
+    base = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, delta=0.0))
+    l2w.train_step(*base, images, targets, dataclasses.replace(cfg, method="baseline"))
+    for got, want in zip(list(model.state_dict().values()) + [optimizer.state[p]["momentum_buffer"] for p in model.parameters()],
+                         list(base[0].state_dict().values()) + [base[2].state[p]["momentum_buffer"] for p in base[0].parameters()]):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(a, b) for a, b in zip(wpn.parameters(), base[1].parameters()))
+
+
+def test_baseline_equals_plain_multi_exit_training():
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=3)
+    plain_model = copy.deepcopy(model)
+    plain_opt = torch.optim.SGD(plain_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    plain_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))   # load_state_dict aliases tensors
+    wpn_before = copy.deepcopy(wpn.state_dict())
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, method="baseline"))
+    for x, y in zip(images.chunk(2), targets.chunk(2)):   # plain training: sum over exits of the mean CE
+        plain_opt.zero_grad()
+        sum(F.cross_entropy(z, y) for z in plain_model(x)).backward()
+        plain_opt.step()
+    for got, want in zip(model.state_dict().values(), plain_model.state_dict().values()):
+        assert torch.allclose(got.double(), want.double(), rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(wpn.state_dict()[k], v) for k, v in wpn_before.items())
+
+
+def test_meta_interval_weights_without_updating_the_wpn():
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=4)
+    ref_model, ref_opt = copy.deepcopy((model, optimizer))
+    wpn_before = copy.deepcopy(wpn.state_dict())
+    out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=False)
+    assert out["meta_loss"] is None
+    assert all(torch.equal(wpn.state_dict()[k], v) for k, v in wpn_before.items())
+    for x, y in zip(images.chunk(2), targets.chunk(2)):
+        losses = torch.stack([F.cross_entropy(z, y, reduction="none") for z in ref_model(x)], 1)
+        with torch.no_grad():
+            g = wpn(losses)
+        ref_opt.zero_grad()
+        ((1 + cfg.delta * (g - g.mean(1, keepdim=True))) * losses).mean(0).sum().backward()
+        ref_opt.step()
+    for got, want in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: budgeted protocol (MSDNet) and real early exiting
+# ----------------------------------------------------------------------------
+
+def test_fit_thresholds_hand_worked():
+    confidence = torch.tensor([[0.9, 0.8, 0.3, 0.2],
+                               [0.95, 0.5, 0.7, 0.6],
+                               [0.1, 0.1, 0.1, 0.1]])
+    # exit 0 takes floor(4 * 0.5) = 2 -> threshold 0.8; exit 1 takes 1 of samples {2, 3} -> 0.7
+    thresholds = l2w.fit_thresholds(confidence, torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
+    assert thresholds.tolist() == [pytest.approx(0.8), pytest.approx(0.7), -math.inf]
+    # floor(4 * 0.1) = 0: nobody exits at exit 0
+    thresholds = l2w.fit_thresholds(confidence, torch.tensor([0.1, 0.5, 0.4], dtype=torch.float64))
+    assert thresholds[0] == math.inf and thresholds[1] == pytest.approx(0.7)
+    test = torch.tensor([[0.85, 0.1, 0.1], [0.2, 0.75, 0.1], [0.3, 0.3, 0.3]])
+    assert l2w.exit_with_thresholds(test, torch.tensor([0.8, 0.7, -math.inf])).tolist() == [0, 1, 2]
+
+
+def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets, flops):
+    """MSDNet's dynamic_evaluate written as its per-sample loops (PAPER.md, "Evaluation protocols")."""
+    val = [z.softmax(1).max(1) for z in val_logits]
+    test = [z.softmax(1).max(1) for z in test_logits]
+    exits, n_val, n_test = len(val), val_targets.numel(), test_targets.numel()
+    curve = []
+    for p in range(1, 40):
+        q = p / 20
+        fractions = [q ** k for k in range(1, exits + 1)]
+        fractions = [f / sum(fractions) for f in fractions]
+        order = [sorted(range(n_val), key=lambda i: -val[k].values[i].item()) for k in range(exits)]
+        filtered, thresholds = [0] * n_val, [1e8] * exits
+        for k in range(exits - 1):
+            out_n, count = math.floor(n_val * fractions[k]), 0
+            for i in order[k]:
+                if filtered[i] == 0:
+                    count += 1
+                    if count == out_n:
+                        thresholds[k] = val[k].values[i].item()
+                        break
+            for i in range(n_val):
+                if val[k].values[i].item() >= thresholds[k]:
+                    filtered[i] = 1
+        thresholds[-1] = -1e8
+        correct, taken = 0, [0] * exits
+        for i in range(n_test):
+            for k in range(exits):
+                if test[k].values[i].item() >= thresholds[k]:
+                    correct += int(test[k].indices[i].item() == test_targets[i].item())
+                    taken[k] += 1
+                    break
+        curve.append((100.0 * correct / n_test, sum(t / n_test * f for t, f in zip(taken, flops))))
+    return curve
+
+
+def test_dynamic_evaluate_matches_msdnet_loop():
+    torch.manual_seed(0)
+    exits, classes = 4, 5
+    scale = torch.tensor([0.5, 1.0, 2.0, 3.0])  # later exits more confident on average
+    val_logits = [torch.randn(120, classes) * s for s in scale]
+    test_logits = [torch.randn(150, classes) * s for s in scale]
+    val_targets, test_targets = torch.randint(classes, (120,)), torch.randint(classes, (150,))
+    flops = [1e6, 2.5e6, 4e6, 7e6]
+    curve = l2w.dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
+    expected = msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets, flops)
+    assert len(curve) == 39 and [c["q"] for c in curve] == [p / 20 for p in range(1, 40)]
+    for row, (acc, exp_flops) in zip(curve, expected):
+        assert row["acc"] == pytest.approx(acc) and row["flops"] == pytest.approx(exp_flops)
+    assert curve[0]["flops"] < curve[-1]["flops"]
+
+
+def test_dynamic_evaluate_is_fast_at_paper_scale():
+    # 39 budgets on 5,000 + 10,000 samples, 7 exits, 100 classes (the authors' loop: ~17 s)
+    import time
+    val = [torch.randn(5000, 100) for _ in range(7)]
+    test = [torch.randn(10000, 100) for _ in range(7)]
+    start = time.perf_counter()
+    l2w.dynamic_evaluate(val, torch.randint(100, (5000,)), test, torch.randint(100, (10000,)), list(range(1, 8)))
+    assert time.perf_counter() - start < 5   # generous for a shared CI machine; ~0.3 s measured
+
+
+def test_early_exit_predict_stops_computing_and_agrees_with_thresholds():
+    torch.manual_seed(0)
+    model = models.build_model("msdnet", 10, 3).eval()
+    images = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(images)
+    confidence = l2w.confidences(logits)
+    thresholds = l2w.fit_thresholds(confidence, l2w.exit_fractions(1.0, 3))
+    expected = l2w.exit_with_thresholds(confidence, thresholds)
+    heads_run = [0, 0, 0]
+    for k, head in enumerate(model.exits):
+        head.register_forward_hook(lambda m, i, o, k=k: heads_run.__setitem__(k, heads_run[k] + 1))
+    for i in range(len(images)):
+        label, k = l2w.early_exit_predict(model, images[i], thresholds)
+        assert k == expected[i] and label == logits[k][i].argmax().item()
+    counts = torch.bincount(expected, minlength=3).tolist()
+    assert heads_run == [12, 12 - counts[0], counts[2]]   # later exits ran only for samples that reached them
+    assert 0 < counts[0] < 12
+
+
+# ----------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------
+
+def test_holdout_split_is_seeded_and_disjoint():
+    train, held = data.holdout_split(100, 10, seed=3)
+    again_train, again_held = data.holdout_split(100, 10, seed=3)
+    assert torch.equal(held, again_held) and len(held) == 10 and len(train) == 90
+    assert set(train.tolist()).isdisjoint(held.tolist()) and set(train.tolist()) | set(held.tolist()) == set(range(100))
+    assert not torch.equal(held, data.holdout_split(100, 10, seed=4)[1])
+
+
+def write_fake_cifar10(root, per_batch=20, n_test=20):
+    """Tiny files in the on-disk format torchvision reads (cifar-10-batches-py)."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+
+    def dump(name, obj):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(obj, f)
+        return [name, hashlib.md5(open(os.path.join(folder, name), "rb").read()).hexdigest()]
+
+    batch = lambda n: {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+    train_list = [dump(f"data_batch_{i}", batch(per_batch)) for i in range(1, 6)]
+    test_list = [dump("test_batch", batch(n_test))]
+    meta = dump("batches.meta", {"label_names": [str(i) for i in range(10)]})
+    return train_list, test_list, {"filename": "batches.meta", "key": "label_names", "md5": meta[1]}
+
+
+def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
+    import torchvision
+    train_list, test_list, meta = write_fake_cifar10(str(tmp_path))
+    for name, value in (("train_list", train_list), ("test_list", test_list), ("meta", meta)):
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)   # checksums of our tiny files
+    cfg = small_cfg(dataset="cifar10", data_dir=str(tmp_path), holdout=10)
+    splits = data.load(cfg)
+    assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (90, 10, 20)
+    assert splits.threshold_source == "holdout" and splits.num_classes == 10
+    # hold-out images use test-time transforms: deterministic, normalised with the authors' stats
+    raw = splits.threshold_set.dataset.data[splits.holdout_indices[0].item()]
+    mean, std = data.CIFAR_STATS["cifar10"]
+    expected = (torch.tensor(raw).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(splits.threshold_set[0][0], expected, atol=1e-6)
+    assert torch.equal(splits.threshold_set[0][0], splits.threshold_set[0][0])
+    # --holdout 0: thresholds from all training images, with test-time transforms
+    splits = data.load(dataclasses.replace(cfg, holdout=0))
+    assert splits.threshold_source == "train" and len(splits.train) == len(splits.threshold_set) == 100
+
+
+def test_synthetic_set_is_seeded_learnable_and_graded():
+    train, test = data.synthetic(600, seed=0)
+    again, _ = data.synthetic(600, seed=0)
+    assert torch.equal(train.tensors[0], again.tensors[0]) and train.tensors[0].shape == (600, 3, 32, 32)
+    assert len(test) == 200 and set(train.tensors[1].tolist()) == set(range(10))
+    # a nearest-prototype rule (class means of the training set) is far above chance on the test
+    # set, and its margin spreads from easy to hard samples
+    x, y = train.tensors
+    means = torch.stack([x[y == c].mean(0) for c in range(10)]).flatten(1)
+    distances = torch.cdist(test.tensors[0].flatten(1), means)
+    assert (distances.argmin(1) == test.tensors[1]).float().mean() > 0.5
+    margin = distances.sort(1).values[:, 1] - distances.min(1).values
+    assert margin.quantile(0.9) > 3 * margin.quantile(0.1)
+
+
+# ----------------------------------------------------------------------------
+# End to end through the CLI
+# ----------------------------------------------------------------------------
+
+def test_cli_end_to_end_writes_results_json(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--dataset", "synthetic", "--exits", "3", "--epochs", "1", "--synthetic-size", "300",
+                     "--holdout", "60", "--batch-size", "32", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "ETA" in result.stdout and "hold-out top-1 per exit" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"config", "anytime", "dynamic"}
+    assert results["config"]["exits"] == 3 and results["config"]["batch_size"] == 32
+    flops, params = models.count_cost(models.build_model("msdnet", 10, 3), 32)
+    assert [r["flops"] for r in results["anytime"]] == flops and [r["params"] for r in results["anytime"]] == params
+    assert all(0 <= r["acc1"] <= r["acc5"] <= 100 for r in results["anytime"])
+    assert len(results["dynamic"]) == 39
+    assert all(flops[0] <= r["flops"] <= flops[-1] for r in results["dynamic"])
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["config"] == results["config"] and len(state["holdout_indices"]) == 60
+
+    # --eval-only on the checkpoint reproduces the numbers
+    again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"))
+    assert again.returncode == 0, again.stderr
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = small_cfg(epochs=2, out=str(tmp_path / "straight"))
+    l2w.train(cfg)
+    l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "split")), stop_after_epoch=1)
+    assert torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    result = run_cli("--resume", str(tmp_path / "split" / "checkpoint.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "wpn"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    for key in ("optimizer", "wpn_optimizer"):
+        for pa, pb in zip(a[key]["state"].values(), b[key]["state"].values()):
+            assert all(torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])) for k in pa)
+    ra = json.loads((tmp_path / "straight" / "results.json").read_text())
+    rb = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert ra["anytime"] == rb["anytime"] and ra["dynamic"] == rb["dynamic"]
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    cases = {
+        "unknown dataset": ["--dataset", "mnist"],
+        "unknown arch": ["--arch", "resnet"],
+        "at least 1 exit": ["--exits", "0"],
+        "must be even": ["--batch-size", "7"],
+        "--q must be > 0": ["--q", "0"],
+        "--delta must be >= 0": ["--delta", "-0.1"],
+        "does not exist": ["--resume", str(tmp_path / "missing.pt")],
+        "corrupt": ["--resume", str(corrupt)],
+        "--eval-only needs --resume": ["--eval-only", "--dataset", "synthetic"],
+        "invalid int value": ["--exits", "three"],
+        f"cifar10 not found in '{tmp_path / 'empty'}'": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
+    }
+    procs = {msg: subprocess.Popen([sys.executable, os.path.join(HERE, "l2w.py"), *args, "--out", str(tmp_path / "o")],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for msg, args in cases.items()}
+    for msg, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode != 0, msg
+        assert "Traceback" not in stderr, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (msg, stderr)
