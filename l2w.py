@@ -6,8 +6,9 @@ A multi-exit network answers at K depths; at test time a sample stops at the fir
 is confident enough. L2W-DEN trains a small weight prediction network (WPN) by meta-learning
 so that each training sample gets a weight at each exit, and the weighted training makes the
 network do well under that early-exit regime. This file is the whole method: config, the
-meta-learning iteration (Alg. 1), anytime and budgeted evaluation (MSDNet's protocols),
-the training loop with exact resume, and the CLI.
+meta-learning iteration, anytime and budgeted evaluation (MSDNet's protocols), the
+training loop with exact resume, and the CLI. "Step n" in the comments refers to the numbered
+steps of the algorithm as the authors released it (PAPER.md, "Algorithm").
 
     pip install -r requirements.txt
     python l2w.py --dataset cifar10 --arch msdnet --exits 7          # the paper's setting
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 import data
@@ -54,7 +56,7 @@ class Config:
     step: int = 4                  # ImageNet MSDNet step s (the paper: 4, 6, 7); unused on CIFAR
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
-    batch_size: int = 1024         # split into two halves, each one SGD update (Alg. 1)
+    batch_size: int = 1024         # split into two halves, each one SGD update
     lr: float = 0.8                # backbone lr, cosine to 0; 0.1 x half-batch / 64 as released
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -146,11 +148,11 @@ def parse_config(argv=None):
 
 
 # ============================================================================
-# The method (Sec. 3, Alg. 1)
+# The method: WPN, sample weights, meta objective, one iteration
 # ============================================================================
 
 class WPN(nn.Module):
-    """Weight prediction network (Sec. 3.2): the K per-exit losses of a sample -> K values in (-1, 1).
+    """Weight prediction network (step 2): the K per-exit losses of a sample -> K values in (-1, 1).
 
     An MLP with `depth` hidden ReLU layers of `width` units and a tanh output.
     """
@@ -168,7 +170,7 @@ class WPN(nn.Module):
 
 
 def sample_weights(g, delta, constraint):
-    """Weights w = 1 + delta * (g - mean(g)) (Sec. 3.2): the mean is per sample over the exits
+    """Weights w = 1 + delta * (g - mean(g)) (step 2): the mean is per sample over the exits
     ('col'), per exit over the batch ('row') or over the whole matrix ('mat'), so the weights
     average to 1 along that direction and only redistribute the loss."""
     dims = {"col": (1,), "row": (0,), "mat": (0, 1)}[constraint]
@@ -181,18 +183,18 @@ def per_exit_losses(logits, targets):
 
 
 def weighted_loss(losses, weights):
-    """sum_k mean_i w[i,k] L[i,k]: the training objective of one half-batch (Eq. 2)."""
+    """sum_k mean_i w[i,k] L[i,k]: the training objective of one half-batch (steps 3 and 6)."""
     return (weights * losses).mean(dim=0).sum()
 
 
 def exit_fractions(q, exits):
-    """Target share of samples leaving at each exit: f_k = q^k / sum_j q^j (MSDNet, Sec. 5.2)."""
+    """Target share of samples leaving at each exit: f_k = q^k / sum_j q^j (as in MSDNet)."""
     f = torch.tensor([q ** k for k in range(1, exits + 1)], dtype=torch.float64)
     return f / f.sum()
 
 
 def assign_exits(confidence, fractions):
-    """Exit of each sample when exits take fixed shares, as at test time (Sec. 3.3).
+    """Exit of each sample when exits take fixed shares, as at test time (step 4).
 
     Walking the exits in order, exit k takes the floor(n * f_k) most confident samples (at exit
     k) among those not yet assigned; the last exit takes the rest. confidence: (K, n).
@@ -211,7 +213,7 @@ def assign_exits(confidence, fractions):
 
 
 def meta_loss_fn(logits, targets, q):
-    """Meta objective (Sec. 3.3, Eq. 5): assign the meta samples to exits as budgeted inference
+    """Meta objective (step 4): assign the meta samples to exits as budgeted inference
     with fractions ~ q^k would, then sum over exits the mean CE of the samples each exit gets."""
     confidence = torch.stack([z.detach().softmax(dim=1).amax(dim=1) for z in logits])
     exit_of = assign_exits(confidence, exit_fractions(q, len(logits)))
@@ -224,33 +226,35 @@ def meta_loss_fn(logits, targets, q):
 
 
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta):
-    """One update of Alg. 1 on a (train half, meta half) pair; returns (loss, meta loss or None).
+    """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None).
 
     The virtual step and the real step start from the same parameters and the same images, so
     one forward pass (and its graph) serves both: this changes no number the algorithm computes.
     """
-    losses = per_exit_losses(model(images), targets)               # Alg. 1, line 4: L[i, k]
+    losses = per_exit_losses(model(images), targets)               # step 1: L[i, k]
     meta_loss = None
     if cfg.method == "l2w" and meta:
-        # Virtual step (Alg. 1, lines 5-6): theta' = SGD step on the WPN-weighted loss, with the
+        # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
         # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
-        # higher copies the optimizer state and the BN buffers, so the real model, its
-        # optimizer and its running statistics are left exactly as they were.
-        fmodel = higher.monkeypatch(model, copy_initial_weights=True, track_higher_grads=True)
-        virtual_sgd = higher.get_diff_optim(optimizer, model.parameters(), fmodel=fmodel)
+        # higher's differentiable SGD works on a copy of the optimizer state, so the real
+        # optimizer is left exactly as it was.
+        virtual_sgd = higher.get_diff_optim(optimizer, model.parameters())
         weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
-        virtual_sgd.step(weighted_loss(losses, weights), params=list(model.parameters()))
+        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=list(model.parameters()))
 
-        # Meta objective on the meta half with theta' (Alg. 1, line 7; Eq. 5), then the WPN's
-        # Adam step (line 8). Only the WPN receives gradients here.
-        meta_loss = meta_loss_fn(fmodel(meta_images), meta_targets, cfg.q)
+        # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
+        # The virtual forward runs in train mode on copies of the BN buffers, so the real
+        # running statistics are untouched; only the WPN receives gradients.
+        state = {name: t for (name, _), t in zip(model.named_parameters(), theta_virtual)}
+        state.update({name: b.clone() for name, b in model.named_buffers()})
+        meta_loss = meta_loss_fn(functional_call(model, state, (meta_images,)), meta_targets, cfg.q)
         grads = torch.autograd.grad(meta_loss, list(wpn.parameters()))
         for p, g in zip(wpn.parameters(), grads):
             p.grad = g
         wpn_optimizer.step()
         meta_loss = meta_loss.item()
 
-    # Real step (Alg. 1, lines 9-10): weights from the updated WPN, no gradient into it.
+    # Step 6, the real step: weights from the updated WPN, no gradient into it.
     if cfg.method == "l2w":
         with torch.no_grad():
             weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
@@ -264,7 +268,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True):
-    """One iteration of Alg. 1: the batch is split into halves A and B; A trains with B as the
+    """One iteration: the batch is split into halves A and B; A trains with B as the
     meta set, then B with A. `meta=False` weights with the current WPN without updating it."""
     model.train()
     wpn.train()
