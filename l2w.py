@@ -88,7 +88,7 @@ PRESETS = {
     "cifar10": CIFAR,
     "cifar100": CIFAR,
     # sized so that an epoch of L2W-DEN on a 3-exit MSDNet takes seconds on a laptop CPU
-    "synthetic": dict(epochs=5, batch_size=128, lr=0.1, q=0.75, delta=0.8, constraint="col",
+    "synthetic": dict(epochs=3, batch_size=128, lr=0.1, q=0.75, delta=0.8, constraint="col",
                       meta_interval=1, holdout=500, workers=0, print_every=5),
 }
 
@@ -126,7 +126,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_config(argv=None):
-    """CLI generated from the Config fields: --batch-size 1024, --eval-only, ..."""
+    """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...).
+
+    Returns (config, checkpoint state or None): with --resume the run continues with the
+    config stored in the checkpoint, and flags given now still win."""
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -136,15 +139,14 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=type(f.default), metavar=f.name.upper(), help=f"(default: {f.default})")
     flags = vars(parser.parse_args(argv))
-    base = {}
-    if flags.get("resume"):  # a run continues with its own config; flags given now still win
-        base = load_checkpoint(flags["resume"])["config"]
+    state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
+    base = state["config"] if state else {}
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
     cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
     if not cfg.out:
         cfg.out = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}{cfg.exits}_{cfg.method}")
     check_config(cfg)
-    return cfg
+    return cfg, state
 
 
 # ============================================================================
@@ -441,16 +443,18 @@ def format_time(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(cfg, stop_after_epoch=None):
+def train(cfg, state=None, stop_after_epoch=None):
     """Train (or, with cfg.eval_only, only evaluate) and write results.json; returns the results.
 
-    `stop_after_epoch` ends the run early as an interruption would (used to test resume).
+    `state` is the loaded cfg.resume checkpoint, if already read. `stop_after_epoch` ends the
+    run early as an interruption would (used to test resume).
     """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    state = load_checkpoint(cfg.resume) if cfg.resume else None
+    if cfg.resume and state is None:
+        state = load_checkpoint(cfg.resume)
     splits = data.load(cfg, state["holdout_indices"] if state else None)
     model, wpn, optimizer, wpn_optimizer = build(cfg, splits.num_classes, device)
     start_epoch = 0
@@ -466,6 +470,8 @@ def train(cfg, stop_after_epoch=None):
         set_rng_state(state["rng"])
         print(f"resumed from {cfg.resume} at epoch {start_epoch}")
     os.makedirs(cfg.out, exist_ok=True)
+    atomic_write(os.path.join(cfg.out, "holdout_indices.json"),
+                 lambda p: open(p, "w").write(json.dumps(splits.holdout_indices.tolist())))
     flops, params = count_cost(model, data.DATASETS[cfg.dataset][1])
     print(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, "
           f"{flops[-1] / 1e6:.2f}M Mul-Adds through the last exit; {cfg.method} on {device}")
@@ -587,11 +593,11 @@ def bench(cfg):
 
 def main(argv=None):
     try:
-        cfg = parse_config(argv)
+        cfg, state = parse_config(argv)
         if cfg.bench:
             bench(cfg)
         else:
-            train(cfg)
+            train(cfg, state)
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

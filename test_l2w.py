@@ -471,6 +471,7 @@ def test_cli_end_to_end_writes_results_json(tmp_path):
     assert all(flops[0] <= r["flops"] <= flops[-1] for r in results["dynamic"])
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and state["config"] == results["config"] and len(state["holdout_indices"]) == 60
+    assert json.loads((out / "holdout_indices.json").read_text()) == state["holdout_indices"].tolist()
 
     # --eval-only on the checkpoint reproduces the numbers
     again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"))
@@ -498,6 +499,16 @@ def test_resume_is_exact(tmp_path):
     ra = json.loads((tmp_path / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "split" / "results.json").read_text())
     assert ra["anytime"] == rb["anytime"] and ra["dynamic"] == rb["dynamic"]
+
+
+def test_config_precedence_defaults_preset_flags():
+    cfg, state = l2w.parse_config(["--dataset", "cifar100", "--exits", "7"])
+    assert state is None and (cfg.batch_size, cfg.lr, cfg.epochs, cfg.q, cfg.delta) == (1024, 0.8, 300, 0.75, 0.8)
+    assert cfg.exits == 7 and cfg.constraint == "col" and cfg.meta_interval == 1 and cfg.wpn_width == 500
+    assert cfg.out == os.path.join("runs", "cifar100_msdnet7_l2w")
+    cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--batch-size", "64", "--method", "baseline"])
+    assert cfg.batch_size == 64 and cfg.epochs == l2w.PRESETS["synthetic"]["epochs"]
+    assert cfg.method == "baseline" and cfg.momentum == l2w.Config.momentum
 
 
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
