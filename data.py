@@ -1,19 +1,26 @@
-"""Data for L2W-DEN: CIFAR-10/100 through torchvision, a synthetic CIFAR-shaped set, and the
-seeded hold-out split used for per-epoch validation and for fitting the budgeted-inference
-thresholds (never the test set; PAPER.md, "Evaluation protocols").
+"""Data for L2W-DEN: CIFAR-10/100 (balanced or long-tailed) through torchvision, ImageNet and any
+image folder, a synthetic CIFAR-shaped set, and the seeded hold-out split used for per-epoch
+validation and for fitting the budgeted-inference thresholds (never the test set; PAPER.md,
+"Evaluation protocols").
+
+Random augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the
+number of loader workers or ranks, and a resumed run sees exactly the batches it would have.
 """
+import os
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
-# The authors' normalisation (PAPER.md, "Data conventions").
+# The authors' normalisation (PAPER.md, "Data conventions"); ImageNet's for ImageNet and folders.
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
 }
-# classes and image size of every dataset the CLI knows
-DATASETS = {"cifar10": (10, 32), "cifar100": (100, 32), "synthetic": (10, 32)}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# classes of every dataset the CLI knows (None: read from the folder)
+DATASETS = {"cifar10": 10, "cifar100": 100, "cifar10-lt": 10, "cifar100-lt": 100,
+            "imagenet": 1000, "folder": None, "synthetic": 10}
 
 
 class DataError(Exception):
@@ -22,41 +29,152 @@ class DataError(Exception):
 
 @dataclass
 class Splits:
-    train: Dataset           # augmented training images (training set minus the hold-out)
-    threshold_set: Dataset   # test-time transforms: hold-out, or all training images if holdout=0
+    train: Dataset            # augmented training images (training set minus the hold-out)
+    threshold_set: Dataset    # test-time transforms: hold-out, or all training images if holdout=0
     test: Dataset
     holdout_indices: torch.Tensor
     num_classes: int
-    threshold_source: str    # "holdout" or "train", said in the log and results.json
+    threshold_source: str     # "holdout" or "train", said in the log and results.json
+    class_counts: list        # training images per class (before the hold-out is taken)
 
 
-def holdout_split(n, holdout, seed):
-    """Seeded split of range(n) into (train, hold-out) index tensors."""
+class Split(Dataset):
+    """Samples `indices` of `base` through `transform`. An item is an index or (epoch, index);
+    the random transform is seeded from (seed, epoch, index)."""
+
+    def __init__(self, base, indices, transform=None, seed=0):
+        self.base, self.indices, self.transform, self.seed = base, list(indices), transform, seed
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        epoch, i = item if isinstance(item, tuple) else (0, item)
+        image, label = self.base[self.indices[i]]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + self.indices[i])
+                image = self.transform(image)
+        return image, label
+
+
+class ShardedBatches(Sampler):
+    """Batches of (epoch, index) pairs. Each epoch, a permutation seeded by (seed, epoch) is cut
+    into global batches of `batch_size`; rank r of `world` yields its contiguous share of each.
+    Without shuffling, the split is walked in order and the last batch may be short."""
+
+    def __init__(self, n, batch_size, seed=0, rank=0, world=1, shuffle=True):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.shuffle, self.epoch = shuffle, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.batch_size if self.shuffle else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        for b in range(len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            share = -(-len(batch) // self.world)
+            yield [(self.epoch, i) for i in batch[self.rank * share:(self.rank + 1) * share].tolist()]
+
+
+def holdout_split(targets, holdout, seed):
+    """Seeded split of range(len(targets)) into (train, hold-out) index tensors, stratified by
+    class: samples are ordered by class (randomly within a class) and every (n / holdout)-th
+    is held out, so each class gives its share of the hold-out."""
+    targets = torch.as_tensor(targets)
+    n = len(targets)
     if not 0 <= holdout < n:
         raise DataError(f"--holdout must be between 0 and {n - 1} for this dataset, got {holdout}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[holdout:].sort().values, order[:holdout].sort().values
+    key = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = torch.argsort(targets.double() * 2 + key)   # by class, randomly within a class
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[order[((torch.arange(holdout, dtype=torch.float64) + 0.5) * n / holdout).long()]] = True
+    return (~chosen).nonzero().flatten(), chosen.nonzero().flatten()
+
+
+def long_tailed_indices(targets, imbalance, seed=0):
+    """Long-tailed profile of Cui et al. (2019): class c keeps int(N_max * (1/imbalance)^(c/(C-1)))
+    of its training images (a seeded random choice). Returns the kept indices, sorted."""
+    targets = torch.as_tensor(targets)
+    counts = torch.bincount(targets)
+    n_max, classes = int(counts.max()), len(counts)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in range(classes):
+        members = (targets == c).nonzero().flatten()
+        n_c = int(n_max * (1 / imbalance) ** (c / (classes - 1)))
+        keep.append(members[torch.randperm(len(members), generator=g)[:n_c]])
+    return torch.cat(keep).sort().values
+
+
+def transforms(name, image_size):
+    """(train, test) transforms: the authors' for CIFAR and ImageNet (PAPER.md); folders get
+    ImageNet's at 224 and CIFAR-style crops at small sizes."""
+    import torchvision.transforms as T
+
+    if name.startswith("cifar"):
+        normalise = T.Normalize(*CIFAR_STATS[name.removesuffix("-lt")])
+        return (T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalise]),
+                T.Compose([T.ToTensor(), normalise]))
+    normalise = T.Normalize(*IMAGENET_STATS)
+    if image_size >= 64:
+        return (T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalise]),
+                T.Compose([T.Resize(image_size * 256 // 224), T.CenterCrop(image_size), T.ToTensor(), normalise]))
+    resize = T.Resize((image_size, image_size))
+    return (T.Compose([resize, T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
+                       T.ToTensor(), normalise]),
+            T.Compose([resize, T.ToTensor(), normalise]))
 
 
 def cifar(name, data_dir):
-    """(augmented train, test-transform train, test) for cifar10 or cifar100."""
+    """(train, test) torchvision datasets without transforms, downloaded if missing."""
     import torchvision
-    import torchvision.transforms as T
 
-    normalise = T.Normalize(*CIFAR_STATS[name])
-    augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalise])
-    plain = T.Compose([T.ToTensor(), normalise])
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls = torchvision.datasets.CIFAR10 if name.startswith("cifar10-") or name == "cifar10" \
+        else torchvision.datasets.CIFAR100
     try:
-        cls(data_dir, train=True, download=True)
-        cls(data_dir, train=False, download=True)
+        return cls(data_dir, train=True, download=True), cls(data_dir, train=False, download=True)
     except Exception as e:  # offline, a proxy, a corrupt archive: all end the same way for the user
         raise DataError(
             f"{name} not found in '{data_dir}' and could not be downloaded ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); on a machine without network, "
             f"copy {cls.filename} (from {cls.url}) into '{data_dir}' or pass --data-dir") from None
-    return (cls(data_dir, train=True, transform=augment), cls(data_dir, train=True, transform=plain),
-            cls(data_dir, train=False, transform=plain))
+
+
+def image_folders(name, data_dir, expected_classes=None):
+    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout."""
+    import torchvision
+
+    classes = {}
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, split)
+        if not os.path.isdir(path):
+            raise DataError(f"{name}: no '{split}' folder in '{data_dir}' (expected {data_dir}/train/<class>/"
+                            f"<images> and {data_dir}/val/<class>/<images>)")
+        entries = list(os.scandir(path))
+        classes[split] = sorted(e.name for e in entries if e.is_dir())
+        loose = sum(e.is_file() for e in entries)
+        if loose or not classes[split]:
+            raise DataError(f"{name}: '{path}' holds {loose} images outside class folders and "
+                            f"{len(classes[split])} class folders; sort them into one folder per class")
+    if classes["train"] != classes["val"]:
+        only = sorted(set(classes["train"]) ^ set(classes["val"]))
+        raise DataError(f"{name}: the class folders of train ({len(classes['train'])}) and val "
+                        f"({len(classes['val'])}) differ, e.g. '{only[0]}'")
+    if expected_classes and len(classes["train"]) != expected_classes:
+        raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
+                        f"found {len(classes['train'])}")
+    try:
+        return tuple(torchvision.datasets.ImageFolder(os.path.join(data_dir, s)) for s in ("train", "val"))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"{name}: {str(e).splitlines()[0]}") from None
 
 
 def synthetic(size, seed, num_classes=10):
@@ -86,24 +204,37 @@ def synthetic(size, seed, num_classes=10):
     return draw(size), draw(size // 3)
 
 
+def targets_of(dataset):
+    return dataset.tensors[1] if isinstance(dataset, TensorDataset) else torch.as_tensor(dataset.targets)
+
+
 def load(cfg, holdout_indices=None):
-    """Build the splits for cfg.dataset. `holdout_indices` (from a checkpoint) wins over the seed."""
+    """Build the splits for cfg.dataset. `holdout_indices` (from a checkpoint) win over the seed."""
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(DATASETS)})")
-    num_classes = DATASETS[cfg.dataset][0]
     if cfg.dataset == "synthetic":
-        train, test = synthetic(cfg.synthetic_size, cfg.seed, num_classes)
-        train_aug = train_plain = train
+        train, test = synthetic(cfg.synthetic_size, cfg.seed)
+        augment = plain = None
     else:
-        train_aug, train_plain, test = cifar(cfg.dataset, cfg.data_dir)
-    n = len(train_plain)
-    train_idx, held = holdout_split(n, cfg.holdout, cfg.seed)
+        if cfg.dataset.startswith("cifar"):
+            train, test = cifar(cfg.dataset, cfg.data_dir)
+        else:
+            train, test = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
+        augment, plain = transforms(cfg.dataset, cfg.image_size)
+    targets = targets_of(train)
+    kept = (long_tailed_indices(targets, cfg.imbalance, cfg.seed) if cfg.dataset.endswith("-lt")
+            else torch.arange(len(targets)))
+    num_classes = DATASETS[cfg.dataset] or len(train.classes)
+    class_counts = torch.bincount(targets[kept], minlength=num_classes).tolist()
+    train_pos, held_pos = holdout_split(targets[kept], cfg.holdout, cfg.seed)
+    train_idx, held = kept[train_pos], kept[held_pos]
     if holdout_indices is not None:
         held = torch.as_tensor(holdout_indices)
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[held] = False
-        train_idx = keep.nonzero().flatten()
-    if len(held):
-        return Splits(Subset(train_aug, train_idx.tolist()), Subset(train_plain, held.tolist()), test,
-                      held, num_classes, "holdout")
-    return Splits(Subset(train_aug, train_idx.tolist()), train_plain, test, held, num_classes, "train")
+        is_held = torch.zeros(len(targets), dtype=torch.bool)
+        is_held[held] = True
+        train_idx = kept[~is_held[kept]]
+    source = "holdout" if len(held) else "train"
+    return Splits(train=Split(train, train_idx.tolist(), augment, cfg.seed),
+                  threshold_set=Split(train, (held if len(held) else kept).tolist(), plain),
+                  test=Split(test, range(len(test)), plain), holdout_indices=held,
+                  num_classes=num_classes, threshold_source=source, class_counts=class_counts)

@@ -21,10 +21,13 @@ Tested with torch 2.14 on CPU (see README.md for what has been verified and what
 """
 import argparse
 import dataclasses
+import inspect
+import itertools
 import json
 import math
 import os
 import random
+import re
 import resource
 import statistics
 import sys
@@ -34,9 +37,11 @@ from dataclasses import dataclass
 import higher
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
@@ -49,14 +54,16 @@ from models import build_model, count_cost
 
 @dataclass
 class Config:
-    dataset: str = "cifar10"       # cifar10 | cifar100 | synthetic (offline demo and tests)
-    data_dir: str = "./data"       # where torchvision downloads / finds the dataset
+    dataset: str = "cifar10"       # cifar10 | cifar100 | cifar10-lt | cifar100-lt | imagenet | folder | synthetic
+    data_dir: str = "./data"       # CIFAR: torchvision downloads here; imagenet/folder: DIR/train, DIR/val
+    image_size: int = 32           # 32 builds the CIFAR-style network, 224 the ImageNet one
+    imbalance: float = 100.0       # long-tailed CIFAR: largest class / smallest class
     arch: str = "msdnet"           # backbone (models.py)
     exits: int = 5                 # number of exits K (the paper: 5 and 7 for MSDNet on CIFAR)
     step: int = 4                  # ImageNet MSDNet step s (the paper: 4, 6, 7); unused on CIFAR
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
-    batch_size: int = 1024         # split into two halves, each one SGD update
+    batch_size: int = 1024         # global batch, split into two halves, each one SGD update
     lr: float = 0.8                # backbone lr, cosine to 0; 0.1 x half-batch / 64 as released
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -71,25 +78,34 @@ class Config:
     holdout: int = 5000            # training images held out for validation and thresholds
     synthetic_size: int = 2000     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # data-loading processes
+    workers: int = 4               # data-loading processes per rank
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
+    amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
+    channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
+    sync_bn: bool = False          # under torchrun: BatchNorm statistics over all ranks
     out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>
     print_every: int = 20          # iterations between progress lines
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
     eval_only: bool = False        # evaluate --resume and write results.json, no training
     bench: bool = False            # time a plain and an L2W iteration, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
+    world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
 
 # The released settings (PAPER.md, "Hyperparameters"). Precedence: defaults < preset < flags.
 CIFAR = dict(epochs=300, batch_size=1024, lr=0.8, q=0.75, delta=0.8, constraint="col",
-             meta_interval=1, holdout=5000)
+             meta_interval=1, holdout=5000, image_size=32)
 PRESETS = {
     "cifar10": CIFAR,
     "cifar100": CIFAR,
+    # long-tailed CIFAR keeps 12,406 / 10,847 images at imbalance 100: a smaller hold-out
+    "cifar10-lt": {**CIFAR, "holdout": 1000},
+    "cifar100-lt": {**CIFAR, "holdout": 1000},
+    "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
+                     meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
     # sized so that an epoch of L2W-DEN on a 3-exit MSDNet takes seconds on a laptop CPU
     "synthetic": dict(epochs=3, batch_size=128, lr=0.1, q=0.75, delta=0.8, constraint="col",
-                      meta_interval=1, holdout=500, workers=0, print_every=5),
+                      meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
 }
 
 
@@ -104,18 +120,23 @@ def check_config(cfg):
         raise UsageError(f"unknown method '{cfg.method}' (choose l2w or baseline)")
     if cfg.constraint not in ("col", "row", "mat"):
         raise UsageError(f"unknown constraint '{cfg.constraint}' (choose col, row or mat)")
-    if cfg.batch_size < 2 or cfg.batch_size % 2:
-        raise UsageError(f"--batch-size must be even (it is split into two halves), got {cfg.batch_size}")
+    if cfg.batch_size < 2 or cfg.batch_size % (2 * cfg.world_size):
+        raise UsageError(f"--batch-size must be even (it is split into two halves) and divisible by "
+                         f"2 x {cfg.world_size} ranks, got {cfg.batch_size}")
     if cfg.q <= 0:
         raise UsageError(f"--q must be > 0, got {cfg.q}")
     if cfg.delta < 0:
         raise UsageError(f"--delta must be >= 0, got {cfg.delta}")
+    if cfg.imbalance < 1:
+        raise UsageError(f"--imbalance must be >= 1, got {cfg.imbalance}")
+    if cfg.dataset not in ("imagenet", "folder") and cfg.image_size != 32:
+        raise UsageError(f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
     if cfg.eval_only and not cfg.resume:
         raise UsageError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
-    if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0:
-        raise UsageError("--meta-interval must be >= 1, --epochs and --wpn-depth >= 0")
+    if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0 or cfg.workers < 0:
+        raise UsageError("--meta-interval must be >= 1, --epochs, --wpn-depth and --workers >= 0")
     try:
-        build_model(cfg.arch, 10, cfg.exits, data.DATASETS[cfg.dataset][1], cfg.step)
+        build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -126,23 +147,25 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_config(argv=None):
-    """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...).
-
-    Returns (config, checkpoint state or None): with --resume the run continues with the
-    config stored in the checkpoint, and flags given now still win."""
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...), each with its
+    comment as help. Returns (config, checkpoint state or None): with --resume the run continues
+    with the config stored in the checkpoint, and flags given now still win."""
+    comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f"(default: {f.default})")
+        if not f.metadata.get("cli", True):
+            continue
+        flag, help = "--" + f.name.replace("_", "-"), f"{comments.get(f.name, '')} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
         else:
-            parser.add_argument(flag, type=type(f.default), metavar=f.name.upper(), help=f"(default: {f.default})")
+            parser.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     base = state["config"] if state else {}
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
     cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
+    cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
     if not cfg.out:
         cfg.out = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}{cfg.exits}_{cfg.method}")
     check_config(cfg)
@@ -227,33 +250,45 @@ def meta_loss_fn(logits, targets, q):
     return total
 
 
-def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta):
+def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
+              scaler=None):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None).
 
     The virtual step and the real step start from the same parameters and the same images, so
     one forward pass (and its graph) serves both: this changes no number the algorithm computes.
+    Under torchrun, `model` and `wpn` are DistributedDataParallel: each rank takes its virtual
+    step and meta objective on its own shard, and the real and the WPN gradients are averaged.
     """
-    losses = per_exit_losses(model(images), targets)               # step 1: L[i, k]
+    net = unwrap(model)
+    scale = 1.0 if scaler is None else scaler.get_scale()   # fp16 loss scaling, 1 otherwise
+    with autocast(cfg, images.device):
+        losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
     meta_loss = None
     if cfg.method == "l2w" and meta:
         # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
         # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
         # higher's differentiable SGD works on a copy of the optimizer state, so the real
         # optimizer is left exactly as it was.
-        virtual_sgd = higher.get_diff_optim(optimizer, model.parameters())
+        virtual_sgd = higher.get_diff_optim(optimizer, net.parameters())
         weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
-        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=list(model.parameters()))
+        unscale = None if scaler is None else (lambda grads: [g / scale for g in grads])
+        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights) * scale, params=list(net.parameters()),
+                                         grad_callback=unscale)
 
         # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
         # The virtual forward runs in train mode on copies of the BN buffers, so the real
         # running statistics are untouched; only the WPN receives gradients.
-        state = {name: t for (name, _), t in zip(model.named_parameters(), theta_virtual)}
-        state.update({name: b.clone() for name, b in model.named_buffers()})
-        meta_loss = meta_loss_fn(functional_call(model, state, (meta_images,)), meta_targets, cfg.q)
-        grads = torch.autograd.grad(meta_loss, list(wpn.parameters()))
-        for p, g in zip(wpn.parameters(), grads):
-            p.grad = g
-        wpn_optimizer.step()
+        state = {name: t for (name, _), t in zip(net.named_parameters(), theta_virtual)}
+        state.update({name: b.clone() for name, b in net.named_buffers()})
+        with autocast(cfg, images.device):
+            meta_loss = meta_loss_fn(functional_call(net, state, (meta_images,)), meta_targets, cfg.q)
+        wpn_optimizer.zero_grad(set_to_none=True)
+        (meta_loss * scale).backward(inputs=list(wpn.parameters()))
+        grads = [p.grad for p in wpn.parameters()]
+        if scaler is not None:
+            torch._foreach_div_(grads, scale)
+        if scaler is None or all(torch.isfinite(g).all() for g in grads):   # fp16 overflow: skip
+            wpn_optimizer.step()
         meta_loss = meta_loss.item()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
@@ -264,21 +299,26 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         weights = torch.ones_like(losses)
     loss = weighted_loss(losses, weights)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.item(), meta_loss
 
 
-def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True):
-    """One iteration: the batch is split into halves A and B; A trains with B as the
-    meta set, then B with A. `meta=False` weights with the current WPN without updating it."""
+def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=None):
+    """One iteration: the batch is split into halves A and B; A trains with B as the meta set,
+    then B with A. `meta=False` weights with the current WPN without updating it."""
     model.train()
     wpn.train()
     a, b = images.chunk(2), targets.chunk(2)
     if a[0].shape[0] != a[1].shape[0]:
         raise ValueError(f"batch of {images.shape[0]} cannot be split into two equal halves")
-    first = half_step(model, wpn, optimizer, wpn_optimizer, a[0], b[0], a[1], b[1], cfg, meta)
-    second = half_step(model, wpn, optimizer, wpn_optimizer, a[1], b[1], a[0], b[0], cfg, meta)
+    first = half_step(model, wpn, optimizer, wpn_optimizer, a[0], b[0], a[1], b[1], cfg, meta, scaler)
+    second = half_step(model, wpn, optimizer, wpn_optimizer, a[1], b[1], a[0], b[0], cfg, meta, scaler)
     metas = [m for m in (first[1], second[1]) if m is not None]
     return {"loss": (first[0] + second[0]) / 2, "meta_loss": sum(metas) / 2 if metas else None}
 
@@ -288,14 +328,21 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 # ============================================================================
 
 @torch.no_grad()
-def predict(model, loader, device):
-    """Logits of every exit for a whole split: (list of K (n, classes) tensors, targets), on CPU."""
-    model.eval()
-    outputs, targets = [], []
+def predict(model, loader, device, channels_last=False):
+    """Logits of every exit for a whole split, in order: (list of K (n, classes) tensors, targets)
+    on the CPU. Under torchrun each rank predicts its share of every batch and all get the whole."""
+    net = unwrap(model).eval()
+    batches = []
     for images, labels in loader:
-        outputs.append([z.float().cpu() for z in model(images.to(device, non_blocking=True))])
-        targets.append(labels)
-    return [torch.cat(z) for z in zip(*outputs)], torch.cat(targets)
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        batches.append(([z.float().cpu() for z in net(images)], labels))
+    if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, batches)
+        batches = [part for parts in itertools.zip_longest(*shares) for part in parts if part is not None]
+    return [torch.cat(z) for z in zip(*(b[0] for b in batches))], torch.cat([b[1] for b in batches])
 
 
 def topk_accuracy(logits, targets, k):
@@ -410,11 +457,14 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_loader(dataset, cfg, device, shuffle, epoch=0):
-    """Shuffling and worker seeds come from (seed, epoch), so a resumed epoch sees the same batches."""
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, drop_last=shuffle,
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda", generator=generator)
+def make_loader(dataset, cfg, device, shuffle):
+    """Loader over (epoch, index) batches from data.ShardedBatches: shuffling and augmentation
+    are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under torchrun each
+    rank loads its share of every global batch."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = data.ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=cfg.workers > 0)
 
 
 def resolve_device(name):
@@ -428,19 +478,81 @@ def resolve_device(name):
         raise UsageError(f"unknown device '{name}'") from None
 
 
+def setup_device(cfg):
+    """Single process: the requested device. Under torchrun (WORLD_SIZE > 1): one process per
+    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU."""
+    device = resolve_device(cfg.device)
+    if cfg.world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(*args):
+    if is_main():
+        print(*args, flush=True)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def amp_dtype(device):
+    """bf16 where the device has it (CPUs, Ampere and newer GPUs), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(cfg, device):
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp)
+
+
 def build(cfg, num_classes, device):
-    """Backbone, WPN and their optimizers as configured (PAPER.md, "Hyperparameters")."""
-    model = build_model(cfg.arch, num_classes, cfg.exits, data.DATASETS[cfg.dataset][1], cfg.step).to(device)
+    """Backbone, WPN and their optimizers as configured (PAPER.md, "Hyperparameters"), wrapped in
+    DistributedDataParallel under torchrun, and the fp16 loss scaler where one is needed."""
+    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.is_initialized() and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=cfg.wpn_lr, weight_decay=cfg.wpn_weight_decay)
-    return model, wpn, optimizer, wpn_optimizer
+    if dist.is_initialized():
+        ids = [device.index] if device.type == "cuda" else None
+        model, wpn = DDP(model, device_ids=ids), DDP(wpn, device_ids=ids)
+    scaler = None
+    if cfg.amp and amp_dtype(device) == torch.float16:
+        scaler = torch.amp.GradScaler(device.type)
+    return model, wpn, optimizer, wpn_optimizer, scaler
 
 
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def to_device(images, targets, device, cfg):
+    images = images.to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(device, non_blocking=True)
+
+
+def replicas_identical(module):
+    """Under torchrun: are this module's parameters bit-identical on every rank?"""
+    flat = torch.cat([p.detach().flatten() for p in unwrap(module).parameters()])
+    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(copies, flat)
+    return all(torch.equal(c, flat) for c in copies)
 
 
 def train(cfg, state=None, stop_after_epoch=None):
@@ -449,92 +561,105 @@ def train(cfg, state=None, stop_after_epoch=None):
     `state` is the loaded cfg.resume checkpoint, if already read. `stop_after_epoch` ends the
     run early as an interruption would (used to test resume).
     """
-    device = resolve_device(cfg.device)
+    device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.resume and state is None:
         state = load_checkpoint(cfg.resume)
     splits = data.load(cfg, state["holdout_indices"] if state else None)
-    model, wpn, optimizer, wpn_optimizer = build(cfg, splits.num_classes, device)
+    model, wpn, optimizer, wpn_optimizer, scaler = build(cfg, splits.num_classes, device)
     start_epoch = 0
     if state:
         try:
-            model.load_state_dict(state["model"])
-            wpn.load_state_dict(state["wpn"])
+            unwrap(model).load_state_dict(state["model"])
+            unwrap(wpn).load_state_dict(state["wpn"])
             optimizer.load_state_dict(state["optimizer"])
             wpn_optimizer.load_state_dict(state["wpn_optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"checkpoint '{cfg.resume}' does not fit this model ({str(e).splitlines()[0]})") from None
         start_epoch = state["epoch"]
         set_rng_state(state["rng"])
-        print(f"resumed from {cfg.resume} at epoch {start_epoch}")
-    os.makedirs(cfg.out, exist_ok=True)
-    atomic_write(os.path.join(cfg.out, "holdout_indices.json"),
-                 lambda p: open(p, "w").write(json.dumps(splits.holdout_indices.tolist())))
-    flops, params = count_cost(model, data.DATASETS[cfg.dataset][1])
-    print(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, "
-          f"{flops[-1] / 1e6:.2f}M Mul-Adds through the last exit; {cfg.method} on {device}")
+        log(f"resumed from {cfg.resume} at epoch {start_epoch}")
+    if is_main():
+        os.makedirs(cfg.out, exist_ok=True)
+        atomic_write(os.path.join(cfg.out, "holdout_indices.json"),
+                     lambda p: open(p, "w").write(json.dumps(splits.holdout_indices.tolist())))
+    flops, params = count_cost(unwrap(model), cfg.image_size)
+    log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
+        f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
+        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
+    log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
     if splits.threshold_source == "train":
-        print("no hold-out split (--holdout 0): thresholds are fitted on the training images "
-              "with test-time transforms; no per-epoch validation")
+        log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
+            "with test-time transforms; no per-epoch validation")
 
-    n_batches = len(splits.train) // cfg.batch_size
+    train_loader = make_loader(splits.train, cfg, device, shuffle=True)
+    val_loader = make_loader(splits.threshold_set, cfg, device, shuffle=False)
+    n_batches = len(train_loader.batch_sampler)
     if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     total_iters = cfg.epochs * n_batches
     started, done_here = time.time(), 0
-    epochs = range(start_epoch, cfg.epochs) if not cfg.eval_only else range(0)
-    for epoch in epochs:
-        for i, (images, targets) in enumerate(make_loader(splits.train, cfg, device, True, epoch)):
+    for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
+        train_loader.batch_sampler.set_epoch(epoch)
+        for i, (images, targets) in enumerate(train_loader):
             iteration = epoch * n_batches + i
             for group in optimizer.param_groups:
                 group["lr"] = cosine(cfg.lr, iteration, total_iters)
             for group in wpn_optimizer.param_groups:
                 group["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
-            out = train_step(model, wpn, optimizer, wpn_optimizer, images.to(device, non_blocking=True),
-                             targets.to(device, non_blocking=True), cfg, meta=iteration % cfg.meta_interval == 0)
+            images, targets = to_device(images, targets, device, cfg)
+            out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
+                             meta=iteration % cfg.meta_interval == 0, scaler=scaler)
             done_here += 1
             if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
                 elapsed = time.time() - started
                 meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
                 eta = elapsed / done_here * (total_iters - iteration - 1)
-                print(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
-                      f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
-                      f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}", flush=True)
+                log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
+                    f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
+                    f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}")
         if splits.threshold_source == "holdout":
-            val_logits, val_targets = predict(model, make_loader(splits.threshold_set, cfg, device, False), device)
+            val_logits, val_targets = predict(model, val_loader, device, cfg.channels_last)
             accs = " ".join(f"{topk_accuracy(z, val_targets, 1):.2f}" for z in val_logits)
-            print(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}", flush=True)
-        checkpoint = {"model": model.state_dict(), "wpn": wpn.state_dict(), "optimizer": optimizer.state_dict(),
-                      "wpn_optimizer": wpn_optimizer.state_dict(), "epoch": epoch + 1, "rng": rng_state(),
-                      "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices}
-        atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda p: torch.save(checkpoint, p))
+            log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
+        if is_main():
+            checkpoint = {"model": unwrap(model).state_dict(), "wpn": unwrap(wpn).state_dict(),
+                          "optimizer": optimizer.state_dict(), "wpn_optimizer": wpn_optimizer.state_dict(),
+                          "epoch": epoch + 1, "rng": rng_state(), "config": dataclasses.asdict(cfg),
+                          "holdout_indices": splits.holdout_indices}
+            atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda p: torch.save(checkpoint, p))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return None
-    return evaluate(cfg, model, splits, device, flops, params)
+    return evaluate(cfg, model, wpn, splits, device, val_loader, flops, params)
 
 
-def evaluate(cfg, model, splits, device, flops, params):
+def evaluate(cfg, model, wpn, splits, device, val_loader, flops, params):
     """Both protocols on the test set; thresholds come from the hold-out split (or the training
-    images with test-time transforms), never from the test set."""
-    test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device)
-    val_logits, val_targets = predict(model, make_loader(splits.threshold_set, cfg, device, False), device)
+    images with test-time transforms), never from the test set. Rank 0 reports and writes."""
+    test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device, cfg.channels_last)
+    val_logits, val_targets = predict(model, val_loader, device, cfg.channels_last)
+    results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
+               "class_counts": splits.class_counts}
+    if dist.is_initialized():   # the averaged gradients must have kept every rank's copy equal
+        results["replicas_identical"] = replicas_identical(model) and replicas_identical(wpn)
+    if not is_main():
+        return None
     anytime = anytime_evaluate(test_logits, test_targets, flops, params)
     dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
-    print(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
+    log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
     for row in anytime:
-        print(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
-              f"{row['params'] / 1e6:12.3f}")
-    print(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images)"
-          "\n    q   top-1   Mul-Adds (M)")
+        log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
+            f"{row['params'] / 1e6:12.3f}")
+    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images)"
+        "\n    q   top-1   Mul-Adds (M)")
     for row in dynamic:
-        print(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
-    results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
-               "anytime": anytime, "dynamic": dynamic}
+        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
+    results.update(anytime=anytime, dynamic=dynamic)
     path = os.path.join(cfg.out, "results.json")
     atomic_write(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
-    print(f"\nwrote {path}")
+    log(f"\nwrote {path}")
     return results
 
 
@@ -545,20 +670,26 @@ def evaluate(cfg, model, splits, device, flops, params):
 def bench(cfg):
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    num_classes, size = data.DATASETS[cfg.dataset]
-    model, wpn, optimizer, wpn_optimizer = build(cfg, num_classes, device)
-    images = torch.randn(cfg.batch_size, 3, size, size, device=device)
-    targets = torch.randint(num_classes, (cfg.batch_size,), device=device)
+    num_classes = data.DATASETS[cfg.dataset] or 1000
+    model, wpn, optimizer, wpn_optimizer, scaler = build(cfg, num_classes, device)
+    images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
+                                torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
 
     def plain_step():  # one SGD step on the full batch, every exit weighted 1
         model.train()
-        loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
+        with autocast(cfg, device):
+            loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
 
     def l2w_step():
-        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True)
+        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=scaler)
 
     def timed(step):
         times = []
@@ -572,8 +703,10 @@ def bench(cfg):
             times.append(time.perf_counter() - t)
         return statistics.median(times[2:])
 
-    print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.dataset} shapes, batch {cfg.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads, median of {cfg.bench_iters}")
+    print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{torch.get_num_threads()} threads, amp {cfg.amp}, channels-last {cfg.channels_last}, "
+          f"median of {cfg.bench_iters}")
     results = {}
     for name, step in (("plain", plain_step), ("l2w", l2w_step)):
         if device.type == "cuda":
@@ -582,7 +715,7 @@ def bench(cfg):
         memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         print(f"{name:6s} {results[name] * 1000:9.1f} ms/iter {cfg.batch_size / results[name]:9.1f} img/s "
-              f"peak memory {memory / 2**20:8.0f} MiB{' (process RSS)' if device.type != 'cuda' else ''}")
+              f"peak memory {memory / 2**20:8.0f} MiB{' (process RSS so far)' if device.type != 'cuda' else ''}")
     print(f"ratio  {results['l2w'] / results['plain']:.2f}x (L2W iteration / plain iteration)")
     return results
 
@@ -601,6 +734,9 @@ def main(argv=None):
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def double_setup(seed=0, batch=8, exits=3, lr=0.5):
     """A float64 MSDNet, WPN and optimizers with momentum buffers already filled."""
     torch.manual_seed(seed)
     cfg = small_cfg(exits=exits, lr=lr, batch_size=batch)
-    model, wpn, optimizer, wpn_optimizer = l2w.build(cfg, 10, torch.device("cpu"))
+    model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
     model.double()
     wpn.double()
     images = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
@@ -391,11 +391,16 @@ def test_early_exit_predict_stops_computing_and_agrees_with_thresholds():
 # ----------------------------------------------------------------------------
 
 def test_holdout_split_is_seeded_and_disjoint():
-    train, held = data.holdout_split(100, 10, seed=3)
-    again_train, again_held = data.holdout_split(100, 10, seed=3)
+    targets = torch.arange(100) % 4
+    train, held = data.holdout_split(targets, 10, seed=3)
+    again_train, again_held = data.holdout_split(targets, 10, seed=3)
     assert torch.equal(held, again_held) and len(held) == 10 and len(train) == 90
     assert set(train.tolist()).isdisjoint(held.tolist()) and set(train.tolist()) | set(held.tolist()) == set(range(100))
-    assert not torch.equal(held, data.holdout_split(100, 10, seed=4)[1])
+    assert not torch.equal(held, data.holdout_split(targets, 10, seed=4)[1])
+    # stratified: a long-tailed set (classes of 600, 200, 100, 100) gives 6, 2, 1, 1 of 10 held out
+    targets = torch.tensor([0] * 600 + [1] * 200 + [2] * 100 + [3] * 100)[torch.randperm(1000)]
+    _, held = data.holdout_split(targets, 10, seed=0)
+    assert torch.bincount(targets[held], minlength=4).tolist() == [6, 2, 1, 1]
 
 
 def write_fake_cifar10(root, per_batch=20, n_test=20):
@@ -426,7 +431,7 @@ def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
     assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (90, 10, 20)
     assert splits.threshold_source == "holdout" and splits.num_classes == 10
     # hold-out images use test-time transforms: deterministic, normalised with the authors' stats
-    raw = splits.threshold_set.dataset.data[splits.holdout_indices[0].item()]
+    raw = splits.threshold_set.base.data[splits.holdout_indices[0].item()]
     mean, std = data.CIFAR_STATS["cifar10"]
     expected = (torch.tensor(raw).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert torch.allclose(splits.threshold_set[0][0], expected, atol=1e-6)
