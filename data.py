@@ -165,9 +165,11 @@ def image_folders(name, data_dir, expected_classes=None):
             raise DataError(f"{name}: '{path}' holds {loose} images outside class folders and "
                             f"{len(classes[split])} class folders; sort them into one folder per class")
     if classes["train"] != classes["val"]:
-        only = sorted(set(classes["train"]) ^ set(classes["val"]))
+        other = {"train": "val", "val": "train"}
+        split = "val" if set(classes["train"]) - set(classes["val"]) else "train"
+        missing = sorted(set(classes[other[split]]) - set(classes[split]))[0]
         raise DataError(f"{name}: the class folders of train ({len(classes['train'])}) and val "
-                        f"({len(classes['val'])}) differ, e.g. '{only[0]}'")
+                        f"({len(classes['val'])}) differ: '{missing}' has no folder in {split}")
     if expected_classes and len(classes["train"]) != expected_classes:
         raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
                         f"found {len(classes['train'])}")

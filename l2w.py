@@ -260,11 +260,14 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     step and meta objective on its own shard, and the real and the WPN gradients are averaged.
     """
     net = unwrap(model)
+    meta_step = cfg.method == "l2w" and meta
     scale = 1.0 if scaler is None else scaler.get_scale()   # fp16 loss scaling, 1 otherwise
-    with autocast(cfg, images.device):
+    # Under --amp, the forward pass whose graph the second-order meta-gradient goes through stays
+    # in fp32: in bf16 that gradient is mostly rounding error (measured in test_l2w.py).
+    with autocast(cfg, images.device, enabled=not meta_step):
         losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
     meta_loss = None
-    if cfg.method == "l2w" and meta:
+    if meta_step:
         # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
         # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
         # higher's differentiable SGD works on a copy of the optimizer state, so the real
@@ -510,8 +513,8 @@ def amp_dtype(device):
     return torch.bfloat16
 
 
-def autocast(cfg, device):
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp)
+def autocast(cfg, device, enabled=True):
+    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp and enabled)
 
 
 def build(cfg, num_classes, device):

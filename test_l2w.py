@@ -541,3 +541,123 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         assert "Traceback" not in stderr, stderr
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (msg, stderr)
+
+
+# ----------------------------------------------------------------------------
+# Long-tailed CIFAR, image folders, mixed precision, torchrun
+# ----------------------------------------------------------------------------
+
+def test_long_tailed_counts_match_the_published_profile():
+    cifar10 = torch.arange(50_000) % 10      # 5,000 images per class
+    cifar100 = torch.arange(50_000) % 100    # 500 per class
+    kept = data.long_tailed_indices(cifar10, 100)
+    assert len(kept) == 12_406 and len(data.long_tailed_indices(cifar100, 100)) == 10_847
+    counts = torch.bincount(cifar10[kept]).tolist()
+    assert counts[0] == 5000 and counts[-1] == 50 and counts == sorted(counts, reverse=True)
+    assert torch.equal(kept, data.long_tailed_indices(cifar10, 100, seed=0))
+    assert len(data.long_tailed_indices(cifar10, 1)) == 50_000
+
+
+def write_image_tree(root, classes, per_class=4, splits=("train", "val")):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, c, f"{i}.png"))
+
+
+def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
+    write_image_tree(str(tmp_path), ["ant", "bee", "cat"], per_class=6)
+    cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3)
+    splits = data.load(cfg)
+    assert splits.num_classes == 3 and splits.class_counts == [6, 6, 6]
+    assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (15, 3, 18)
+    image, label = splits.train[(2, 0)]
+    assert image.shape == (3, 32, 32) and label in (0, 1, 2)
+    assert torch.equal(splits.train[(2, 0)][0], image)          # augmentation seeded per (epoch, sample)
+    assert not torch.equal(splits.train[(3, 0)][0], image)
+    out = tmp_path / "run"
+    result = run_cli("--dataset", "folder", "--data-dir", str(tmp_path), "--image-size", "32", "--exits", "2",
+                     "--epochs", "1", "--batch-size", "4", "--holdout", "3", "--workers", "2", "--out", str(out),
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["anytime"]) == 2 and results["class_counts"] == [6, 6, 6]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("no val", "no 'val' folder"),
+    ("loose val images", "outside class folders"),
+    ("classes differ", "'bee' has no folder in val"),
+    ("not 1000 classes", "expected 1000 class folders"),
+])
+def test_image_folder_layout_errors(tmp_path, layout, message):
+    from PIL import Image
+    write_image_tree(str(tmp_path), ["ant", "bee"], per_class=1, splits=("train",))
+    if layout == "loose val images":
+        os.makedirs(tmp_path / "val")
+        Image.new("RGB", (8, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    elif layout == "classes differ":
+        write_image_tree(str(tmp_path), ["ant", "dog"], per_class=1, splits=("val",))
+    elif layout == "not 1000 classes":
+        write_image_tree(str(tmp_path), ["ant", "bee"], per_class=1, splits=("val",))
+    with pytest.raises(data.DataError, match=message):
+        data.image_folders("imagenet", str(tmp_path), 1000)
+    if layout == "not 1000 classes":   # and through the CLI: one line, non-zero exit
+        result = run_cli("--dataset", "imagenet", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def first_meta_gradient(setup, cfg, scaler=None):
+    model, wpn, optimizer, wpn_optimizer, images, targets = copy.deepcopy(setup)
+    recorded = []
+    step = wpn_optimizer.step
+    wpn_optimizer.step = lambda: (recorded.append(torch.cat([p.grad.flatten() for p in wpn.parameters()])), step())[1]
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, scaler=scaler)
+    return recorded[0]
+
+
+def test_meta_gradient_under_amp_is_close_to_fp32(monkeypatch):
+    torch.manual_seed(0)
+    cfg = small_cfg(lr=0.5, batch_size=16)
+    model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
+    images, targets = torch.randn(16, 3, 32, 32), torch.randint(10, (16,))
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images.flip(0), targets.flip(0), cfg)  # momentum
+    setup = (model, wpn, optimizer, wpn_optimizer, images, targets)
+    fp32 = first_meta_gradient(setup, cfg)
+    bf16 = first_meta_gradient(setup, dataclasses.replace(cfg, amp=True))
+    assert F.cosine_similarity(fp32, bf16, dim=0) > 0.95 and (fp32 - bf16).norm() < 0.3 * fp32.norm()
+    # fp16 with loss scaling (what GPUs without bf16 get), run on the CPU
+    monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
+    fp16 = first_meta_gradient(setup, dataclasses.replace(cfg, amp=True), torch.amp.GradScaler("cpu"))
+    assert F.cosine_similarity(fp32, fp16, dim=0) > 0.95 and (fp32 - fp16).norm() < 0.3 * fp32.norm()
+
+
+def test_cli_amp_run_on_cpu(tmp_path):
+    out = tmp_path / "amp"
+    result = run_cli("--dataset", "synthetic", "--exits", "2", "--epochs", "1", "--synthetic-size", "200",
+                     "--holdout", "40", "--batch-size", "32", "--amp", "--channels-last", "--out", str(out),
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "amp bfloat16" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["amp"] is True and all(math.isfinite(r["acc1"]) for r in results["anytime"])
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(HERE, "l2w.py"), "--dataset", "synthetic", "--exits", "3", "--epochs", "1",
+                             "--synthetic-size", "300", "--holdout", "60", "--batch-size", "32", "--out", str(out),
+                             "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1 and result.stdout.count("anytime (test set") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "holdout_indices.json", "results.json"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["world_size"] == 2 and results["replicas_identical"] is True
+    assert len(results["dynamic"]) == 39 and len(results["anytime"]) == 3
