@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The paper's CIFAR experiments: MSDNet with 5 and 7 exits on CIFAR-10 and CIFAR-100, trained
-# plainly (baseline: every sample weighs 1 at every exit) and with L2W-DEN, 300 epochs each with
-# the released hyperparameters (the cifar presets in l2w.py). Each run writes
-# runs/<dataset>_msdnet<exits>_<method>/{checkpoint.pt,results.json}; an interrupted run
-# continues with `python l2w.py --resume runs/<...>/checkpoint.pt`.
+# The paper's experiments, one run after the other, each with the released hyperparameters (the
+# presets in l2w.py) and both training methods: baseline (every sample weighs 1 at every exit)
+# and L2W-DEN. Each run writes runs/<dataset>_<arch><exits>_<method>/{checkpoint.pt,results.json};
+# an interrupted run continues with `python l2w.py --resume runs/<...>/checkpoint.pt`.
 # Extra flags are passed to every run, e.g.  bash run.sh --data-dir /datasets --device cuda:1
+#
+# ImageNet runs only when IMAGENET=/path/to/imagenet is set (DIR/train, DIR/val in class folders),
+# on GPUS GPUs of this machine (default 8) with torchrun.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# CIFAR-10 and CIFAR-100, MSDNet with 5 and 7 exits (300 epochs, batch 1024 in halves of 512)
 for dataset in cifar10 cifar100; do
   for exits in 5 7; do
     for method in baseline l2w; do
@@ -14,3 +18,22 @@ for dataset in cifar10 cifar100; do
     done
   done
 done
+
+# Long-tailed CIFAR (imbalance 100: 12,406 / 10,847 training images), MSDNet with 5 exits
+for dataset in cifar10-lt cifar100-lt; do
+  for method in baseline l2w; do
+    python l2w.py --dataset "$dataset" --imbalance 100 --arch msdnet --exits 5 --method "$method" \
+      --out "runs/${dataset}100_msdnet5_${method}" "$@"
+  done
+done
+
+# ImageNet, MSDNet with step s = 4, 6, 7 (100 epochs, global batch 4096 in halves of 2048)
+if [ -n "${IMAGENET:-}" ]; then
+  for step in 4 6 7; do
+    for method in baseline l2w; do
+      torchrun --standalone --nproc_per_node "${GPUS:-8}" l2w.py --dataset imagenet --data-dir "$IMAGENET" \
+        --arch msdnet --exits 5 --step "$step" --method "$method" \
+        --out "runs/imagenet_msdnet_s${step}_${method}" "$@"
+    done
+  done
+fi

@@ -661,3 +661,11 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["world_size"] == 2 and results["replicas_identical"] is True
     assert len(results["dynamic"]) == 39 and len(results["anytime"]) == 3
+    # a distributed run resumes under torchrun (bit-exactness is checked single-process above)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             os.path.join(HERE, "l2w.py"), "--resume", str(out / "checkpoint.pt"), "--epochs", "2"],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("resumed from") == 1 and "epoch 2/2 iter 7/7" in result.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert json.loads((out / "results.json").read_text())["replicas_identical"] is True
