@@ -6,9 +6,18 @@ A multi-exit network answers at K depths; at test time a sample stops at the fir
 is confident enough. L2W-DEN trains a small weight prediction network (WPN) by meta-learning
 so that each training sample gets a weight at each exit, and the weighted training makes the
 network do well under that early-exit regime. This file is the whole method: config, the
-meta-learning iteration, anytime and budgeted evaluation (MSDNet's protocols), the
-training loop with exact resume, and the CLI. "Step n" in the comments refers to the numbered
-steps of the algorithm as the authors released it (PAPER.md, "Algorithm").
+meta-learning iteration, anytime and budgeted evaluation (MSDNet's protocols), the training
+loop with exact resume, and the CLI.
+
+One iteration, as the authors released it ("step n" in the comments): the batch is split into
+halves A and B, and for (train, meta) in ((A, B), (B, A)):
+  1. L[i, k] = cross-entropy of train sample i at exit k;
+  2. g = WPN(L), weights w = 1 + delta * (g - mean g);
+  3. virtual step: theta' = SGD step on sum_k mean_i w[i,k] L[i,k], differentiable in the WPN;
+  4. meta loss of theta' on the meta half, with samples assigned to exits as budgeted
+     inference with exit fractions ~ q^k would assign them;
+  5. Adam step of the WPN on the meta loss;
+  6. real SGD step of the backbone, weighted by the updated WPN.
 
     pip install -r requirements.txt
     python l2w.py --dataset cifar10 --arch msdnet --exits 7          # the paper's setting
@@ -16,6 +25,7 @@ steps of the algorithm as the authors released it (PAPER.md, "Algorithm").
     python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
     python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
+    torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
 Tested with torch 2.14 on CPU (see README.md for what has been verified and what has not).
 """
@@ -213,35 +223,49 @@ def weighted_loss(losses, weights):
 
 
 def exit_fractions(q, exits):
-    """Target share of samples leaving at each exit: f_k = q^k / sum_j q^j (as in MSDNet)."""
+    """Target share of samples leaving at each exit: f_k = q^k / sum_j q^j (MSDNet's budgets)."""
     f = torch.tensor([q ** k for k in range(1, exits + 1)], dtype=torch.float64)
     return f / f.sum()
 
 
-def assign_exits(confidence, fractions):
-    """Exit of each sample when exits take fixed shares, as at test time (step 4).
+def confidences(logits):
+    """(K, n) max softmax probability of every sample at every exit."""
+    return torch.stack([z.softmax(dim=1).amax(dim=1) for z in logits])
 
-    Walking the exits in order, exit k takes the floor(n * f_k) most confident samples (at exit
-    k) among those not yet assigned; the last exit takes the rest. confidence: (K, n).
+
+def fit_thresholds(confidence, fractions):
+    """Per-exit confidence thresholds that send the share f_k of `confidence`'s samples to exit k
+    (MSDNet's dynamic_eval_find_threshold). confidence: (K, n).
+
+    Walking the exits in order, exit k's threshold is the confidence of the floor(n * f_k)-th
+    most confident sample among those that have not exited; if that count is 0 or is not
+    reached, nobody exits there (threshold +inf). The last exit takes everything (-inf).
     """
     exits, n = confidence.shape
-    exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
-    free = torch.ones(n, dtype=torch.bool, device=confidence.device)
+    thresholds = torch.full((exits,), math.inf, dtype=confidence.dtype, device=confidence.device)
+    exited = torch.zeros(n, dtype=torch.bool, device=confidence.device)
     for k in range(exits - 1):
         take = math.floor(n * fractions[k].item())
-        if take == 0:
-            continue
-        chosen = confidence[k].masked_fill(~free, -math.inf).topk(take).indices
-        exit_of[chosen] = k
-        free[chosen] = False
-    return exit_of
+        remaining = confidence[k][~exited]
+        if 1 <= take <= remaining.numel():
+            thresholds[k] = remaining.topk(take).values[-1]
+        exited |= confidence[k] >= thresholds[k]
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def exit_with_thresholds(confidence, thresholds):
+    """Index of the first exit whose threshold each sample reaches, shape (n,)."""
+    reached = confidence >= thresholds[:, None]
+    return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
 
 
 def meta_loss_fn(logits, targets, q):
-    """Meta objective (step 4): assign the meta samples to exits as budgeted inference
-    with fractions ~ q^k would, then sum over exits the mean CE of the samples each exit gets."""
-    confidence = torch.stack([z.detach().softmax(dim=1).amax(dim=1) for z in logits])
-    exit_of = assign_exits(confidence, exit_fractions(q, len(logits)))
+    """Meta objective (step 4): send the meta samples through budgeted exiting with fractions
+    f_k ~ q^k, exactly as test-time inference would (thresholds fitted on these samples), then
+    sum over exits the mean CE of the samples that leave there."""
+    confidence = confidences([z.detach() for z in logits])
+    exit_of = exit_with_thresholds(confidence, fit_thresholds(confidence, exit_fractions(q, len(logits))))
     total = 0.0
     for k, z in enumerate(logits):
         mine = exit_of == k
@@ -359,40 +383,10 @@ def anytime_evaluate(logits, targets, flops, params):
              "flops": flops[k], "params": params[k]} for k, z in enumerate(logits)]
 
 
-def confidences(logits):
-    """(K, n) max softmax probability of every sample at every exit."""
-    return torch.stack([z.softmax(dim=1).amax(dim=1) for z in logits])
-
-
-def fit_thresholds(confidence, fractions):
-    """Per-exit thresholds on the hold-out split (MSDNet's dynamic_eval_find_threshold).
-
-    Walking the exits in order, exit k's threshold is the confidence of the floor(n * f_k)-th
-    most confident sample among those that have not exited; if that count is 0 or is not
-    reached, nobody exits there (threshold +inf). The last exit takes everything (-inf).
-    """
-    exits, n = confidence.shape
-    thresholds = torch.full((exits,), math.inf)
-    exited = torch.zeros(n, dtype=torch.bool)
-    for k in range(exits - 1):
-        take = math.floor(n * fractions[k].item())
-        remaining = confidence[k][~exited]
-        if 1 <= take <= remaining.numel():
-            thresholds[k] = remaining.topk(take).values[-1]
-        exited |= confidence[k] >= thresholds[k]
-    thresholds[-1] = -math.inf
-    return thresholds
-
-
-def exit_with_thresholds(confidence, thresholds):
-    """Index of the first exit whose threshold each sample reaches, shape (n,)."""
-    reached = confidence >= thresholds[:, None]
-    return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
-
-
 def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
-    """Budgeted protocol: for q = p/20, p = 1..39, fit thresholds on the hold-out split, apply
-    them to the test set, and report accuracy and expected Mul-Adds sum_k share_k * flops_k."""
+    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39, fit thresholds on
+    the hold-out split, apply them to the test set, and report accuracy and expected Mul-Adds
+    sum_k share_k * flops_k. Thresholds work as in the meta objective (`fit_thresholds`)."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
     correct = torch.stack([z.argmax(dim=1) == test_targets for z in test_logits])   # (K, n)
     n, exits = test_targets.numel(), len(test_logits)

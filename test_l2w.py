@@ -105,13 +105,14 @@ def test_wpn_shape_and_range():
     assert out.shape == (4, 5) and out.abs().max() < 1
 
 
-def test_assign_exits_hand_worked():
+def test_meta_exit_assignment_hand_worked():
     confidence = torch.tensor([[0.9, 0.8, 0.3, 0.2, 0.1],
                                [0.1, 0.9, 0.8, 0.2, 0.7],
                                [0.5, 0.5, 0.5, 0.5, 0.5]])
     # n=5, fractions (0.4, 0.4, 0.2): exit 0 takes 2 (samples 0, 1), exit 1 takes 2 of the rest
     # by its own confidence (samples 2, 4), the last exit gets sample 3.
-    exit_of = l2w.assign_exits(confidence, torch.tensor([0.4, 0.4, 0.2]))
+    fractions = torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64)
+    exit_of = l2w.exit_with_thresholds(confidence, l2w.fit_thresholds(confidence, fractions))
     assert exit_of.tolist() == [0, 0, 1, 2, 1]
 
 
