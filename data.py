@@ -81,7 +81,9 @@ class ShardedBatches(Sampler):
         for b in range(len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             share = -(-len(batch) // self.world)
-            yield [(self.epoch, i) for i in batch[self.rank * share:(self.rank + 1) * share].tolist()]
+            mine = batch[self.rank * share:(self.rank + 1) * share].tolist()
+            if mine:   # a short last batch may leave nothing for the last ranks
+                yield [(self.epoch, i) for i in mine]
 
 
 def holdout_split(targets, holdout, seed):

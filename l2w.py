@@ -689,31 +689,34 @@ def bench(cfg):
         train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=scaler)
 
     def timed(step):
-        times = []
-        for i in range(cfg.bench_iters + 2):   # two warm-up iterations
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[2:])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
 
     print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads, amp {cfg.amp}, channels-last {cfg.channels_last}, "
           f"median of {cfg.bench_iters}")
-    results = {}
-    for name, step in (("plain", plain_step), ("l2w", l2w_step)):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        results[name] = timed(step)
-        memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        print(f"{name:6s} {results[name] * 1000:9.1f} ms/iter {cfg.batch_size / results[name]:9.1f} img/s "
-              f"peak memory {memory / 2**20:8.0f} MiB{' (process RSS so far)' if device.type != 'cuda' else ''}")
+    # The two kinds of iteration alternate, so that a busy machine slows both alike.
+    steps = {"plain": plain_step, "l2w": l2w_step}
+    times, memory = {name: [] for name in steps}, {}
+    for i in range(cfg.bench_iters + 2):   # two warm-up rounds
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(timed(step))
+            memory[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    results = {name: statistics.median(t[2:]) for name, t in times.items()}
+    for name, seconds in results.items():
+        peak = f"   peak memory {memory[name] / 2**20:.0f} MiB" if memory[name] is not None else ""
+        print(f"{name:6s} {seconds * 1000:9.1f} ms/iter {cfg.batch_size / seconds:9.1f} img/s{peak}")
     print(f"ratio  {results['l2w'] / results['plain']:.2f}x (L2W iteration / plain iteration)")
+    if device.type == "cpu":
+        print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     return results
 
 

@@ -404,6 +404,21 @@ def test_holdout_split_is_seeded_and_disjoint():
     assert torch.bincount(targets[held], minlength=4).tolist() == [6, 2, 1, 1]
 
 
+def test_sharded_batches_split_every_global_batch_between_ranks():
+    single = list(data.ShardedBatches(103, 8, seed=1))
+    ranks = [data.ShardedBatches(103, 8, seed=1, rank=r, world=4) for r in range(4)]
+    assert len(single) == 12 and all(len(s) == 12 for s in ranks)
+    for b, batch in enumerate(single):   # each global batch is the ranks' shares, in rank order
+        assert sum((list(r)[b] for r in ranks), []) == batch and all(e == 0 for e, _ in batch)
+    sampler = data.ShardedBatches(103, 8, seed=1)
+    sampler.set_epoch(5)
+    assert list(sampler) != single and all(e == 5 for batch in sampler for e, _ in batch)
+    # evaluation: in order, nothing dropped, a short last batch shared as far as it goes
+    shares = [[[i for _, i in b] for b in data.ShardedBatches(9, 4, rank=r, world=2, shuffle=False)]
+              for r in range(2)]
+    assert shares == [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7]]]
+
+
 def write_fake_cifar10(root, per_batch=20, n_test=20):
     """Tiny files in the on-disk format torchvision reads (cifar-10-batches-py)."""
     folder = os.path.join(root, "cifar-10-batches-py")
@@ -515,6 +530,16 @@ def test_config_precedence_defaults_preset_flags():
     cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--batch-size", "64", "--method", "baseline"])
     assert cfg.batch_size == 64 and cfg.epochs == l2w.PRESETS["synthetic"]["epochs"]
     assert cfg.method == "baseline" and cfg.momentum == l2w.Config.momentum
+
+
+def test_bench_reports_both_iterations_and_their_ratio():
+    result = run_cli("--bench", "--dataset", "synthetic", "--exits", "2", "--batch-size", "8", "--bench-iters", "1",
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    ms = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
+          if line.startswith(("plain ", "l2w "))}
+    ratio = float(result.stdout.split("ratio")[1].split("x")[0])
+    assert ratio == pytest.approx(ms["l2w"] / ms["plain"], rel=0.01) and ratio > 1   # the meta step costs
 
 
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
