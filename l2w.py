@@ -355,15 +355,13 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 # ============================================================================
 
 @torch.no_grad()
-def predict(model, loader, device, channels_last=False):
+def predict(model, loader, device, cfg):
     """Logits of every exit for a whole split, in order: (list of K (n, classes) tensors, targets)
     on the CPU. Under torchrun each rank predicts its share of every batch and all get the whole."""
     net = unwrap(model).eval()
     batches = []
     for images, labels in loader:
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, _ = to_device(images, labels, device, cfg)
         batches.append(([z.float().cpu() for z in net(images)], labels))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
         shares = [None] * dist.get_world_size()
@@ -618,7 +616,7 @@ def train(cfg, state=None, stop_after_epoch=None):
                     f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
                     f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}")
         if splits.threshold_source == "holdout":
-            val_logits, val_targets = predict(model, val_loader, device, cfg.channels_last)
+            val_logits, val_targets = predict(model, val_loader, device, cfg)
             accs = " ".join(f"{topk_accuracy(z, val_targets, 1):.2f}" for z in val_logits)
             log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
         if is_main():
@@ -635,8 +633,8 @@ def train(cfg, state=None, stop_after_epoch=None):
 def evaluate(cfg, model, wpn, splits, device, val_loader, flops, params):
     """Both protocols on the test set; thresholds come from the hold-out split (or the training
     images with test-time transforms), never from the test set. Rank 0 reports and writes."""
-    test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device, cfg.channels_last)
-    val_logits, val_targets = predict(model, val_loader, device, cfg.channels_last)
+    test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
+    val_logits, val_targets = predict(model, val_loader, device, cfg)
     results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
                "class_counts": splits.class_counts}
     if dist.is_initialized():   # the averaged gradients must have kept every rank's copy equal
