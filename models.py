@@ -2,6 +2,8 @@
 
 MSDNet: Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image
 Classification", ICLR 2018 (Sec. 4 and Fig. 2).
+RANet: Yang et al., "Resolution Adaptive Networks for Efficient Inference", CVPR 2020
+(Sec. 3 and Fig. 2); as released (yangle15/RANet-pytorch) where the paper leaves details open.
 
 Every network here returns one logit tensor per exit, cheapest exit first, and
 also offers `exits_iter(x)` so that early-exit inference can stop computing.
@@ -11,6 +13,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def conv_bn_relu(c_in, c_out, kernel=3, stride=1):
@@ -173,16 +176,167 @@ class MSDNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------
+# RANet
+# ----------------------------------------------------------------------------
+
+def resize(x, size):
+    """Bilinear resize (align_corners=True, as released); free under the counting convention."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+class RANetStem(nn.Module):
+    """Initial layer (Sec. 3): all base features up front, a chain of 3x3 conv-BN-ReLU from the
+    image, strided where the resolution halves. Built and run highest resolution first; the
+    features are returned lowest resolution first, the order the sub-networks run in."""
+
+    def __init__(self, channels, sizes):
+        super().__init__()
+        c_in, size_in, layers = 3, sizes[0], []
+        for c_out, size in zip(channels, sizes):
+            layers.append(conv_bn_relu(c_in, c_out, 3, size_in // size))
+            c_in, size_in = c_out, size
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        features = []
+        for conv in self.layers:
+            x = conv(x)
+            features.append(x)
+        return features[::-1]
+
+
+class RANetLayer(nn.Module):
+    """Dense layer: `growth` new channels from a bottleneck conv pair, concatenated to the input.
+
+    In a fusion block (Sec. 3, Fig. 2) a quarter of the growth instead comes from the state of
+    the coarser sub-network, convolved at its own low resolution and upsampled. With stride 2 the
+    layer also halves the resolution, its dense input then halved bilinearly, not pooled.
+    """
+
+    def __init__(self, c_in, growth, width, c_low=None, width_low=None, stride=1):
+        super().__init__()
+        growth_up = 0 if c_low is None else growth // 4
+        self.up = None if c_low is None else bottleneck_conv(c_low, growth_up, 1, width_low)
+        self.normal = bottleneck_conv(c_in, growth - growth_up, stride, width)
+
+    def forward(self, x, low=None):
+        new = self.normal(x)
+        if self.up is None:
+            return torch.cat([x, new], dim=1)
+        size = new.shape[-2:]
+        return torch.cat([resize(x, size), resize(self.up(low), size), new], dim=1)
+
+
+class RANetBlock(nn.Module):
+    """A block of `n_layers` dense layers; given `low_channels` (the state widths of the same block
+    of the coarser sub-network) it is a fusion block, whose layer i reads that block's state i and
+    whose end appends its last state squeezed to a quarter of the channels. `down` makes the last
+    layer halve the resolution; `transition` ends the block with a 1x1 conv halving the channels.
+
+    Returns the output and the states before the transition, [input, after layer 1, ...], which
+    the same block of the next finer sub-network reads.
+    """
+
+    def __init__(self, c_in, n_layers, growth, width, transition, low_channels=None, width_low=None,
+                 down=False):
+        super().__init__()
+        self.fusion = low_channels is not None
+        self.state_channels = [c_in + i * growth for i in range(n_layers + 1)]
+        self.layers = nn.ModuleList([
+            RANetLayer(c, growth, width, low_channels[i] if self.fusion else None, width_low,
+                       2 if down and i == n_layers - 1 else 1)
+            for i, c in enumerate(self.state_channels[:-1])])
+        c = self.state_channels[-1]
+        self.squeeze = conv_bn_relu(low_channels[-1], c // 4, 1) if self.fusion else None
+        c += c // 4 if self.fusion else 0
+        self.transition = conv_bn_relu(c, c // 2, 1) if transition else None
+        self.c_out = c // 2 if transition else c
+
+    def forward(self, x, low_states=None):
+        states = [x]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, low_states[i] if self.fusion else None)
+            states.append(x)
+        if self.fusion:
+            x = torch.cat([x, resize(self.squeeze(low_states[-1]), x.shape[-2:])], dim=1)
+        if self.transition is not None:
+            x = self.transition(x)
+        return x, states
+
+
+# The released CIFAR models (Sec. 4), per sub-network, lowest resolution first: the factor scales
+# the base channels (16), the growth rate (6) and the bottleneck width; size is the base feature's.
+RANET_CONFIGS = {
+    6: dict(factors=(4, 2, 1), sizes=(8, 16, 32)),          # Model-C-1
+    8: dict(factors=(4, 2, 2, 1), sizes=(8, 16, 16, 32)),   # Model-C-2
+}
+
+
+class RANet(nn.Module):
+    """RANet with linear-growth blocks (transition compression 0.5, fusion share 0.25).
+
+    Sub-network s (s = 0 the lowest resolution) has 2 + 2s blocks, block b (from 1) 2b layers.
+    Its first 2s blocks fuse block b of sub-network s-1 (whose 2s blocks it thereby covers); its
+    last two are plain dense blocks at 8x8, each ending in an exit.
+    """
+
+    def __init__(self, num_classes, factors, sizes, channels=16, growth=6):
+        super().__init__()
+        self.stem = RANetStem([channels * f for f in factors][::-1], sizes[::-1])
+        self.subnets, self.exits = nn.ModuleList(), nn.ModuleList()
+        for s, (factor, size) in enumerate(zip(factors, sizes)):
+            n_blocks, halvings = 2 + 2 * s, int(math.log2(size // sizes[0]))
+            # As released: transitions after blocks floor(j N / (halvings + 1)); the resolution
+            # halves in the fusion blocks where the `halvings` nearest coarser sub-networks end
+            # (blocks 2s, 2s - 2, ...); the two need not coincide (C-2, s = 2: after 3, in 4).
+            transitions = {j * n_blocks // (halvings + 1) for j in range(1, halvings + 1)}
+            downs = {2 * k for k in range(s + 1 - halvings, s + 1)}
+            c, blocks = channels * factor, nn.ModuleList()
+            for b in range(1, n_blocks + 1):
+                low = self.subnets[s - 1][b - 1].state_channels if b <= 2 * s else None
+                blocks.append(RANetBlock(c, 2 * b, growth * factor, factor, b in transitions,
+                                         low, factors[s - 1], b in downs))
+                c = blocks[-1].c_out
+                if low is None:
+                    self.exits.append(classifier(c, 128, num_classes))
+            self.subnets.append(blocks)
+        init_msdnet(self.subnets)  # the stem keeps PyTorch's default initialisation, as released
+        init_msdnet(self.exits)
+
+    def exits_iter(self, x):
+        """Yield the logits of each exit in turn; an exit never runs a finer sub-network than its
+        own (the stem computes every base feature first, as released)."""
+        exits, low_states = iter(self.exits), None
+        for x, blocks in zip(self.stem(x), self.subnets):
+            states = []
+            for b, block in enumerate(blocks):
+                x, block_states = block(x, low_states[b] if block.fusion else None)
+                states.append(block_states)
+                if not block.fusion:
+                    yield next(exits)(x)
+            low_states = states
+
+    def forward(self, x):
+        return list(self.exits_iter(x))
+
+
+# ----------------------------------------------------------------------------
 # Builder and cost counter
 # ----------------------------------------------------------------------------
 
 def build_model(arch, num_classes, exits, image_size=32, step=None):
     """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one."""
+    if arch == "ranet":  # the two released CIFAR models; `step` does not apply
+        if exits not in RANET_CONFIGS:
+            raise ValueError(f"ranet builds 6 exits (Model-C-1) or 8 exits (Model-C-2), got {exits}")
+        if image_size != 32:
+            raise ValueError(f"ranet is built for 32x32 CIFAR images, got image_size {image_size}")
+        return RANet(num_classes, **RANET_CONFIGS[exits])
     if exits < 1:
         raise ValueError(f"{arch} needs at least 1 exit, got {exits}")
     if arch == "msdnet":
         return MSDNet(num_classes, exits, imagenet=image_size >= 64, step=step)
-    raise ValueError(f"unknown arch '{arch}' (choose msdnet)")
+    raise ValueError(f"unknown arch '{arch}' (choose msdnet or ranet)")
 
 
 def count_cost(model, image_size):

@@ -84,7 +84,91 @@ def test_count_cost_hand_worked_on_a_tiny_network():
 
 
 # ----------------------------------------------------------------------------
-# The method: weights, meta objective, one iteration of Alg. 1
+# RANet (Yang et al., CVPR 2020): Model-C-1 (6 exits) and Model-C-2 (8 exits)
+# ----------------------------------------------------------------------------
+
+# Model-C-1 on CIFAR-10, as the L2W-DEN issue states them: cumulative Mul-Adds (M, 3 decimals)
+# and parameters (M, 4 decimals) per exit, and the exact total.
+C1_CIFAR10_MADDS = [8.361, 21.765, 32.844, 41.524, 53.226, 58.921]
+C1_CIFAR10_PARAMS = [0.3471, 0.8767, 1.2702, 1.7543, 2.1301, 2.5476]
+C1_CIFAR10_TOTAL = 2_547_601
+
+# Exact cumulative (Mul-Adds, params) per exit of the released architecture
+# (yangle15/RANet-pytorch, models/RANet.py; C-1: --scale-list 1-2-3 --grFactor/--bnFactor 4-2-1,
+# C-2: 1-2-2-3 and 4-2-2-1; --step 2 --stepmode lg, 16 channels, growth 6), counted with
+# `count_cost`'s rule on a separate transcription of that code. That transcription also gives
+# C-1 CIFAR-10 exactly the figures above.
+RELEASED = {
+    (6, 100): ([8372324, 21788360, 32878892, 41570192, 53283828, 58990680],
+               [358660, 899880, 1304995, 1800711, 2188193, 2617261]),
+    (8, 10): ([10728202, 24132628, 35211550, 43891240, 93010226, 114607676, 163942086, 175650768],
+              [356330, 885940, 1279445, 1763551, 2659597, 3616119, 4381329, 5094107]),
+    (8, 100): ([10739812, 24155848, 35246380, 43937680, 93068276, 114677336, 164023356, 175743648],
+               [367940, 909160, 1314275, 1809991, 2717647, 3685779, 4462599, 5186987]),
+}
+
+
+def test_ranet_c1_cifar10_matches_the_stated_figures():
+    model = models.build_model("ranet", 10, 6)
+    madds, params = models.count_cost(model, 32)
+    assert [round(m / 1e6, 3) for m in madds] == C1_CIFAR10_MADDS
+    assert [round(p / 1e6, 4) for p in params] == C1_CIFAR10_PARAMS
+    assert params[-1] == C1_CIFAR10_TOTAL == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("exits, num_classes", sorted(RELEASED))
+def test_ranet_costs_match_the_released_architecture(exits, num_classes):
+    model = models.build_model("ranet", num_classes, exits)
+    madds, params = models.count_cost(model, 32)
+    assert (madds, params) == RELEASED[exits, num_classes]
+    assert params[-1] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("exits, num_classes", [(6, 10), (8, 100)])
+def test_ranet_forward_gives_one_logit_tensor_per_exit_and_trains_every_parameter(exits, num_classes):
+    torch.manual_seed(0)
+    model = models.build_model("ranet", num_classes, exits)
+    outputs = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(outputs, list) and len(outputs) == exits
+    assert all(out.shape == (2, num_classes) for out in outputs)
+    sum(out.logsumexp(dim=1).sum() for out in outputs).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_ranet_exits_iter_equals_forward_in_eval_mode():
+    torch.manual_seed(0)
+    model = models.build_model("ranet", 10, 8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for streamed, full in zip(list(model.exits_iter(x)), model(x), strict=True):
+            assert torch.equal(streamed, full)
+
+
+def test_ranet_first_exit_runs_no_finer_sub_network():
+    model = models.build_model("ranet", 10, 6).eval()
+    ran = []
+    for s, sub_network in enumerate(model.subnets):
+        for block in sub_network:
+            block.register_forward_hook(lambda *_, s=s: ran.append(s))
+    with torch.no_grad():
+        next(model.exits_iter(torch.randn(1, 3, 32, 32)))
+    assert ran == [0]  # only block 1 of the lowest-resolution sub-network
+
+
+@pytest.mark.parametrize("exits", [0, 5, 7, 9])
+def test_ranet_other_exit_counts_are_refused_naming_the_two_models(exits):
+    with pytest.raises(ValueError, match=r"6 exits \(Model-C-1\) or 8 exits \(Model-C-2\)"):
+        models.build_model("ranet", 10, exits)
+
+
+def test_ranet_only_cifar_sized_images():
+    with pytest.raises(ValueError, match="image_size 224"):
+        models.build_model("ranet", 10, 6, image_size=224)
+
+
+# ----------------------------------------------------------------------------
+# The method: weights, meta objective, one iteration
 # ----------------------------------------------------------------------------
 
 def test_weight_constraints_hand_worked():
