@@ -180,7 +180,10 @@ class MSDNet(nn.Module):
 # ----------------------------------------------------------------------------
 
 def resize(x, size):
-    """Bilinear resize (align_corners=True, as released); free under the counting convention."""
+    """Bilinear resize (align_corners=True, as released); free under the counting convention.
+    At the same size it is the identity, so it is skipped."""
+    if x.shape[-2:] == size:
+        return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
