@@ -31,6 +31,7 @@ Tested with torch 2.14 on CPU (see README.md for what has been verified and what
 """
 import argparse
 import dataclasses
+import gc
 import inspect
 import itertools
 import json
@@ -729,11 +730,14 @@ def main(argv=None):
             bench(cfg)
         else:
             train(cfg, state)
+            if dist.is_initialized():   # let rank 0 finish writing before the group goes away
+                dist.barrier()
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
+            gc.collect()   # free the DDP wrappers while their process group still exists
             dist.destroy_process_group()
 
 

@@ -383,3 +383,33 @@ def count_cost(model, image_size):
             h.remove()
         model.train(was_training)
     return [f for f, _ in per_exit], [p for _, p in per_exit]
+
+
+# The configurations of the papers' experiments: (arch, dataset, classes, exits, image size, step)
+PAPER_MODELS = [
+    ("msdnet", "CIFAR-10", 10, 5, 32, None), ("msdnet", "CIFAR-10", 10, 7, 32, None),
+    ("msdnet", "CIFAR-100", 100, 5, 32, None), ("msdnet", "CIFAR-100", 100, 7, 32, None),
+    ("ranet", "CIFAR-10", 10, 6, 32, None), ("ranet", "CIFAR-10", 10, 8, 32, None),
+    ("ranet", "CIFAR-100", 100, 6, 32, None), ("ranet", "CIFAR-100", 100, 8, 32, None),
+    ("msdnet", "ImageNet", 1000, 5, 224, 4), ("msdnet", "ImageNet", 1000, 5, 224, 6),
+    ("msdnet", "ImageNet", 1000, 5, 224, 7),
+]
+
+
+def cost_table(configurations=PAPER_MODELS):
+    """Markdown table of cumulative Mul-Adds and parameters per exit, as counted by count_cost."""
+    names = {("ranet", 6): "RANet C-1", ("ranet", 8): "RANet C-2"}
+    rows = ["| model | data | cumulative Mul-Adds per exit | cumulative parameters per exit (M) |",
+            "|---|---|---|---|"]
+    for arch, dataset, classes, exits, size, step in configurations:
+        flops, params = count_cost(build_model(arch, classes, exits, size, step), size)
+        name = names.get((arch, exits), f"MSDNet, {exits} exits" + (f", s={step}" if step else ""))
+        unit, scale = ("G", 1e9) if size > 32 else ("M", 1e6)
+        rows.append(f"| {name} | {dataset} | {' / '.join(f'{f / scale:.2f}' for f in flops)} {unit} | "
+                    f"{' / '.join(f'{p / 1e6:.2f}' for p in params)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # prints the cost table of README.md
+    print(cost_table())
+

@@ -19,6 +19,15 @@ for dataset in cifar10 cifar100; do
   done
 done
 
+# CIFAR-10 and CIFAR-100, RANet Model-C-1 (6 exits) and Model-C-2 (8 exits)
+for dataset in cifar10 cifar100; do
+  for exits in 6 8; do
+    for method in baseline l2w; do
+      python l2w.py --dataset "$dataset" --arch ranet --exits "$exits" --method "$method" "$@"
+    done
+  done
+done
+
 # Long-tailed CIFAR (imbalance 100: 12,406 / 10,847 training images), MSDNet with 5 exits
 for dataset in cifar10-lt cifar100-lt; do
   for method in baseline l2w; do

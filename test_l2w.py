@@ -67,6 +67,12 @@ def test_msdnet_cifar_layer_layout_and_any_exit_count():
         models.build_model("msdnet", 10, 0)
 
 
+def test_readme_cost_table_is_what_count_cost_gives():
+    readme = open(os.path.join(HERE, "README.md")).read()
+    table = readme.split("<!-- begin cost table -->\n")[1].split("\n<!-- end cost table -->")[0]
+    assert table == models.cost_table()
+
+
 def test_count_cost_hand_worked_on_a_tiny_network():
     # conv 3->4 3x3 on 8x8: 3*4*9*64 = 6912; ReLU 4*64 = 256; avgpool 2: 4*16*4 = 256;
     # linear 64->2: 128 + 2. Params: conv 108, BN 8, linear 130.
@@ -165,6 +171,33 @@ def test_ranet_other_exit_counts_are_refused_naming_the_two_models(exits):
 def test_ranet_only_cifar_sized_images():
     with pytest.raises(ValueError, match="image_size 224"):
         models.build_model("ranet", 10, 6, image_size=224)
+
+
+@pytest.mark.parametrize("exits", [6, 8])
+def test_ranet_trains_through_train_step_on_the_synthetic_set(exits):
+    torch.manual_seed(0)
+    cfg = small_cfg(arch="ranet", exits=exits, batch_size=8)
+    model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
+    images, labels = data.synthetic(8, seed=0)[0].tensors
+    before = copy.deepcopy((model.state_dict(), wpn.state_dict()))
+    out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, labels, cfg)
+    assert math.isfinite(out["loss"]) and math.isfinite(out["meta_loss"])
+    changed = [not torch.equal(v, before[0][k]) for k, v in model.state_dict().items() if "num_batches" not in k]
+    assert all(changed)                       # every parameter and BN statistic was updated
+    assert all(not torch.equal(v, before[1][k]) for k, v in wpn.state_dict().items())
+
+
+@pytest.mark.parametrize("exits", [6, 8])
+def test_ranet_cli_run_writes_results_json(tmp_path, exits):
+    out = tmp_path / f"ranet{exits}"
+    result = run_cli("--dataset", "synthetic", "--arch", "ranet", "--exits", str(exits), "--epochs", "1",
+                     "--synthetic-size", "30", "--holdout", "6", "--batch-size", "8", "--out", str(out),
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    flops, params = models.count_cost(models.build_model("ranet", 10, exits), 32)
+    assert [r["flops"] for r in results["anytime"]] == flops and [r["params"] for r in results["anytime"]] == params
+    assert len(results["dynamic"]) == 39 and results["config"]["arch"] == "ranet"
 
 
 # ----------------------------------------------------------------------------
@@ -633,6 +666,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "unknown dataset": ["--dataset", "mnist"],
         "unknown arch": ["--arch", "resnet"],
         "at least 1 exit": ["--exits", "0"],
+        "ranet builds 6 exits (Model-C-1) or 8 exits (Model-C-2), got 5": ["--arch", "ranet", "--exits", "5"],
         "must be even": ["--batch-size", "7"],
         "--q must be > 0": ["--q", "0"],
         "--delta must be >= 0": ["--delta", "-0.1"],
