@@ -517,6 +517,8 @@ def build(cfg, num_classes, device):
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.is_initialized() and cfg.sync_bn:
+        if device.type != "cuda":
+            raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
