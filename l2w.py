@@ -304,10 +304,11 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
                                          grad_callback=unscale)
 
         # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
-        # The virtual forward runs in train mode on copies of the BN buffers, so the real
-        # running statistics are untouched; only the WPN receives gradients.
+        # The virtual forward runs in train mode without BN buffers: BatchNorm normalises with
+        # the batch statistics, as in any training forward, and updates no running statistics,
+        # so the real ones are untouched. Only the WPN receives gradients.
         state = {name: t for (name, _), t in zip(net.named_parameters(), theta_virtual)}
-        state.update({name: b.clone() for name, b in net.named_buffers()})
+        state.update({name: None for name, _ in net.named_buffers()})
         with autocast(cfg, images.device):
             meta_loss = meta_loss_fn(functional_call(net, state, (meta_images,)), meta_targets, cfg.q)
         wpn_optimizer.zero_grad(set_to_none=True)
@@ -326,6 +327,12 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     else:  # the paper's baseline: every sample weighs 1 at every exit
         weights = torch.ones_like(losses)
     loss = weighted_loss(losses, weights)
+    sgd_step(loss, optimizer, scaler)
+    return loss.item(), meta_loss
+
+
+def sgd_step(loss, optimizer, scaler=None):
+    """Backward and an optimizer step, through the fp16 loss scaler where there is one."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -334,7 +341,6 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-    return loss.item(), meta_loss
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=None):
@@ -677,14 +683,7 @@ def bench(cfg):
         model.train()
         with autocast(cfg, device):
             loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        sgd_step(loss, optimizer, scaler)
 
     def l2w_step():
         train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=scaler)

@@ -460,7 +460,7 @@ def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets,
 
 def test_dynamic_evaluate_matches_msdnet_loop():
     torch.manual_seed(0)
-    exits, classes = 4, 5
+    classes = 5
     scale = torch.tensor([0.5, 1.0, 2.0, 3.0])  # later exits more confident on average
     val_logits = [torch.randn(120, classes) * s for s in scale]
     test_logits = [torch.randn(150, classes) * s for s in scale]
