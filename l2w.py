@@ -173,7 +173,8 @@ def parse_config(argv=None):
             parser.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
-    base = state["config"] if state else {}
+    known = {f.name for f in dataclasses.fields(Config)}
+    base = {k: v for k, v in state["config"].items() if k in known} if state else {}
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
     cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
     cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
