@@ -605,7 +605,7 @@ def train(cfg, state=None, stop_after_epoch=None):
     if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     total_iters = cfg.epochs * n_batches
-    started, done_here = time.time(), 0
+    started, done_here, val = time.time(), 0, None
     for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
         train_loader.batch_sampler.set_epoch(epoch)
         for i, (images, targets) in enumerate(train_loader):
@@ -626,8 +626,8 @@ def train(cfg, state=None, stop_after_epoch=None):
                     f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
                     f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}")
         if splits.threshold_source == "holdout":
-            val_logits, val_targets = predict(model, val_loader, device, cfg)
-            accs = " ".join(f"{topk_accuracy(z, val_targets, 1):.2f}" for z in val_logits)
+            val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
+            accs = " ".join(f"{topk_accuracy(z, val[1], 1):.2f}" for z in val[0])
             log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
         if is_main():
             checkpoint = {"model": unwrap(model).state_dict(), "wpn": unwrap(wpn).state_dict(),
@@ -637,14 +637,15 @@ def train(cfg, state=None, stop_after_epoch=None):
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda p: torch.save(checkpoint, p))
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             return None
-    return evaluate(cfg, model, wpn, splits, device, val_loader, flops, params)
+    return evaluate(cfg, model, wpn, splits, device, val or predict(model, val_loader, device, cfg), flops, params)
 
 
-def evaluate(cfg, model, wpn, splits, device, val_loader, flops, params):
-    """Both protocols on the test set; thresholds come from the hold-out split (or the training
-    images with test-time transforms), never from the test set. Rank 0 reports and writes."""
+def evaluate(cfg, model, wpn, splits, device, val, flops, params):
+    """Both protocols on the test set; thresholds come from `val`, the (logits, targets) of the
+    hold-out split (or of the training images with test-time transforms), never from the test
+    set. Rank 0 reports and writes."""
     test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
-    val_logits, val_targets = predict(model, val_loader, device, cfg)
+    val_logits, val_targets = val
     results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
                "class_counts": splits.class_counts}
     if dist.is_initialized():   # the averaged gradients must have kept every rank's copy equal
