@@ -61,14 +61,15 @@ class Split(Dataset):
 class ShardedBatches(Sampler):
     """Batches of (epoch, index) pairs. Each epoch, a permutation seeded by (seed, epoch) is cut
     into global batches of `batch_size`; rank r of `world` yields its contiguous share of each.
-    Without shuffling, the split is walked in order and the last batch may be short."""
+    Without shuffling, the split is walked in order and the last batch may be short.
+    `set_epoch(epoch, skip)` starts the epoch's walk at batch `skip` (a resume mid-epoch)."""
 
     def __init__(self, n, batch_size, seed=0, rank=0, world=1, shuffle=True):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.shuffle, self.epoch = shuffle, 0
+        self.shuffle, self.epoch, self.skip = shuffle, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self):
         return self.n // self.batch_size if self.shuffle else -(-self.n // self.batch_size)
@@ -78,7 +79,7 @@ class ShardedBatches(Sampler):
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        for b in range(len(self)):
+        for b in range(self.skip, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             share = -(-len(batch) // self.world)
             mine = batch[self.rank * share:(self.rank + 1) * share].tolist()

@@ -30,23 +30,26 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
 Tested with torch 2.14 on CPU (see README.md for what has been verified and what has not).
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
+import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
-import random
+import pickle
 import re
 import resource
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import higher
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -94,8 +97,9 @@ class Config:
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
     sync_bn: bool = False          # under torchrun: BatchNorm statistics over all ranks
-    out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>
+    out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>_<q>_<seed>
     print_every: int = 20          # iterations between progress lines
+    save_every: int = 0            # iterations between checkpoints (0: each epoch); also on SIGTERM/SIGUSR1
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
     eval_only: bool = False        # evaluate --resume and write results.json, no training
     bench: bool = False            # time a plain and an L2W iteration, then exit
@@ -125,31 +129,70 @@ class UsageError(Exception):
 
 
 def check_config(cfg):
-    if cfg.dataset not in data.DATASETS:
-        raise UsageError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(data.DATASETS)})")
-    if cfg.method not in ("l2w", "baseline"):
-        raise UsageError(f"unknown method '{cfg.method}' (choose l2w or baseline)")
-    if cfg.constraint not in ("col", "row", "mat"):
-        raise UsageError(f"unknown constraint '{cfg.constraint}' (choose col, row or mat)")
-    if cfg.batch_size < 2 or cfg.batch_size % (2 * cfg.world_size):
-        raise UsageError(f"--batch-size must be even (it is split into two halves) and divisible by "
-                         f"2 x {cfg.world_size} ranks, got {cfg.batch_size}")
-    if cfg.q <= 0:
-        raise UsageError(f"--q must be > 0, got {cfg.q}")
-    if cfg.delta < 0:
-        raise UsageError(f"--delta must be >= 0, got {cfg.delta}")
-    if cfg.imbalance < 1:
-        raise UsageError(f"--imbalance must be >= 1, got {cfg.imbalance}")
-    if cfg.dataset not in ("imagenet", "folder") and cfg.image_size != 32:
-        raise UsageError(f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
-    if cfg.eval_only and not cfg.resume:
-        raise UsageError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
-    if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0 or cfg.workers < 0:
-        raise UsageError("--meta-interval must be >= 1, --epochs, --wpn-depth and --workers >= 0")
-    try:
-        build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step)
+    """Every field's range and every combination that cannot run, checked before any data is
+    loaded or any directory made."""
+    def need(ok, message):
+        if not ok:
+            raise UsageError(message)
+
+    def finite(name, low, low_ok=True):   # a number >= low (> low), not nan or inf
+        value = getattr(cfg, name)
+        need(math.isfinite(value) and (value >= low if low_ok else value > low),
+             f"--{name.replace('_', '-')} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
+
+    choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "method": ("l2w", "baseline"),
+               "constraint": ("col", "row", "mat")}
+    for name, allowed in choices.items():
+        need(getattr(cfg, name) in allowed,
+             f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
+    for name in ("exits", "step", "batch_size", "wpn_width", "meta_interval", "print_every", "bench_iters"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("epochs", "wpn_depth", "holdout", "workers", "seed", "save_every"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    need(cfg.seed < 2 ** 32, f"--seed must be below 2^32, got {cfg.seed}")
+    need(cfg.batch_size % (2 * cfg.world_size) == 0,
+         f"--batch-size must be even (it is split into two halves) and divisible by 2 x {cfg.world_size} ranks, "
+         f"got {cfg.batch_size}")
+    finite("lr", 0, low_ok=False)
+    finite("wpn_lr", 0)
+    finite("weight_decay", 0)
+    finite("wpn_weight_decay", 0)
+    finite("delta", 0)
+    finite("imbalance", 1)
+    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    finite("q", 0, low_ok=False)
+    fractions = exit_fractions(cfg.q, cfg.exits)   # q^k must neither overflow nor vanish
+    need(bool(torch.isfinite(fractions).all()) and fractions.min() > 0,
+         f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
+    need(cfg.synthetic_size >= 3, f"--synthetic-size must be >= 3, got {cfg.synthetic_size}")
+    need(cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")
+    need(cfg.dataset in ("imagenet", "folder") or cfg.image_size == 32,
+         f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
+    need(not cfg.eval_only or cfg.resume, "--eval-only needs --resume PATH (the checkpoint to evaluate)")
+    need(not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)")
+    if cfg.device.startswith("cuda"):
+        need(torch.cuda.is_available(), f"--device {cfg.device} asked for, but CUDA is not available here")
+        index = int(cfg.device.partition(":")[2] or 0)
+        need(index < torch.cuda.device_count(),
+             f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
+         "--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
+    need(not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)")
+    if not (cfg.resume or cfg.bench) and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
+        raise UsageError(f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume "
+                         f"{os.path.join(cfg.out, 'checkpoint.pt')}, or start a new run with another --out")
+    try:   # shapes only: the network is built and run on the meta device, computing nothing
+        with torch.device("meta"):
+            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step).eval()
+            model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except RuntimeError:
+        raise UsageError(f"{cfg.arch} cannot reduce {cfg.image_size}x{cfg.image_size} images to its exits; "
+                         f"use --image-size 32 (CIFAR-style network) or 224 (ImageNet-style)") from None
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -157,10 +200,20 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def default_out(cfg):
+    """runs/<what keeps the paper's runs apart>: data (and imbalance), network (and ImageNet step),
+    method (and q, which only L2W-DEN's meta objective reads), seed."""
+    data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
+    network = f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if cfg.arch == "msdnet" and cfg.image_size >= 64 else "")
+    method = cfg.method + (f"_q{cfg.q:g}" if cfg.method == "l2w" else "")
+    return os.path.join("runs", f"{data_name}_{network}_{method}_seed{cfg.seed}")
+
+
 def parse_config(argv=None):
     """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...), each with its
     comment as help. Returns (config, checkpoint state or None): with --resume the run continues
-    with the config stored in the checkpoint, and flags given now still win."""
+    with the config stored in the checkpoint, and flags given now still win. --eval-only writes
+    into <checkpoint's folder>/eval unless --out is given, never over the training run's files."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
@@ -175,12 +228,17 @@ def parse_config(argv=None):
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
     base = {k: v for k, v in state["config"].items() if k in known} if state else {}
+    base.pop("eval_only", None)
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
     cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
     cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if not cfg.out:
-        cfg.out = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}{cfg.exits}_{cfg.method}")
+    if cfg.eval_only and "out" not in flags:
+        cfg.out = os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval")
+    elif not cfg.out:
+        cfg.out = default_out(cfg)
     check_config(cfg)
+    if cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
+        raise UsageError(f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
     return cfg, state
 
 
@@ -262,12 +320,28 @@ def exit_with_thresholds(confidence, thresholds):
     return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
 
 
+def meta_exit_assignment(confidence, fractions):
+    """Exit of every meta sample (step 4), as the released code assigns them: walking the exits in
+    order, exit k takes exactly floor(n f_k) of the samples not yet assigned, the most confident
+    at exit k first (ties: lower index first); the last exit takes the rest. Sorting and slicing,
+    not thresholds, so saturated confidences (softmax exactly 1.0) cannot push more than
+    floor(n f_k) samples into an exit. confidence: (K, n); returns (n,) exit indices."""
+    exits, n = confidence.shape
+    exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
+    free = torch.arange(n, device=confidence.device)
+    for k in range(exits - 1):
+        take = math.floor(n * fractions[k].item())
+        order = confidence[k][free].sort(descending=True, stable=True).indices
+        exit_of[free[order[:take]]] = k
+        free = free[order[take:]].sort().values
+    return exit_of
+
+
 def meta_loss_fn(logits, targets, q):
-    """Meta objective (step 4): send the meta samples through budgeted exiting with fractions
-    f_k ~ q^k, exactly as test-time inference would (thresholds fitted on these samples), then
-    sum over exits the mean CE of the samples that leave there."""
+    """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
+    budgeted inference would, then sum over exits the mean CE of the samples that leave there."""
     confidence = confidences([z.detach() for z in logits])
-    exit_of = exit_with_thresholds(confidence, fit_thresholds(confidence, exit_fractions(q, len(logits))))
+    exit_of = meta_exit_assignment(confidence, exit_fractions(q, len(logits)))
     total = 0.0
     for k, z in enumerate(logits):
         mine = exit_of == k
@@ -277,48 +351,48 @@ def meta_loss_fn(logits, targets, q):
 
 
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
-              scaler=None):
-    """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None).
+              scalers=None):
+    """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, WPN step
+    skipped by fp16 overflow).
 
     The virtual step and the real step start from the same parameters and the same images, so
     one forward pass (and its graph) serves both: this changes no number the algorithm computes.
     Under torchrun, `model` and `wpn` are DistributedDataParallel: each rank takes its virtual
     step and meta objective on its own shard, and the real and the WPN gradients are averaged.
+    `scalers` holds fp16's two loss scalers ("real" for the backbone, "meta" for the WPN), or None.
     """
     net = unwrap(model)
     meta_step = cfg.method == "l2w" and meta
-    scale = 1.0 if scaler is None else scaler.get_scale()   # fp16 loss scaling, 1 otherwise
     # Under --amp, the forward pass whose graph the second-order meta-gradient goes through stays
     # in fp32: in bf16 that gradient is mostly rounding error (measured in test_l2w.py).
     with autocast(cfg, images.device, enabled=not meta_step):
         losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
-    meta_loss = None
+    meta_loss, skipped = None, False
     if meta_step:
+        # SyncBatchNorm's backward cannot be differentiated again; the virtual step is per rank
+        # anyway, so under --sync-bn its forward normalises with this rank's batch statistics.
+        virtual_losses = losses
+        if any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
+            with per_rank_batchnorm(net):
+                virtual_losses = per_exit_losses(functional_call(net, throwaway_buffers(net), (images,)), targets)
+
         # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
         # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
         # higher's differentiable SGD works on a copy of the optimizer state, so the real
-        # optimizer is left exactly as it was.
+        # optimizer is left exactly as it was. Its forward is fp32: no loss scaling needed.
         virtual_sgd = higher.get_diff_optim(optimizer, net.parameters())
-        weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
-        unscale = None if scaler is None else (lambda grads: [g / scale for g in grads])
-        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights) * scale, params=list(net.parameters()),
-                                         grad_callback=unscale)
+        weights = sample_weights(wpn(virtual_losses.detach()), cfg.delta, cfg.constraint)
+        theta_virtual = virtual_sgd.step(weighted_loss(virtual_losses, weights), params=list(net.parameters()))
 
         # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
-        # The virtual forward runs in train mode without BN buffers: BatchNorm normalises with
-        # the batch statistics, as in any training forward, and updates no running statistics,
-        # so the real ones are untouched. Only the WPN receives gradients.
-        state = {name: t for (name, _), t in zip(net.named_parameters(), theta_virtual)}
-        state.update({name: None for name, _ in net.named_buffers()})
-        with autocast(cfg, images.device):
+        # The virtual forward runs in train mode (batch statistics, as in any training forward)
+        # on throw-away copies of the BN buffers, so the real running statistics are untouched.
+        # Only the WPN receives gradients.
+        state = dict(zip((name for name, _ in net.named_parameters()), theta_virtual))
+        state.update(throwaway_buffers(net))
+        with autocast(cfg, images.device), per_rank_batchnorm(net):
             meta_loss = meta_loss_fn(functional_call(net, state, (meta_images,)), meta_targets, cfg.q)
-        wpn_optimizer.zero_grad(set_to_none=True)
-        (meta_loss * scale).backward(inputs=list(wpn.parameters()))
-        grads = [p.grad for p in wpn.parameters()]
-        if scaler is not None:
-            torch._foreach_div_(grads, scale)
-        if scaler is None or all(torch.isfinite(g).all() for g in grads):   # fp16 overflow: skip
-            wpn_optimizer.step()
+        skipped = sgd_step(meta_loss, wpn_optimizer, scalers and scalers["meta"], inputs=list(wpn.parameters()))
         meta_loss = meta_loss.item()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
@@ -328,23 +402,46 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     else:  # the paper's baseline: every sample weighs 1 at every exit
         weights = torch.ones_like(losses)
     loss = weighted_loss(losses, weights)
-    sgd_step(loss, optimizer, scaler)
-    return loss.item(), meta_loss
+    sgd_step(loss, optimizer, scalers and scalers["real"])
+    return loss.item(), meta_loss, skipped
 
 
-def sgd_step(loss, optimizer, scaler=None):
-    """Backward and an optimizer step, through the fp16 loss scaler where there is one."""
+def throwaway_buffers(net):
+    """Copies of the BatchNorm buffers for a forward pass whose statistics updates must be lost."""
+    return {name: b.clone() for name, b in net.named_buffers()}
+
+
+@contextlib.contextmanager
+def per_rank_batchnorm(net):
+    """SyncBatchNorm layers normalise with this rank's batch only (a one-rank process group)."""
+    layers = [m for m in net.modules() if isinstance(m, nn.SyncBatchNorm)] if dist.is_initialized() else []
+    saved = [m.process_group for m in layers]
+    for m in layers:
+        m.process_group = m.own_rank_group
+    try:
+        yield
+    finally:
+        for m, group in zip(layers, saved):
+            m.process_group = group
+
+
+def sgd_step(loss, optimizer, scaler=None, inputs=None):
+    """Backward and an optimizer step, through an fp16 loss scaler where there is one: it skips
+    the step when the scaled gradients overflow, and then lowers its scale. Returns whether the
+    step was skipped. `inputs` limits the backward to those tensors (the WPN's meta step)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
-        loss.backward()
+        loss.backward(inputs=inputs)
         optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        return False
+    scale = scaler.get_scale()
+    scaler.scale(loss).backward(inputs=inputs)
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
 
 
-def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=None):
+def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scalers=None):
     """One iteration: the batch is split into halves A and B; A trains with B as the meta set,
     then B with A. `meta=False` weights with the current WPN without updating it."""
     model.train()
@@ -352,10 +449,11 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     a, b = images.chunk(2), targets.chunk(2)
     if a[0].shape[0] != a[1].shape[0]:
         raise ValueError(f"batch of {images.shape[0]} cannot be split into two equal halves")
-    first = half_step(model, wpn, optimizer, wpn_optimizer, a[0], b[0], a[1], b[1], cfg, meta, scaler)
-    second = half_step(model, wpn, optimizer, wpn_optimizer, a[1], b[1], a[0], b[0], cfg, meta, scaler)
-    metas = [m for m in (first[1], second[1]) if m is not None]
-    return {"loss": (first[0] + second[0]) / 2, "meta_loss": sum(metas) / 2 if metas else None}
+    halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta, scalers)
+              for i in (0, 1)]
+    metas = [h[1] for h in halves if h[1] is not None]
+    return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
+            "wpn_skipped": sum(h[2] for h in halves)}
 
 
 # ============================================================================
@@ -365,15 +463,24 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 @torch.no_grad()
 def predict(model, loader, device, cfg):
     """Logits of every exit for a whole split, in order: (list of K (n, classes) tensors, targets)
-    on the CPU. Under torchrun each rank predicts its share of every batch and all get the whole."""
+    on the CPU. Under torchrun each rank predicts its share of every batch with rank 0's weights
+    and BatchNorm statistics (those the checkpoint holds); only rank 0 gets the whole (others None)."""
     net = unwrap(model).eval()
+    if dist.is_initialized():
+        # DDP copies rank 0's buffers into every rank at each training forward, after which each
+        # rank updates them with its own shard: without this, ranks would score with different
+        # running statistics.
+        for buffer in net.buffers():
+            dist.broadcast(buffer, 0)
     batches = []
     for images, labels in loader:
         images, _ = to_device(images, labels, device, cfg)
         batches.append(([z.float().cpu() for z in net(images)], labels))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
-        shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, batches)
+        shares = [None] * dist.get_world_size() if is_main() else None
+        dist.gather_object(batches, shares, dst=0)
+        if not is_main():
+            return None
         batches = [part for parts in itertools.zip_longest(*shares) for part in parts if part is not None]
     return [torch.cat(z) for z in zip(*(b[0] for b in batches))], torch.cat([b[1] for b in batches])
 
@@ -429,35 +536,65 @@ def cosine(base, iteration, total):
 
 
 def atomic_write(path, write):
-    """Write to a temporary file in the same directory, then rename: a crash never leaves a
-    half-written checkpoint or results file behind."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    """`write(file)` into a uniquely named temporary file in the same directory, flushed to disk,
+    then renamed over `path`: a crash or a second writer never leaves a half-written checkpoint
+    or results file behind."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+CHECKPOINT_KEYS = ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoch", "batch", "rng",
+                   "holdout_indices")
 
 
 def load_checkpoint(path):
+    """A checkpoint written by `train`. Loaded with weights_only=True: tensors, numbers, strings
+    and containers only, so a file from elsewhere cannot run code."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint '{path}' does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state["config"], state["model"], state["epoch"]
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if unsafe:
+            raise UsageError(f"checkpoint '{path}' needs arbitrary code to load ({unsafe.group(1)}); refused, "
+                             f"since loading it could run anything (l2w.py checkpoints hold only tensors)") from None
+        raise UsageError(f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint") from None
     except Exception as e:
         raise UsageError(f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint ({type(e).__name__})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"checkpoint '{path}' is not an l2w.py checkpoint (it lacks {', '.join(missing)})")
     return state
 
 
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(device):
+    """The RNG state of this process's devices, as tensors (nothing here draws from Python's or
+    numpy's RNG: shuffling and augmentation are seeded per epoch and sample)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(state, device):
+    """Restore what fits this machine: the CUDA state only on a CUDA device (a run saved on 8 GPUs
+    may be resumed or evaluated on one, or on the CPU)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def make_loader(dataset, cfg, device, shuffle):
@@ -470,21 +607,11 @@ def make_loader(dataset, cfg, device, shuffle):
                       persistent_workers=cfg.workers > 0)
 
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but CUDA is not available here")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}'") from None
-
-
 def setup_device(cfg):
     """Single process: the requested device. Under torchrun (WORLD_SIZE > 1): one process per
     rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU."""
-    device = resolve_device(cfg.device)
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
     if cfg.world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -497,6 +624,16 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def rank_zero_first(fn):
+    """fn() under torchrun on rank 0 first, then on the others (a CIFAR download happens once)."""
+    if dist.is_initialized() and not is_main():
+        dist.barrier()
+    result = fn()
+    if dist.is_initialized() and is_main():
+        dist.barrier()
+    return result
+
+
 def log(*args):
     if is_main():
         print(*args, flush=True)
@@ -507,8 +644,9 @@ def unwrap(model):
 
 
 def amp_dtype(device):
-    """bf16 where the device has it (CPUs, Ampere and newer GPUs), else fp16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """bf16 where the device computes it natively (CPUs, Ampere and newer GPUs), else fp16.
+    (`torch.cuda.is_bf16_supported()` also counts emulated bf16 on older GPUs: too slow.)"""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16
     return torch.bfloat16
 
@@ -519,14 +657,18 @@ def autocast(cfg, device, enabled=True):
 
 def build(cfg, num_classes, device):
     """Backbone, WPN and their optimizers as configured (PAPER.md, "Hyperparameters"), wrapped in
-    DistributedDataParallel under torchrun, and the fp16 loss scaler where one is needed."""
+    DistributedDataParallel under torchrun, and fp16's loss scalers where they are needed: one
+    for the backbone's step and one for the WPN's meta step, whose gradients come through a
+    different (fp32) graph and overflow at other scales."""
     model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.is_initialized() and cfg.sync_bn:
-        if device.type != "cuda":
-            raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        own = [dist.new_group([r]) for r in range(dist.get_world_size())]   # every rank creates every group
+        for m in model.modules():
+            if isinstance(m, nn.SyncBatchNorm):
+                m.own_rank_group = own[dist.get_rank()]   # read by per_rank_batchnorm
     wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -534,10 +676,10 @@ def build(cfg, num_classes, device):
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
         model, wpn = DDP(model, device_ids=ids), DDP(wpn, device_ids=ids)
-    scaler = None
+    scalers = None
     if cfg.amp and amp_dtype(device) == torch.float16:
-        scaler = torch.amp.GradScaler(device.type)
-    return model, wpn, optimizer, wpn_optimizer, scaler
+        scalers = {"real": torch.amp.GradScaler(device.type), "meta": torch.amp.GradScaler(device.type)}
+    return model, wpn, optimizer, wpn_optimizer, scalers
 
 
 def format_time(seconds):
@@ -552,12 +694,50 @@ def to_device(images, targets, device, cfg):
     return images, targets.to(device, non_blocking=True)
 
 
-def replicas_identical(module):
-    """Under torchrun: are this module's parameters bit-identical on every rank?"""
-    flat = torch.cat([p.detach().flatten() for p in unwrap(module).parameters()])
-    copies = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-    dist.all_gather(copies, flat)
-    return all(torch.equal(c, flat) for c in copies)
+def replicas_identical(*modules):
+    """Under torchrun: are these modules' parameters and buffers bit-identical on every rank?
+    Compares a SHA-256 of their bytes, not copies of the tensors."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for t in itertools.chain(unwrap(module).parameters(), unwrap(module).buffers()):
+            digest.update(t.detach().flatten().view(torch.uint8).cpu().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (what SLURM sends before it ends a job) ask the training loop to write a
+    checkpoint after the current iteration and stop; under torchrun the ranks stop together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device):
+        self.device, self.received = device, 0
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def requested(self):
+        """The signal number to stop for, agreed by all ranks (0: go on)."""
+        if not dist.is_initialized():
+            return self.received
+        flag = torch.tensor([self.received], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after writing its checkpoint; the exit code is 128 + signal."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def train(cfg, state=None, stop_after_epoch=None):
@@ -568,28 +748,34 @@ def train(cfg, state=None, stop_after_epoch=None):
     """
     device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     if cfg.resume and state is None:
         state = load_checkpoint(cfg.resume)
-    splits = data.load(cfg, state["holdout_indices"] if state else None)
-    model, wpn, optimizer, wpn_optimizer, scaler = build(cfg, splits.num_classes, device)
-    start_epoch = 0
+    splits = rank_zero_first(lambda: data.load(cfg, state["holdout_indices"] if state else None))
+    model, wpn, optimizer, wpn_optimizer, scalers = build(cfg, splits.num_classes, device)
+    start_epoch = start_batch = 0
     if state:
         try:
             unwrap(model).load_state_dict(state["model"])
             unwrap(wpn).load_state_dict(state["wpn"])
             optimizer.load_state_dict(state["optimizer"])
             wpn_optimizer.load_state_dict(state["wpn_optimizer"])
+            for name, scaler in (scalers or {}).items():
+                if (state.get("scalers") or {}).get(name):
+                    scaler.load_state_dict(state["scalers"][name])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UsageError(f"checkpoint '{cfg.resume}' does not fit this model ({str(e).splitlines()[0]})") from None
-        start_epoch = state["epoch"]
-        set_rng_state(state["rng"])
-        log(f"resumed from {cfg.resume} at epoch {start_epoch}")
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        set_rng_state(state["rng"], device)
+        log(f"resumed from {cfg.resume} at epoch {start_epoch}" + (f", iteration {start_batch}" if start_batch else ""))
+
+    train_loader = make_loader(splits.train, cfg, device, shuffle=True)
+    val_loader = make_loader(splits.threshold_set, cfg, device, shuffle=False)
+    n_batches = len(train_loader.batch_sampler)
+    if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
-        atomic_write(os.path.join(cfg.out, "holdout_indices.json"),
-                     lambda p: open(p, "w").write(json.dumps(splits.holdout_indices.tolist())))
+        write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
     flops, params = count_cost(unwrap(model), cfg.image_size)
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
@@ -599,59 +785,75 @@ def train(cfg, state=None, stop_after_epoch=None):
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
             "with test-time transforms; no per-epoch validation")
 
-    train_loader = make_loader(splits.train, cfg, device, shuffle=True)
-    val_loader = make_loader(splits.threshold_set, cfg, device, shuffle=False)
-    n_batches = len(train_loader.batch_sampler)
-    if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
-    total_iters = cfg.epochs * n_batches
-    started, done_here, val = time.time(), 0, None
-    for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
-        train_loader.batch_sampler.set_epoch(epoch)
-        for i, (images, targets) in enumerate(train_loader):
-            iteration = epoch * n_batches + i
-            for group in optimizer.param_groups:
-                group["lr"] = cosine(cfg.lr, iteration, total_iters)
-            for group in wpn_optimizer.param_groups:
-                group["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
-            images, targets = to_device(images, targets, device, cfg)
-            out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
-                             meta=iteration % cfg.meta_interval == 0, scaler=scaler)
-            done_here += 1
-            if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
-                elapsed = time.time() - started
-                meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
-                eta = elapsed / done_here * (total_iters - iteration - 1)
-                log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
-                    f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
-                    f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}")
-        if splits.threshold_source == "holdout":
-            val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
-            accs = " ".join(f"{topk_accuracy(z, val[1], 1):.2f}" for z in val[0])
-            log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
+    def save(epoch, batch):   # the position to continue from: `batch` iterations into `epoch`
         if is_main():
             checkpoint = {"model": unwrap(model).state_dict(), "wpn": unwrap(wpn).state_dict(),
                           "optimizer": optimizer.state_dict(), "wpn_optimizer": wpn_optimizer.state_dict(),
-                          "epoch": epoch + 1, "rng": rng_state(), "config": dataclasses.asdict(cfg),
-                          "holdout_indices": splits.holdout_indices}
-            atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda p: torch.save(checkpoint, p))
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            return None
-    return evaluate(cfg, model, wpn, splits, device, val or predict(model, val_loader, device, cfg), flops, params)
+                          "scalers": {k: s.state_dict() for k, s in scalers.items()} if scalers else None,
+                          "epoch": epoch, "batch": batch, "rng": rng_state(device),
+                          "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices}
+            atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+
+    total_iters = cfg.epochs * n_batches
+    started, done_here, skipped, val = time.time(), 0, 0, None
+    preemption = Preemption(device)
+    try:
+        for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
+            skip = start_batch if epoch == start_epoch else 0
+            train_loader.batch_sampler.set_epoch(epoch, skip)
+            for i, (images, targets) in enumerate(train_loader, start=skip):
+                iteration = epoch * n_batches + i
+                for group in optimizer.param_groups:
+                    group["lr"] = cosine(cfg.lr, iteration, total_iters)
+                for group in wpn_optimizer.param_groups:
+                    group["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
+                images, targets = to_device(images, targets, device, cfg)
+                out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
+                                 meta=iteration % cfg.meta_interval == 0, scalers=scalers)
+                done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
+                if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
+                    elapsed = time.time() - started
+                    meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
+                    eta = elapsed / done_here * (total_iters - iteration - 1)
+                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
+                        f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
+                        f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
+                        + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
+                signum = preemption.requested()
+                if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
+                    save(epoch, i + 1)
+                if signum:
+                    log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
+                        f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
+                    raise Stopped(signum)
+            if splits.threshold_source == "holdout":
+                val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
+                if is_main():
+                    accs = " ".join(f"{topk_accuracy(z, val[1], 1):.2f}" for z in val[0])
+                    log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
+            save(epoch + 1, 0)
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                return None
+    finally:
+        preemption.close()
+    trained_here = not cfg.eval_only and cfg.epochs > start_epoch and splits.threshold_source == "holdout"
+    if not trained_here:
+        val = predict(model, val_loader, device, cfg)
+    return evaluate(cfg, model, wpn, splits, device, val, flops, params)
 
 
 def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     """Both protocols on the test set; thresholds come from `val`, the (logits, targets) of the
     hold-out split (or of the training images with test-time transforms), never from the test
     set. Rank 0 reports and writes."""
-    test_logits, test_targets = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
-    val_logits, val_targets = val
+    test = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
     results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
                "class_counts": splits.class_counts}
     if dist.is_initialized():   # the averaged gradients must have kept every rank's copy equal
-        results["replicas_identical"] = replicas_identical(model) and replicas_identical(wpn)
+        results["replicas_identical"] = replicas_identical(model, wpn)
     if not is_main():
         return None
+    (test_logits, test_targets), (val_logits, val_targets) = test, val
     anytime = anytime_evaluate(test_logits, test_targets, flops, params)
     dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
     log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
@@ -664,7 +866,7 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
         log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
     results.update(anytime=anytime, dynamic=dynamic)
     path = os.path.join(cfg.out, "results.json")
-    atomic_write(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
+    write_json(path, results)
     log(f"\nwrote {path}")
     return results
 
@@ -674,10 +876,10 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
 # ============================================================================
 
 def bench(cfg):
-    device = resolve_device(cfg.device)
+    device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     num_classes = data.DATASETS[cfg.dataset] or 1000
-    model, wpn, optimizer, wpn_optimizer, scaler = build(cfg, num_classes, device)
+    model, wpn, optimizer, wpn_optimizer, scalers = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
 
@@ -685,10 +887,10 @@ def bench(cfg):
         model.train()
         with autocast(cfg, device):
             loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
-        sgd_step(loss, optimizer, scaler)
+        sgd_step(loss, optimizer, scalers and scalers["real"])
 
     def l2w_step():
-        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scaler=scaler)
+        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scalers=scalers)
 
     def timed(step):
         if device.type == "cuda":
@@ -738,6 +940,8 @@ def main(argv=None):
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:   # preempted: the checkpoint is written; the usual code of a signalled job
+        sys.exit(128 + e.signum)
     finally:
         if dist.is_initialized():
             gc.collect()   # free the DDP wrappers while their process group still exists

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The paper's experiments, one run after the other, each with the released hyperparameters (the
 # presets in l2w.py) and both training methods: baseline (every sample weighs 1 at every exit)
-# and L2W-DEN. Each run writes runs/<dataset>_<arch><exits>_<method>/{checkpoint.pt,results.json};
-# an interrupted run continues with `python l2w.py --resume runs/<...>/checkpoint.pt`.
+# and L2W-DEN. Each run writes runs/<name>/{checkpoint.pt,results.json}.
+# Safe to re-run after a crash or preemption: a finished run (results.json) is skipped, an
+# interrupted one (checkpoint.pt) continues from its checkpoint, the others start.
 # Extra flags are passed to every run, e.g.  bash run.sh --data-dir /datasets --device cuda:1
 #
 # ImageNet runs only when IMAGENET=/path/to/imagenet is set (DIR/train, DIR/val in class folders),
@@ -10,20 +11,31 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# CIFAR-10 and CIFAR-100, MSDNet with 5 and 7 exits (300 epochs, batch 1024 in halves of 512)
-for dataset in cifar10 cifar100; do
-  for exits in 5 7; do
-    for method in baseline l2w; do
-      python l2w.py --dataset "$dataset" --arch msdnet --exits "$exits" --method "$method" "$@"
-    done
-  done
-done
+# run OUT LAUNCHER... -- ARGS...: skip, continue or start the run that writes into OUT
+run() {
+  local out=$1; shift
+  local launcher=()
+  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done
+  shift
+  if [ -f "$out/results.json" ]; then
+    echo "== $out: finished, skipped"
+  elif [ -f "$out/checkpoint.pt" ]; then
+    echo "== $out: continuing"
+    "${launcher[@]}" l2w.py --resume "$out/checkpoint.pt" "${extra[@]}"
+  else
+    echo "== $out"
+    "${launcher[@]}" l2w.py "$@" --out "$out" "${extra[@]}"
+  fi
+}
+extra=("$@")
 
-# CIFAR-10 and CIFAR-100, RANet Model-C-1 (6 exits) and Model-C-2 (8 exits)
+# CIFAR-10 and CIFAR-100: MSDNet with 5 and 7 exits, RANet Model-C-1 (6 exits) and Model-C-2
+# (8 exits); 300 epochs, batch 1024 in halves of 512
 for dataset in cifar10 cifar100; do
-  for exits in 6 8; do
+  for model in msdnet:5 msdnet:7 ranet:6 ranet:8; do
     for method in baseline l2w; do
-      python l2w.py --dataset "$dataset" --arch ranet --exits "$exits" --method "$method" "$@"
+      run "runs/${dataset}_${model/:/}_${method}" python -- \
+        --dataset "$dataset" --arch "${model%:*}" --exits "${model#*:}" --method "$method"
     done
   done
 done
@@ -31,8 +43,8 @@ done
 # Long-tailed CIFAR (imbalance 100: 12,406 / 10,847 training images), MSDNet with 5 exits
 for dataset in cifar10-lt cifar100-lt; do
   for method in baseline l2w; do
-    python l2w.py --dataset "$dataset" --imbalance 100 --arch msdnet --exits 5 --method "$method" \
-      --out "runs/${dataset}100_msdnet5_${method}" "$@"
+    run "runs/${dataset}100_msdnet5_${method}" python -- \
+      --dataset "$dataset" --imbalance 100 --arch msdnet --exits 5 --method "$method"
   done
 done
 
@@ -40,9 +52,8 @@ done
 if [ -n "${IMAGENET:-}" ]; then
   for step in 4 6 7; do
     for method in baseline l2w; do
-      torchrun --standalone --nproc_per_node "${GPUS:-8}" l2w.py --dataset imagenet --data-dir "$IMAGENET" \
-        --arch msdnet --exits 5 --step "$step" --method "$method" \
-        --out "runs/imagenet_msdnet_s${step}_${method}" "$@"
+      run "runs/imagenet_msdnet5_s${step}_${method}" torchrun --standalone --nproc_per_node "${GPUS:-8}" -- \
+        --dataset imagenet --data-dir "$IMAGENET" --arch msdnet --exits 5 --step "$step" --method "$method"
     done
   done
 fi
