@@ -161,8 +161,12 @@ def check_config(cfg):
     finite("imbalance", 1)
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     finite("q", 0, low_ok=False)
-    fractions = exit_fractions(cfg.q, cfg.exits)   # q^k must neither overflow nor vanish
-    need(bool(torch.isfinite(fractions).all()) and fractions.min() > 0,
+    try:   # q^k must neither overflow nor vanish
+        fractions = exit_fractions(cfg.q, cfg.exits)
+        fits = bool(torch.isfinite(fractions).all()) and fractions.min() > 0
+    except OverflowError:
+        fits = False
+    need(fits,
          f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
     need(cfg.synthetic_size >= 3, f"--synthetic-size must be >= 3, got {cfg.synthetic_size}")
     need(cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")

@@ -1044,3 +1044,67 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert result.stdout.count("resumed from") == 1 and "epoch 2/2 iter 7/7" in result.stdout
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert json.loads((out / "results.json").read_text())["replicas_identical"] is True
+
+
+# ----------------------------------------------------------------------------
+# CUDA (run where a GPU is present: `pytest -k cuda`; skipped elsewhere)
+# ----------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_l2w_iteration_equals_the_cpu_one():
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=6)
+    gpu = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))
+    gpu[0].cuda(), gpu[1].cuda()
+    for opt in gpu[2:]:   # move the optimizer state along with the parameters
+        opt.load_state_dict(opt.state_dict())
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+    l2w.train_step(*gpu, images.cuda(), targets.cuda(), cfg)
+    for got, want in zip(state_of(*gpu[:3]), state_of(model, wpn, optimizer)):
+        assert torch.allclose(got.cpu().double(), want.double(), rtol=1e-7, atol=1e-9)
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_one_synthetic_epoch_trains_and_evaluates(tmp_path, monkeypatch, precision):
+    if precision == "fp16":
+        monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
+    elif precision == "bf16" and l2w.amp_dtype(torch.device("cuda")) != torch.bfloat16:
+        pytest.skip("this GPU has no native bf16")
+    cfg = small_cfg(device="cuda", amp=precision != "fp32", out=str(tmp_path / precision), synthetic_size=600)
+    results = l2w.train(cfg)
+    assert all(math.isfinite(r["acc1"]) and r["acc1"] > 10 for r in results["anytime"])   # above chance
+    state = l2w.load_checkpoint(str(tmp_path / precision / "checkpoint.pt"))
+    assert (state["scalers"] is not None) == (precision == "fp16") and state["rng"]["cuda"] is not None
+    again = l2w.train(dataclasses.replace(cfg, eval_only=True, resume=str(tmp_path / precision / "checkpoint.pt"),
+                                          out=str(tmp_path / "eval")))
+    assert again["anytime"] == results["anytime"] and again["dynamic"] == results["dynamic"]
+
+
+@cuda
+def test_cuda_bench_prints_times_and_peak_memory():
+    result = run_cli("--bench", "--dataset", "cifar100", "--exits", "5", "--batch-size", "64", "--bench-iters", "2",
+                     "--device", "cuda")
+    assert result.returncode == 0, result.stderr
+    assert "peak memory" in result.stdout and "ratio" in result.stdout
+
+
+@cuda
+def test_cuda_torchrun_nccl_equals_single_process_evaluation(tmp_path):
+    gpus = torch.cuda.device_count()
+    out = tmp_path / "nccl"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(gpus), os.path.join(HERE, "l2w.py"), "--dataset", "synthetic", "--exits", "3",
+                             "--epochs", "1", "--synthetic-size", "600", "--holdout", "60",
+                             "--batch-size", str(16 * gpus), "--out", str(out), "--device", "cuda",
+                             *(["--sync-bn"] if gpus >= 2 else [])],
+                            capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["world_size"] == gpus and results.get("replicas_identical", True) is True
+    single = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    evaluated = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
