@@ -86,6 +86,7 @@ class Config:
     delta: float = 0.8             # perturbation: weights = 1 + delta * (g - mean g)
     constraint: str = "col"        # mean taken per sample ('col'), per exit ('row') or overall ('mat')
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
+    meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
     holdout: int = 5000            # training images held out for validation and thresholds
     synthetic_size: int = 2000     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
@@ -131,6 +132,8 @@ def check_config(cfg):
         raise UsageError(f"unknown method '{cfg.method}' (choose l2w or baseline)")
     if cfg.constraint not in ("col", "row", "mat"):
         raise UsageError(f"unknown constraint '{cfg.constraint}' (choose col, row or mat)")
+    if cfg.meta_grad not in ("higher", "jvp"):
+        raise UsageError(f"unknown meta-gradient '{cfg.meta_grad}' (choose higher or jvp)")
     if cfg.batch_size < 2 or cfg.batch_size % (2 * cfg.world_size):
         raise UsageError(f"--batch-size must be even (it is split into two halves) and divisible by "
                          f"2 x {cfg.world_size} ranks, got {cfg.batch_size}")
@@ -276,6 +279,104 @@ def meta_loss_fn(logits, targets, q):
     return total
 
 
+def functional_forward(net, params, images):
+    """The network's training forward with `params` (name -> tensor) in place of some of its own
+    parameters. BatchNorm normalises with the batch statistics, as in any training forward, and
+    runs without buffers, so no running statistics are updated: the real ones stay untouched."""
+    return functional_call(net, {**params, **{name: None for name, _ in net.named_buffers()}}, (images,))
+
+
+def parameter_names(net, params):
+    names = {p: name for name, p in net.named_parameters()}
+    return [names[p] for p in params]
+
+
+def meta_backward(meta_loss, inputs, scaler=None):
+    """Backward of the meta loss into `inputs` (their .grad), through the fp16 loss scale where
+    there is one: the meta forward runs under autocast. Both meta-gradient paths scale here."""
+    scale = 1.0 if scaler is None else scaler.get_scale()
+    (meta_loss * scale).backward(inputs=inputs)
+    if scaler is not None:
+        torch._foreach_div_([t.grad for t in inputs], scale)
+
+
+def higher_meta_gradient(net, wpn, optimizer, params, losses, meta_images, meta_targets, cfg, scaler=None):
+    """Steps 3-5 as the method is taught: a differentiable virtual step and the second-order
+    backward of the meta loss through it. `params` are the parameters the virtual step moves.
+    Leaves the WPN's gradient in its .grad; returns the meta loss."""
+    # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the real
+    # optimizer's lr, momentum buffers and weight decay, differentiable in the WPN. higher's
+    # differentiable SGD works on a copy of the optimizer state, so the real optimizer is left
+    # exactly as it was.
+    virtual_sgd = higher.get_diff_optim(optimizer, params)
+    weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
+    scale = 1.0 if scaler is None else scaler.get_scale()
+    unscale = None if scaler is None else (lambda grads: [g / scale for g in grads])
+    theta_virtual = virtual_sgd.step(weighted_loss(losses, weights) * scale, params=params, grad_callback=unscale)
+    # Step 4: meta objective on the meta half with theta'; step 5's gradient reaches the WPN
+    # through theta' (a second-order backward through the virtual step's gradient).
+    names = parameter_names(net, params)
+    with autocast(cfg, meta_images.device):
+        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(names, theta_virtual)), meta_images),
+                                 meta_targets, cfg.q)
+    meta_backward(meta_loss, list(wpn.parameters()), scaler)
+    return meta_loss
+
+
+def virtual_sgd_step(optimizer, params, grads):
+    """theta' = theta - lr (mu buf + g + wd theta) for each of `params`, with lr, momentum,
+    dampening, Nesterov and weight decay from its param group and the optimizer's momentum
+    buffer (torch.optim.SGD's formula; without a buffer yet, buf = the step itself). theta' is
+    affine in g: returns (theta', a) with d theta'_p / d g_p = -a_p."""
+    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    theta_virtual, slopes = [], []
+    for p, g in zip(params, grads):
+        group = group_of[p]
+        mu, dampening = group["momentum"], group["dampening"]
+        step, slope = g + group["weight_decay"] * p, 1.0
+        buf = optimizer.state[p].get("momentum_buffer") if mu else None
+        if mu:
+            buf, slope = (step, 1.0) if buf is None else (mu * buf + (1 - dampening) * step, 1 - dampening)
+            step, slope = (step + mu * buf, 1 + mu * slope) if group["nesterov"] else (buf, slope)
+        theta_virtual.append(p - group["lr"] * step)
+        slopes.append(group["lr"] * slope)
+    return theta_virtual, slopes
+
+
+def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images, meta_targets, cfg,
+                      scaler=None):
+    """Steps 3-5 with the exact meta-gradient and no second-order backward (README, "The
+    meta-gradient without the second-order backward"). `params` are the parameters the virtual
+    step moves. Leaves the WPN's gradient in its .grad; returns the meta loss.
+
+    The WPN sees the losses detached, so theta' = theta - a (g(w) + const), with
+    g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in the weights w, and
+        dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >:
+    one backward of M at theta' (v) and one forward-mode Jacobian-vector product of
+    theta -> L in the direction a * v give all n x K of them.
+    """
+    weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
+    # Step 3, the virtual step, as plain numbers: the graph of `losses` is kept for the real step.
+    grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), params, retain_graph=True)
+    with torch.no_grad():
+        theta_virtual, slopes = virtual_sgd_step(optimizer, params, grads)
+    theta_virtual = [t.requires_grad_() for t in theta_virtual]
+    # Step 4: meta objective on the meta half with theta', and v = grad_theta' M.
+    names = parameter_names(net, params)
+    with autocast(cfg, meta_images.device):
+        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(names, theta_virtual)), meta_images),
+                                 meta_targets, cfg.q)
+    meta_backward(meta_loss, theta_virtual, scaler)
+    direction = tuple(a * t.grad for a, t in zip(slopes, theta_virtual))
+    # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: the batched training
+    # forward itself (BatchNorm couples the samples), in fp32 like the losses it differentiates.
+    train_losses = lambda *theta: per_exit_losses(functional_forward(net, dict(zip(names, theta)), images), targets)
+    _, u = torch.func.jvp(train_losses, tuple(p.detach() for p in params), direction)
+    # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
+    weights.backward(-u / len(targets), inputs=list(wpn.parameters()))
+    return meta_loss
+
+
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
               scaler=None):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None).
@@ -287,36 +388,23 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     """
     net = unwrap(model)
     meta_step = cfg.method == "l2w" and meta
-    scale = 1.0 if scaler is None else scaler.get_scale()   # fp16 loss scaling, 1 otherwise
-    # Under --amp, the forward pass whose graph the second-order meta-gradient goes through stays
-    # in fp32: in bf16 that gradient is mostly rounding error (measured in test_l2w.py).
+    # Under --amp, the forward pass whose derivative the meta-gradient takes stays in fp32: in
+    # bf16 that gradient is mostly rounding error (measured in test_l2w.py).
     with autocast(cfg, images.device, enabled=not meta_step):
         losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
     meta_loss = None
     if meta_step:
-        # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
-        # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
-        # higher's differentiable SGD works on a copy of the optimizer state, so the real
-        # optimizer is left exactly as it was.
-        virtual_sgd = higher.get_diff_optim(optimizer, net.parameters())
-        weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
-        unscale = None if scaler is None else (lambda grads: [g / scale for g in grads])
-        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights) * scale, params=list(net.parameters()),
-                                         grad_callback=unscale)
-
-        # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
-        # The virtual forward runs in train mode without BN buffers: BatchNorm normalises with
-        # the batch statistics, as in any training forward, and updates no running statistics,
-        # so the real ones are untouched. Only the WPN receives gradients.
-        state = {name: t for (name, _), t in zip(net.named_parameters(), theta_virtual)}
-        state.update({name: None for name, _ in net.named_buffers()})
-        with autocast(cfg, images.device):
-            meta_loss = meta_loss_fn(functional_call(net, state, (meta_images,)), meta_targets, cfg.q)
+        # Steps 3-5. The virtual step moves every backbone parameter; the real optimizer, the
+        # parameters and the BatchNorm statistics are left untouched. Only the WPN gets gradients.
+        params = list(net.parameters())
         wpn_optimizer.zero_grad(set_to_none=True)
-        (meta_loss * scale).backward(inputs=list(wpn.parameters()))
+        if cfg.meta_grad == "jvp":
+            meta_loss = jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images,
+                                          meta_targets, cfg, scaler)
+        else:
+            meta_loss = higher_meta_gradient(net, wpn, optimizer, params, losses, meta_images, meta_targets, cfg,
+                                             scaler)
         grads = [p.grad for p in wpn.parameters()]
-        if scaler is not None:
-            torch._foreach_div_(grads, scale)
         if scaler is None or all(torch.isfinite(g).all() for g in grads):   # fp16 overflow: skip
             wpn_optimizer.step()
         meta_loss = meta_loss.item()
