@@ -16,7 +16,8 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
   3. virtual step: theta' = SGD step on sum_k mean_i w[i,k] L[i,k], differentiable in the WPN;
   4. meta loss of theta' on the meta half, with samples assigned to exits as budgeted
      inference with exit fractions ~ q^k would assign them;
-  5. Adam step of the WPN on the meta loss;
+  5. Adam step of the WPN on the meta loss (its gradient: second-order through step 3, or the
+     same numbers from one backward at theta' and one forward-mode JVP, --meta-grad jvp);
   6. real SGD step of the backbone, weighted by the updated WPN.
 
     pip install -r requirements.txt
@@ -24,6 +25,7 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
     python l2w.py --dataset synthetic --exits 3                      # one-minute offline demo
     python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
     python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
+    python l2w.py --dataset cifar10 --meta-grad jvp                  # same method, first-order meta-gradient
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
     torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
@@ -135,6 +137,9 @@ def check_config(cfg):
         raise UsageError(f"unknown constraint '{cfg.constraint}' (choose col, row or mat)")
     if cfg.meta_grad not in ("higher", "jvp"):
         raise UsageError(f"unknown meta-gradient '{cfg.meta_grad}' (choose higher or jvp)")
+    if cfg.meta_grad == "jvp" and cfg.sync_bn:
+        raise UsageError("--meta-grad jvp cannot differentiate SyncBatchNorm forward-mode; use --meta-grad higher "
+                         "with --sync-bn")
     if cfg.batch_size < 2 or cfg.batch_size % (2 * cfg.world_size):
         raise UsageError(f"--batch-size must be even (it is split into two halves) and divisible by "
                          f"2 x {cfg.world_size} ranks, got {cfg.batch_size}")

@@ -756,6 +756,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "--q must be > 0": ["--q", "0"],
         "--delta must be >= 0": ["--delta", "-0.1"],
         "unknown meta-gradient 'exact'": ["--meta-grad", "exact"],
+        "--meta-grad jvp cannot differentiate SyncBatchNorm": ["--meta-grad", "jvp", "--sync-bn"],
         "does not exist": ["--resume", str(tmp_path / "missing.pt")],
         "corrupt": ["--resume", str(corrupt)],
         "--eval-only needs --resume": ["--eval-only", "--dataset", "synthetic"],
