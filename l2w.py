@@ -16,7 +16,8 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
   3. virtual step: theta' = SGD step on sum_k mean_i w[i,k] L[i,k], differentiable in the WPN;
   4. meta loss of theta' on the meta half, with samples assigned to exits as budgeted
      inference with exit fractions ~ q^k would assign them;
-  5. Adam step of the WPN on the meta loss;
+  5. Adam step of the WPN on the meta loss (its gradient: second-order through step 3, or the
+     same numbers from one backward at theta' and one forward-mode JVP, --meta-grad jvp);
   6. real SGD step of the backbone, weighted by the updated WPN.
 
     pip install -r requirements.txt
@@ -24,6 +25,7 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
     python l2w.py --dataset synthetic --exits 3                      # one-minute offline demo
     python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
     python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
+    python l2w.py --dataset cifar10 --meta-grad jvp                  # same method, first-order meta-gradient
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
     torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
@@ -54,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -89,6 +92,7 @@ class Config:
     delta: float = 0.8             # perturbation: weights = 1 + delta * (g - mean g)
     constraint: str = "col"        # mean taken per sample ('col'), per exit ('row') or overall ('mat')
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
+    meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
     holdout: int = 5000            # training images held out for validation and thresholds
     synthetic_size: int = 2000     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
@@ -102,7 +106,7 @@ class Config:
     save_every: int = 0            # iterations between checkpoints (0: each epoch); also on SIGTERM/SIGUSR1
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
     eval_only: bool = False        # evaluate --resume and write results.json, no training
-    bench: bool = False            # time a plain and an L2W iteration, then exit
+    bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
@@ -141,7 +145,8 @@ def check_config(cfg):
              f"--{name.replace('_', '-')} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
 
     choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "method": ("l2w", "baseline"),
-               "constraint": ("col", "row", "mat")}
+               "constraint": ("col", "row", "mat"),
+               "meta_grad": ("higher", "jvp")}
     for name, allowed in choices.items():
         need(getattr(cfg, name) in allowed,
              f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
@@ -354,6 +359,107 @@ def meta_loss_fn(logits, targets, q):
     return total
 
 
+def functional_forward(net, params, images):
+    """The network's training forward with `params` (name -> tensor) in place of some of its own
+    parameters. BatchNorm normalises with the batch statistics, as in any training forward
+    (under --sync-bn, this rank's batch: the virtual step is per rank), and updates throw-away
+    copies of its buffers: the real running statistics stay untouched."""
+    with per_rank_batchnorm(net):
+        return functional_call(net, {**throwaway_buffers(net), **params}, (images,))
+
+
+def parameter_names(net, params):
+    names = {p: name for name, p in net.named_parameters()}
+    return [names[p] for p in params]
+
+
+def meta_backward(meta_loss, inputs, scaler=None):
+    """Backward of the meta loss into `inputs` (their .grad), multiplied by the WPN's fp16 loss
+    scale where there is one (the meta forward runs under autocast); the WPN's optimizer step
+    divides it out again (`optimizer_step`). Both meta-gradient paths scale here."""
+    (meta_loss if scaler is None else scaler.scale(meta_loss)).backward(inputs=inputs)
+
+
+def higher_meta_gradient(net, wpn, optimizer, params, losses, meta_images, meta_targets, cfg, scaler=None):
+    """Steps 3-5 as the method is taught: a differentiable virtual step and the second-order
+    backward of the meta loss through it. `params` are the parameters the virtual step moves.
+    Leaves the WPN's gradient in its .grad; returns the meta loss."""
+    # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the real
+    # optimizer's lr, momentum buffers and weight decay, differentiable in the WPN. higher's
+    # differentiable SGD works on a copy of the optimizer state, so the real optimizer is left
+    # exactly as it was. Its forward is fp32 under --amp too: no loss scaling.
+    virtual_sgd = higher.get_diff_optim(optimizer, params)
+    weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
+    theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=params)
+    # Step 4: meta objective on the meta half with theta'; step 5's gradient reaches the WPN
+    # through theta' (a second-order backward through the virtual step's gradient).
+    names = parameter_names(net, params)
+    with autocast(cfg, meta_images.device):
+        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(names, theta_virtual)), meta_images),
+                                 meta_targets, cfg.q)
+    meta_backward(meta_loss, list(wpn.parameters()), scaler)
+    return meta_loss
+
+
+def virtual_sgd_step(optimizer, params, grads):
+    """theta' = theta - lr (mu buf + g + wd theta) for each of `params`, with lr, momentum,
+    dampening, Nesterov and weight decay from its param group and the optimizer's momentum
+    buffer (torch.optim.SGD's formula; without a buffer yet, buf = the step itself). theta' is
+    affine in g: returns (theta', a) with d theta'_p / d g_p = -a_p."""
+    group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+    theta_virtual, slopes = [], []
+    for p, g in zip(params, grads):
+        group = group_of[p]
+        mu, dampening = group["momentum"], group["dampening"]
+        step, slope = g + group["weight_decay"] * p, 1.0
+        buf = optimizer.state[p].get("momentum_buffer") if mu else None
+        if mu:
+            buf, slope = (step, 1.0) if buf is None else (mu * buf + (1 - dampening) * step, 1 - dampening)
+            step, slope = (step + mu * buf, 1 + mu * slope) if group["nesterov"] else (buf, slope)
+        theta_virtual.append(p - group["lr"] * step)
+        slopes.append(group["lr"] * slope)
+    return theta_virtual, slopes
+
+
+def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images, meta_targets, cfg,
+                      scaler=None):
+    """Steps 3-5 with the exact meta-gradient and no second-order backward (README, "The
+    meta-gradient without the second-order backward"). `params` are the parameters the virtual
+    step moves. Leaves the WPN's gradient in its .grad; returns the meta loss.
+
+    The WPN sees the losses detached, so theta' = theta - a (g(w) + const), with
+    g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in the weights w, and
+        dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >:
+    one backward of M at theta' (v) and one forward-mode Jacobian-vector product of
+    theta -> L in the direction a * v give all n x K of them.
+    """
+    weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
+    # Step 3, the virtual step, as plain numbers: the graph of `losses` is kept for the real step.
+    grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), params, retain_graph=True)
+    with torch.no_grad():
+        theta_virtual, slopes = virtual_sgd_step(optimizer, params, grads)
+    theta_virtual = [t.requires_grad_() for t in theta_virtual]
+    # Step 4: meta objective on the meta half with theta', and v = grad_theta' M.
+    names = parameter_names(net, params)
+    with autocast(cfg, meta_images.device):
+        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(names, theta_virtual)), meta_images),
+                                 meta_targets, cfg.q)
+    meta_backward(meta_loss, theta_virtual, scaler)
+    # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: the batched training
+    # forward itself (BatchNorm couples the samples), in fp32 like the losses it differentiates.
+    # Eager forward-mode AD (dual numbers, no autograd graph) gives the same product as
+    # torch.func.jvp without functorch's tensor wrappers: about a quarter faster on the CPU.
+    with forward_ad.dual_level(), torch.no_grad():
+        # (a parameter the meta loss does not reach, e.g. the classifier of an exit that no
+        # meta sample leaves at, has v = 0)
+        duals = {name: forward_ad.make_dual(p.detach(), torch.zeros_like(p) if t.grad is None else a * t.grad)
+                 for name, p, a, t in zip(names, params, slopes, theta_virtual)}
+        u = forward_ad.unpack_dual(per_exit_losses(functional_forward(net, duals, images), targets)).tangent
+    # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
+    weights.backward(-u / len(targets), inputs=list(wpn.parameters()))
+    return meta_loss
+
+
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
               scalers=None):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, WPN step
@@ -367,36 +473,31 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     """
     net = unwrap(model)
     meta_step = cfg.method == "l2w" and meta
-    # Under --amp, the forward pass whose graph the second-order meta-gradient goes through stays
-    # in fp32: in bf16 that gradient is mostly rounding error (measured in test_l2w.py).
+    # Under --amp, the forward pass whose derivative the meta-gradient takes stays in fp32: in
+    # bf16 that gradient is mostly rounding error (measured in test_l2w.py).
     with autocast(cfg, images.device, enabled=not meta_step):
         losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
     meta_loss, skipped = None, False
     if meta_step:
-        # SyncBatchNorm's backward cannot be differentiated again; the virtual step is per rank
-        # anyway, so under --sync-bn its forward normalises with this rank's batch statistics.
+        # SyncBatchNorm's backward cannot be differentiated again, nor its forward forward-mode;
+        # the virtual step is per rank anyway, so under --sync-bn its forward normalises with this
+        # rank's batch statistics.
         virtual_losses = losses
         if any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
             with per_rank_batchnorm(net):
-                virtual_losses = per_exit_losses(functional_call(net, throwaway_buffers(net), (images,)), targets)
-
-        # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
-        # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
-        # higher's differentiable SGD works on a copy of the optimizer state, so the real
-        # optimizer is left exactly as it was. Its forward is fp32: no loss scaling needed.
-        virtual_sgd = higher.get_diff_optim(optimizer, net.parameters())
-        weights = sample_weights(wpn(virtual_losses.detach()), cfg.delta, cfg.constraint)
-        theta_virtual = virtual_sgd.step(weighted_loss(virtual_losses, weights), params=list(net.parameters()))
-
-        # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
-        # The virtual forward runs in train mode (batch statistics, as in any training forward)
-        # on throw-away copies of the BN buffers, so the real running statistics are untouched.
-        # Only the WPN receives gradients.
-        state = dict(zip((name for name, _ in net.named_parameters()), theta_virtual))
-        state.update(throwaway_buffers(net))
-        with autocast(cfg, images.device), per_rank_batchnorm(net):
-            meta_loss = meta_loss_fn(functional_call(net, state, (meta_images,)), meta_targets, cfg.q)
-        skipped = sgd_step(meta_loss, wpn_optimizer, scalers and scalers["meta"], inputs=list(wpn.parameters()))
+                virtual_losses = per_exit_losses(functional_forward(net, {}, images), targets)
+        # Steps 3-5. The virtual step moves every backbone parameter; the real optimizer, the
+        # parameters and the BatchNorm statistics are left untouched. Only the WPN gets gradients.
+        params = list(net.parameters())
+        meta_scaler = scalers and scalers["meta"]
+        wpn_optimizer.zero_grad(set_to_none=True)
+        if cfg.meta_grad == "jvp":
+            meta_loss = jvp_meta_gradient(net, wpn, optimizer, params, images, targets, virtual_losses,
+                                          meta_images, meta_targets, cfg, meta_scaler)
+        else:
+            meta_loss = higher_meta_gradient(net, wpn, optimizer, params, virtual_losses, meta_images,
+                                             meta_targets, cfg, meta_scaler)
+        skipped = optimizer_step(wpn_optimizer, meta_scaler)
         meta_loss = meta_loss.item()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
@@ -429,20 +530,24 @@ def per_rank_batchnorm(net):
             m.process_group = group
 
 
-def sgd_step(loss, optimizer, scaler=None, inputs=None):
-    """Backward and an optimizer step, through an fp16 loss scaler where there is one: it skips
-    the step when the scaled gradients overflow, and then lowers its scale. Returns whether the
-    step was skipped. `inputs` limits the backward to those tensors (the WPN's meta step)."""
-    optimizer.zero_grad(set_to_none=True)
+def optimizer_step(optimizer, scaler=None):
+    """optimizer.step(), through an fp16 loss scaler where there is one: the scaler divides the
+    gradients by its scale, skips the step if they overflowed, and then lowers its scale.
+    Returns whether the step was skipped."""
     if scaler is None:
-        loss.backward(inputs=inputs)
         optimizer.step()
         return False
     scale = scaler.get_scale()
-    scaler.scale(loss).backward(inputs=inputs)
     scaler.step(optimizer)
     scaler.update()
     return scaler.get_scale() < scale
+
+
+def sgd_step(loss, optimizer, scaler=None):
+    """Backward and an optimizer step, through the fp16 loss scaler where there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    return optimizer_step(optimizer, scaler)
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scalers=None):
@@ -876,7 +981,7 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
 
 
 # ============================================================================
-# Benchmark: cost of an L2W iteration relative to plain multi-exit training
+# Benchmark: cost of an L2W iteration (both meta-gradients) relative to plain training
 # ============================================================================
 
 def bench(cfg):
@@ -893,8 +998,9 @@ def bench(cfg):
             loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
         sgd_step(loss, optimizer, scalers and scalers["real"])
 
-    def l2w_step():
-        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scalers=scalers)
+    def l2w_step(meta_grad):
+        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, meta_grad=meta_grad),
+                   meta=True, scalers=scalers)
 
     def timed(step):
         if device.type == "cuda":
@@ -909,8 +1015,9 @@ def bench(cfg):
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads, amp {cfg.amp}, channels-last {cfg.channels_last}, "
           f"median of {cfg.bench_iters}")
-    # The two kinds of iteration alternate, so that a busy machine slows both alike.
-    steps = {"plain": plain_step, "l2w": l2w_step}
+    # The three kinds of iteration alternate, so that a busy machine slows them alike. "higher"
+    # and "jvp" are the two ways of taking the same meta-gradient (Config.meta_grad).
+    steps = {"plain": plain_step, "higher": lambda: l2w_step("higher"), "jvp": lambda: l2w_step("jvp")}
     times, memory = {name: [] for name in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps.items():
@@ -922,7 +1029,8 @@ def bench(cfg):
     for name, seconds in results.items():
         peak = f"   peak memory {memory[name] / 2**20:.0f} MiB" if memory[name] is not None else ""
         print(f"{name:6s} {seconds * 1000:9.1f} ms/iter {cfg.batch_size / seconds:9.1f} img/s{peak}")
-    print(f"ratio  {results['l2w'] / results['plain']:.2f}x (L2W iteration / plain iteration)")
+    print(f"ratio  higher/plain {results['higher'] / results['plain']:.2f}x  jvp/plain "
+          f"{results['jvp'] / results['plain']:.2f}x  jvp/higher {results['jvp'] / results['higher']:.2f}x")
     if device.type == "cpu":
         print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     return results
