@@ -56,7 +56,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from models import build_model, count_cost
+from models import build_model, count_cost, load_released
 
 
 # ============================================================================
@@ -97,7 +97,8 @@ class Config:
     out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>
     print_every: int = 20          # iterations between progress lines
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
-    eval_only: bool = False        # evaluate --resume and write results.json, no training
+    weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
+    eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
     bench: bool = False            # time a plain and an L2W iteration, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
@@ -142,8 +143,10 @@ def check_config(cfg):
         raise UsageError(f"--imbalance must be >= 1, got {cfg.imbalance}")
     if cfg.dataset not in ("imagenet", "folder") and cfg.image_size != 32:
         raise UsageError(f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
-    if cfg.eval_only and not cfg.resume:
-        raise UsageError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
+    if cfg.eval_only and not (cfg.resume or cfg.weights):
+        raise UsageError("--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
+    if cfg.weights and not os.path.isfile(cfg.weights):
+        raise UsageError(f"--weights '{cfg.weights}' does not exist")
     if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0 or cfg.workers < 0:
         raise UsageError("--meta-interval must be >= 1, --epochs, --wpn-depth and --workers >= 0")
     try:
@@ -172,6 +175,8 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
+    if flags.get("resume") and flags.get("weights"):
+        raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
     base = {k: v for k, v in state["config"].items() if k in known} if state else {}
@@ -586,6 +591,15 @@ def train(cfg, state=None, stop_after_epoch=None):
         start_epoch = state["epoch"]
         set_rng_state(state["rng"])
         log(f"resumed from {cfg.resume} at epoch {start_epoch}")
+    elif cfg.weights:   # a resumed run already holds them in its checkpoint
+        try:
+            info = load_released(unwrap(model), cfg.weights, unwrap(wpn))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        except Exception as e:   # not a file torch.load(weights_only=True) can read
+            raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
+        log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
+            f"{', and its WPN' if info['wpn'] else ''})")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         atomic_write(os.path.join(cfg.out, "holdout_indices.json"),

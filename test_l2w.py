@@ -201,6 +201,143 @@ def test_ranet_cli_run_writes_results_json(tmp_path, exits):
 
 
 # ----------------------------------------------------------------------------
+# The authors' released weights (MSDNet-PyTorch / L2W-DEN checkpoints)
+# ----------------------------------------------------------------------------
+
+def released_keys(exits, imagenet, step=4):
+    """The state_dict keys MSDNet-PyTorch's model code (models/msdnet.py) gives an MSDNet, in its
+    registration order, following its builder: blocks of `steps` MSDNLayers ('max' pruning,
+    interval ceil(layers / scales)), a transition (ParallelModule `m`) after each layer that drops
+    a scale, the first layer as module 0 of block 0; then all classifiers. Written from their
+    module tree, not from models.py."""
+    n_scales = 4 if imagenet else 3
+    steps = [4] + [step] * (exits - 1) if imagenet else [1 + b for b in range(exits)]   # even / lin_grow
+    bn = lambda p: [f"{p}.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    basic = lambda p: [f"{p}.net.0.weight"] + bn(f"{p}.net.1")                            # ConvBasic
+    conv_bn = lambda p: [f"{p}.net.0.weight"] + bn(f"{p}.net.1") + [f"{p}.net.3.weight"] + bn(f"{p}.net.4")
+    keys, heads, layer, interval = [], [], 0, math.ceil(sum(steps) / n_scales)
+    for b, n_layers in enumerate(steps):
+        i = 0
+        if b == 0:   # MSDNFirstLayer; ImageNet's scale 0 is a bare Sequential(conv with bias, BN, ReLU, max pool)
+            keys += (["blocks.0.0.layers.0.0.weight", "blocks.0.0.layers.0.0.bias"] + bn("blocks.0.0.layers.0.1")
+                     if imagenet else basic("blocks.0.0.layers.0"))
+            keys += [k for s in range(1, n_scales) for k in basic(f"blocks.0.0.layers.{s}")]
+            i = 1
+        for _ in range(n_layers):
+            layer += 1
+            in_scales = n_scales - max(0, layer - 2) // interval
+            out_scales = n_scales - (layer - 1) // interval
+            for j in range(out_scales):   # ConvNormal for the finest kept scale unless one is discarded
+                if j > 0 or in_scales > out_scales:
+                    keys += conv_bn(f"blocks.{b}.{i}.layers.{j}.conv_down")
+                keys += conv_bn(f"blocks.{b}.{i}.layers.{j}.conv_normal")
+            i += 1
+            if in_scales > out_scales:
+                keys += [k for j in range(out_scales) for k in basic(f"blocks.{b}.{i}.m.{j}")]
+                i += 1
+        heads += basic(f"classifier.{b}.m.0") + basic(f"classifier.{b}.m.1")
+        heads += [f"classifier.{b}.linear.weight", f"classifier.{b}.linear.bias"]
+    return keys + heads   # `blocks` is registered before `classifier`
+
+
+def released_checkpoint(model, path, imagenet, step=4, prefix="", wpn=None):
+    """Write `model` as MSDNet-PyTorch saves it (with L2W-DEN's meta_state_dict for `wpn`)."""
+    values = list(model.state_dict().values())
+    keys = released_keys(len(model.exits), imagenet, step)
+    assert len(keys) == len(values)
+    checkpoint = {"state_dict": {prefix + k: v for k, v in zip(keys, values)}, "epoch": 100, "arch": "msdnet",
+                  "best_prec1": 73.93, "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "params": [0]}]}}
+    if wpn is not None:
+        linears = [m for m in wpn.modules() if isinstance(m, torch.nn.Linear)]
+        names = ["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in range(len(linears) - 2)] + ["output_layer"]
+        checkpoint["meta_state_dict"] = {f"{n}.{p}": getattr(m, p).detach().clone()
+                                         for n, m in zip(names, linears) for p in ("weight", "bias")}
+        checkpoint["meta_optimizer"] = {"state": {}, "param_groups": []}
+    torch.save(checkpoint, path)
+
+
+def randomise_bn_statistics(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("classes,exits,imagenet,step,prefix,with_wpn", [
+    (10, 3, False, None, "", True), (100, 5, False, None, "module.", False), (1000, 2, True, 4, "", True),
+    (100, 3, True, 6, "module.", False)])
+def test_released_checkpoints_load_and_give_the_same_logits(tmp_path, classes, exits, imagenet, step, prefix,
+                                                           with_wpn):
+    size = 160 if imagenet else 32   # the ImageNet network on fewer pixels: its weights do not depend on it
+    torch.manual_seed(0)
+    source = models.build_model("msdnet", classes, exits, size, step)
+    randomise_bn_statistics(source, 0)
+    source_wpn = l2w.WPN(exits, 2 if with_wpn else 1, 7)
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(source, path, imagenet, step or 4, prefix, source_wpn if with_wpn else None)
+    torch.manual_seed(1)
+    target, target_wpn = models.build_model("msdnet", classes, exits, size, step), l2w.WPN(exits, 2, 7)
+    info = models.load_released(target, path, target_wpn)
+    assert info == {"epoch": 100, "arch": "msdnet", "best_prec1": 73.93, "wpn": with_wpn}
+    x, losses = torch.randn(1, 3, size, size), torch.rand(4, exits)
+    with torch.no_grad():
+        for theirs, ours in zip(source.eval()(x), target.eval()(x), strict=True):
+            assert torch.equal(theirs, ours)
+        assert torch.equal(source_wpn(losses), target_wpn(losses)) == with_wpn
+
+
+@pytest.mark.parametrize("built,message", [
+    (("msdnet", 10, 4, 32, None), "exits 3 in the file, 4 here"),
+    (("msdnet", 100, 3, 32, None), "classes 10 in the file, 100 here"),
+    (("msdnet", 10, 3, 224, 4), "image size CIFAR in the file, ImageNet here"),
+    (("ranet", 10, 6, 32, None), "released checkpoints are MSDNets; this model is a RANet")])
+def test_released_checkpoint_that_does_not_fit_names_what_differs(tmp_path, built, message):
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(models.build_model("msdnet", 10, 3), path, imagenet=False)
+    with pytest.raises(ValueError) as error:
+        models.load_released(models.build_model(*built), path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_released_imagenet_checkpoint_of_another_step_names_the_step(tmp_path):
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(models.build_model("msdnet", 1000, 2, 224, 6), path, imagenet=True, step=6)
+    with pytest.raises(ValueError, match=r"step \(layers in block 2\) 6 in the file, 4 here"):
+        models.load_released(models.build_model("msdnet", 1000, 2, 224, 4), path)
+    wpn_path = tmp_path / "wpn.pth.tar"
+    released_checkpoint(models.build_model("msdnet", 10, 3), wpn_path, imagenet=False, wpn=l2w.WPN(3, 1, 500))
+    with pytest.raises(ValueError, match=r"its WPN \(depth 1, width 500, exits 3\) does not fit this one "
+                                         r"\(depth 1, width 100, exits 3\)"):
+        models.load_released(models.build_model("msdnet", 10, 3), wpn_path, l2w.WPN(3, 1, 100))
+
+
+def test_cli_weights_evaluates_a_released_checkpoint_and_refuses_one_that_does_not_fit(tmp_path):
+    torch.manual_seed(0)
+    source = models.build_model("msdnet", 10, 3)
+    randomise_bn_statistics(source, 0)
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(source, path, imagenet=False, prefix="module.", wpn=l2w.WPN(3, 1, 500))
+    args = ["--dataset", "synthetic", "--exits", "3", "--synthetic-size", "300", "--holdout", "60", "--device", "cpu"]
+    result = run_cli(*args, "--eval-only", "--weights", str(path), "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    assert "and its WPN" in result.stdout
+    # the anytime table is the source network's own accuracy on the test split
+    test = data.load(small_cfg()).test
+    images, labels = torch.stack([test[i][0] for i in range(len(test))]), torch.tensor([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        expected = [l2w.topk_accuracy(z, labels, 1) for z in source.eval()(images)]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["acc1"] for r in results["anytime"]] == pytest.approx(expected, abs=1e-9)
+    for flags, message in [(["--exits", "4"], "does not fit this MSDNet: exits 3 in the file, 4 here"),
+                           (["--wpn-width", "100"], "its WPN (depth 1, width 500, exits 3) does not fit"),
+                           (["--resume", str(path)], "give one of them")]:
+        bad = run_cli(*args, "--eval-only", "--weights", str(path), *flags, "--out", str(tmp_path / "bad"))
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and message in lines[0], bad.stderr
+
+
+# ----------------------------------------------------------------------------
 # The method: weights, meta objective, one iteration
 # ----------------------------------------------------------------------------
 
