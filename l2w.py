@@ -24,6 +24,9 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
     python l2w.py --dataset synthetic --exits 3                      # one-minute offline demo
     python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
     python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
+    python l2w.py --eval-only --resume runs/.../checkpoint.pt --early-exit --q 0.5   # real early exiting, timed
+    python l2w.py --dataset imagenet --data-dir DIR --step 4 --eval-only --weights msdnet_step4.pth.tar
+    python l2w.py --plot runs/synthetic_msdnet3_l2w runs/.../results.json --out curves.png
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
     torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
@@ -99,6 +102,7 @@ class Config:
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
     weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
     eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
+    early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
     bench: bool = False            # time a plain and an L2W iteration, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
@@ -145,6 +149,8 @@ def check_config(cfg):
         raise UsageError(f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
     if cfg.eval_only and not (cfg.resume or cfg.weights):
         raise UsageError("--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
+    if cfg.early_exit and cfg.world_size > 1:
+        raise UsageError("--early-exit times inference in one process; run it without torchrun")
     if cfg.weights and not os.path.isfile(cfg.weights):
         raise UsageError(f"--weights '{cfg.weights}' does not exist")
     if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0 or cfg.workers < 0:
@@ -165,7 +171,8 @@ def parse_config(argv=None):
     comment as help. Returns (config, checkpoint state or None): with --resume the run continues
     with the config stored in the checkpoint, and flags given now still win."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs")
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -413,15 +420,36 @@ def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
     return curve
 
 
-@torch.no_grad()
-def early_exit_predict(model, image, thresholds):
-    """Real early exiting for one image: run exits in order and stop computing at the first
-    whose confidence reaches its threshold. Returns (predicted class, exit index)."""
-    model.eval()
-    for k, logits in enumerate(model.exits_iter(image[None])):
-        confidence, label = logits.softmax(dim=1).max(dim=1)
-        if confidence.item() >= thresholds[k]:
-            return label.item(), k
+@torch.inference_mode()
+def early_exit_predict(model, images, thresholds):
+    """Real early exiting for a batch: the network runs exit by exit, and at exit k the samples
+    whose confidence reaches thresholds[k] leave with that exit's prediction; everything the
+    later exits need is cut to the samples that remain, so no computation is spent on the ones
+    that left. Gives what the budgeted protocol simulates from a full forward pass
+    (`exit_with_thresholds`). Returns (predictions, exits), each of shape (n,)."""
+    if model.training:   # not unconditionally: eval() walks every module, a third of a small exit's time
+        model.eval()
+    n, device = images.shape[0], images.device
+    predictions = torch.empty(n, dtype=torch.long, device=device)
+    exit_of = torch.empty(n, dtype=torch.long, device=device)
+    remaining = torch.arange(n, device=device)    # original index of every sample still running
+    stream = model.exits_iter(images)
+    logits = next(stream)
+    for k in range(len(thresholds)):
+        leave = logits.softmax(dim=1).amax(dim=1) >= thresholds[k]   # as `confidences` computes it
+        if k == len(thresholds) - 1:   # the last exit takes the rest, whatever its threshold
+            leave.fill_(True)
+        gone = remaining[leave]
+        predictions[gone] = logits.argmax(dim=1)[leave]
+        exit_of[gone] = k
+        stay = (~leave).nonzero().flatten()
+        if len(stay) == 0:     # the one synchronisation per exit: is anyone left?
+            break
+        remaining = remaining[stay]
+        # nothing to cut when everyone stays (always the case for a single image)
+        logits = stream.send(stay if len(stay) < len(leave) else None)
+    stream.close()
+    return predictions, exit_of
 
 
 # ============================================================================
@@ -677,10 +705,132 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     for row in dynamic:
         log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
     results.update(anytime=anytime, dynamic=dynamic)
+    if cfg.early_exit:
+        results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, (test_logits, test_targets),
+                                                    flops)
     path = os.path.join(cfg.out, "results.json")
     atomic_write(path, lambda p: open(p, "w").write(json.dumps(results, indent=1)))
     log(f"\nwrote {path}")
     return results
+
+
+def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
+    """--early-exit: the budgeted protocol at q = cfg.q, for real. Thresholds are fitted on the
+    hold-out split as in `dynamic_evaluate`; then each test batch runs through the whole network
+    and through `early_exit_predict`, alternately (so that load on the machine slows both alike),
+    at batch size 1 and at --batch-size. Reports time per image, images/s, the average Mul-Adds
+    of the exits actually taken and the accuracy, which must be the budgeted protocol's at q."""
+    net, exits = unwrap(model).eval(), len(flops)
+    thresholds = fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits))
+    simulated = exit_with_thresholds(confidences(test[0]), thresholds)
+    simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(len(test[1]))]
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    runs = []
+    for batch_size in dict.fromkeys([1, cfg.batch_size]):
+        loader = make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
+        seconds, predictions, exit_of = {"early": 0.0, "whole": 0.0}, [], []
+        for i, (images, labels) in enumerate(loader):
+            images, _ = to_device(images, labels, device, cfg)
+            if i == 0:   # warm-up: the first calls allocate and pick kernels
+                early_exit_predict(net, images, thresholds.to(device))
+                with torch.inference_mode():
+                    net(images)
+            start = clock()
+            with torch.inference_mode():
+                net(images)
+            middle = clock()
+            predicted, exited = early_exit_predict(net, images, thresholds.to(device))
+            seconds["whole"] += middle - start
+            seconds["early"] += clock() - middle
+            predictions.append(predicted.cpu())
+            exit_of.append(exited.cpu())
+        predictions, exit_of = torch.cat(predictions), torch.cat(exit_of)
+        n = len(exit_of)
+        runs.append({"batch_size": batch_size,
+                     "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
+                     "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
+                     "speedup": seconds["whole"] / seconds["early"],
+                     "accuracy": 100.0 * (predictions == test[1]).float().mean().item(),
+                     "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum())})
+    shares = torch.bincount(exit_of, minlength=exits).double() / len(exit_of)
+    average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
+    result = {"q": cfg.q, "accuracy": runs[0]["accuracy"],
+              "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
+              "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
+              "exit_shares": shares.tolist(), "runs": runs}
+    log(f"\nearly exit at q {cfg.q:.2f} (test set, {len(exit_of)} images, each run for real and through the whole "
+        f"network)\n top-1 {result['accuracy']:.2f} (budgeted protocol at this q: {result['budgeted_accuracy']:.2f}); "
+        f"{average_flops / 1e6:.2f} Mul-Adds (M) per image against {flops[-1] / 1e6:.2f} "
+        f"({result['flops_speedup']:.2f}x fewer); exit shares {' '.join(f'{s:.3f}' for s in shares)}"
+        "\n batch   early exit ms/image  images/s   whole network ms/image  images/s   speedup  "
+        "(share of the Mul-Adds speedup)   same exit and prediction as the budgeted protocol")
+    for run in runs:
+        log(f"{run['batch_size']:6d} {run['ms_per_image']:20.3f} {run['images_per_s']:9.1f} {run['whole_ms_per_image']:24.3f} "
+            f"{run['whole_images_per_s']:9.1f} {run['speedup']:8.2f}x {100 * run['speedup'] / result['flops_speedup']:13.0f} %"
+            f"{run['same_as_budgeted']:26d} of {len(exit_of)}")
+    return result
+
+
+# ============================================================================
+# Curves: accuracy against Mul-Adds, the figure of the paper's experiments
+# ============================================================================
+
+def read_results(path):
+    """results.json of a run directory, or the file itself."""
+    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            results = json.load(f)
+        results["config"], results["anytime"], results["dynamic"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--plot: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
+    return results
+
+
+def plot_curves(paths, out_png):
+    """One figure of every run in `paths` (run directories or results.json files): the budgeted
+    curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each exit at
+    its Mul-Adds, and, for --early-exit runs, the measured point with its time per image.
+    Returns the curves' labels (method, arch, exits, dataset of each run's config)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot draws with matplotlib, which is not installed: pip install matplotlib") from None
+    runs = [read_results(p) for p in paths]
+    giga = max(r["anytime"][-1]["flops"] for r in runs) >= 1e9
+    scale, unit = (1e9, "G") if giga else (1e6, "M")
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    labels = []
+    for results in runs:
+        c = results["config"]
+        label = f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}"
+        labels.append(label)
+        curve, = axes.plot([d["flops"] / scale for d in results["dynamic"]], [d["acc"] for d in results["dynamic"]],
+                           label=f"{label}: budgeted")
+        axes.plot([a["flops"] / scale for a in results["anytime"]], [a["acc1"] for a in results["anytime"]], "o",
+                  color=curve.get_color(), label=f"{label}: each exit")
+        if "early_exit" in results:
+            e, run = results["early_exit"], results["early_exit"]["runs"][0]
+            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=curve.get_color(),
+                      label=f"{label}: early exit at q {e['q']:g}, measured")
+            axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
+                          f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
+                          textcoords="offset points", xytext=(8, -24), fontsize=8)
+    axes.set_xlabel(f"Mul-Adds per image ({unit})")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return labels
 
 
 # ============================================================================
@@ -741,7 +891,16 @@ def bench(cfg):
 # ============================================================================
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if "--plot" in argv:   # the one command that takes several values; not a training config
+            parser = OneLineParser(prog="l2w.py --plot", description="accuracy against Mul-Adds of finished runs")
+            parser.add_argument("--plot", nargs="+", required=True, metavar="PATH", help="run directories or results.json")
+            parser.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+            args = parser.parse_args(argv)
+            plot_curves(args.plot, args.out)
+            print(f"wrote {args.out}")
+            return
         cfg, state = parse_config(argv)
         if cfg.bench:
             bench(cfg)

@@ -6,7 +6,9 @@ RANet: Yang et al., "Resolution Adaptive Networks for Efficient Inference", CVPR
 (Sec. 3 and Fig. 2); as released (yangle15/RANet-pytorch) where the paper leaves details open.
 
 Every network here returns one logit tensor per exit, cheapest exit first, and
-also offers `exits_iter(x)` so that early-exit inference can stop computing.
+also offers `exits_iter(x)` so that early-exit inference can stop computing: a generator of the
+exits' logits, to which the caller may send the indices of the samples that go on, so that
+everything carried to later exits is cut to them.
 `count_cost` counts Mul-Adds and parameters with MSDNet's convention (PAPER.md).
 """
 import math
@@ -53,6 +55,13 @@ def init_msdnet(module):
             m.bias.data.zero_()
         elif isinstance(m, nn.Linear):
             m.bias.data.zero_()
+
+
+def take(tensors, keep):
+    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.index_select(0, keep)
+    return [take(t, keep) for t in tensors]
 
 
 # ----------------------------------------------------------------------------
@@ -167,11 +176,15 @@ class MSDNet(nn.Module):
         init_msdnet(self)
 
     def exits_iter(self, x):
-        """Yield the logits of each exit in turn, computing only what that exit needs."""
+        """Yield the logits of each exit in turn, computing only what that exit needs. Indices
+        sent back (`stream.send(keep)`) cut every scale to those samples: later blocks spend
+        nothing on the samples that have left (real early exiting)."""
         features = self.stem(x)
         for block, head in zip(self.blocks, self.exits):
             features = block(features)
-            yield head(features[-1])
+            keep = yield head(features[-1])
+            if keep is not None:
+                features = take(features, keep)
 
     def forward(self, x):
         return list(self.exits_iter(x))
@@ -310,15 +323,20 @@ class RANet(nn.Module):
 
     def exits_iter(self, x):
         """Yield the logits of each exit in turn; an exit never runs a finer sub-network than its
-        own (the stem computes every base feature first, as released)."""
-        exits, low_states = iter(self.exits), None
-        for x, blocks in zip(self.stem(x), self.subnets):
-            states = []
+        own (the stem computes every base feature first, as released). Indices sent back cut
+        what later exits read: the current state, the states of this sub-network that the next
+        one's fusion blocks read, and the base features of the finer sub-networks (the exits sit
+        in the plain blocks at the end, which read no coarser state)."""
+        exits, low_states, base = iter(self.exits), None, self.stem(x)
+        for s, blocks in enumerate(self.subnets):
+            x, states = base[s], []
             for b, block in enumerate(blocks):
                 x, block_states = block(x, low_states[b] if block.fusion else None)
                 states.append(block_states)
                 if not block.fusion:
-                    yield next(exits)(x)
+                    keep = yield next(exits)(x)
+                    if keep is not None:
+                        x, states, base[s + 1:] = take([x, states, base[s + 1:]], keep)
             low_states = states
 
     def forward(self, x):

@@ -621,24 +621,96 @@ def test_dynamic_evaluate_is_fast_at_paper_scale():
     assert time.perf_counter() - start < 5   # generous for a shared CI machine; ~0.3 s measured
 
 
-def test_early_exit_predict_stops_computing_and_agrees_with_thresholds():
-    torch.manual_seed(0)
-    model = models.build_model("msdnet", 10, 3).eval()
-    images = torch.randn(12, 3, 32, 32)
+def calibrate_batchnorm(model, images):
+    """Running statistics from one training-mode pass, so that a fresh network's activations and
+    confidences are spread as a trained one's (else a deep RANet's logits reach 1e4)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None   # cumulative average: exactly this batch's statistics
     with torch.no_grad():
-        logits = model(images)
-    confidence = l2w.confidences(logits)
-    thresholds = l2w.fit_thresholds(confidence, l2w.exit_fractions(1.0, 3))
-    expected = l2w.exit_with_thresholds(confidence, thresholds)
-    heads_run = [0, 0, 0]
-    for k, head in enumerate(model.exits):
-        head.register_forward_hook(lambda m, i, o, k=k: heads_run.__setitem__(k, heads_run[k] + 1))
-    for i in range(len(images)):
-        label, k = l2w.early_exit_predict(model, images[i], thresholds)
-        assert k == expected[i] and label == logits[k][i].argmax().item()
-    counts = torch.bincount(expected, minlength=3).tolist()
-    assert heads_run == [12, 12 - counts[0], counts[2]]   # later exits ran only for samples that reached them
-    assert 0 < counts[0] < 12
+        model.train()(images)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,exits", [("msdnet", 5), ("ranet", 6), ("ranet", 8)])
+def test_early_exit_predict_equals_the_simulated_protocol_and_skips_computation(arch, exits):
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(models.build_model(arch, 10, exits), torch.randn(64, 3, 32, 32))
+    holdout, images = torch.randn(60, 3, 32, 32), torch.randn(23, 3, 32, 32)
+    with torch.no_grad():
+        thresholds = l2w.fit_thresholds(l2w.confidences(model(holdout)), l2w.exit_fractions(0.9, exits))
+    # which exits' samples each block and head serves: the number of exits yielded before it runs
+    order, exits_seen = {}, [0]
+    blocks = list(model.blocks) if arch == "msdnet" else [b for subnet in model.subnets for b in subnet]
+
+    def note_order(m, inputs):
+        order.setdefault(m, exits_seen[0])
+
+    hooks = [m.register_forward_pre_hook(note_order) for m in blocks]
+    hooks += [h.register_forward_hook(lambda *_: exits_seen.__setitem__(0, exits_seen[0] + 1)) for h in model.exits]
+    with torch.no_grad():
+        model(images[:1])
+    for h in hooks:
+        h.remove()
+    served = {m: 0 for m in [*blocks, *model.exits]}
+
+    def count_samples(m, inputs):
+        while not isinstance(inputs, torch.Tensor):   # MSDNet's blocks take the list of scales
+            inputs = inputs[0]
+        served[m] += inputs.shape[0]
+
+    for m in served:
+        m.register_forward_pre_hook(count_samples)
+    for batch_size in (1, 7, 23):
+        # the simulated protocol on the same batches: full forward pass, then the thresholds
+        with torch.no_grad():
+            logits = [torch.cat(z) for z in zip(*(model(b) for b in images.split(batch_size)))]
+        expected_exits = l2w.exit_with_thresholds(l2w.confidences(logits), thresholds)
+        expected_predictions = torch.stack(logits).argmax(dim=2)[expected_exits, torch.arange(len(images))]
+        served.update({m: 0 for m in served})
+        predictions, exit_of = map(torch.cat, zip(*(l2w.early_exit_predict(model, b, thresholds)
+                                                    for b in images.split(batch_size))))
+        assert torch.equal(exit_of, expected_exits) and torch.equal(predictions, expected_predictions), batch_size
+        # every block and head ran for exactly the samples that had not left before it
+        reached = [(exit_of >= k).sum().item() for k in range(exits)]
+        assert [served[m] for m in blocks] == [reached[order[m]] for m in blocks]
+        assert [served[h] for h in model.exits] == reached
+    counts = torch.bincount(exit_of, minlength=exits)
+    assert counts[0] > 0 and counts[-1] > 0 and reached[-1] < len(images) / 2   # the computation skipped is real
+
+
+def fake_results(method, exits, early_exit=False):
+    flops = [7e6 * (k + 1) for k in range(exits)]
+    results = {"config": dataclasses.asdict(small_cfg(method=method, exits=exits)),
+               "anytime": [{"exit": k + 1, "acc1": 80.0 + k, "acc5": 99.0, "flops": f, "params": 1e5}
+                           for k, f in enumerate(flops)],
+               "dynamic": [{"q": p / 20, "acc": 80.0 + p / 20, "flops": flops[0] + p * 1e5} for p in range(1, 40)]}
+    if early_exit:
+        results["early_exit"] = {"q": 0.5, "accuracy": 80.5, "flops": 9e6, "runs": [
+            {"batch_size": 1, "ms_per_image": 4.0, "whole_ms_per_image": 9.0}]}
+    return results
+
+
+def test_plot_curves_writes_a_png_labelled_from_each_config(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(fake_results("l2w", 3, early_exit=True)))
+    (tmp_path / "baseline.json").write_text(json.dumps(fake_results("baseline", 5)))
+    labels = l2w.plot_curves([str(tmp_path / "run"), str(tmp_path / "baseline.json")], tmp_path / "curves.png")
+    assert labels == ["l2w msdnet3 synthetic", "baseline msdnet5 synthetic"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the CLI: several paths, --out, and a one-line error for a path that holds no results
+    result = run_cli("--plot", str(tmp_path / "run"), str(tmp_path / "baseline.json"), "--out", str(tmp_path / "c.png"))
+    assert result.returncode == 0 and (tmp_path / "c.png").stat().st_size > 10_000, result.stderr
+    bad = run_cli("--plot", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --plot: '{tmp_path / 'missing'}' is not a run directory or results.json (FileNotFoundError)"]
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    (tmp_path / "results.json").write_text(json.dumps(fake_results("l2w", 3)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
+    with pytest.raises(l2w.UsageError, match="pip install matplotlib"):
+        l2w.plot_curves([str(tmp_path)], tmp_path / "curves.png")
 
 
 # ----------------------------------------------------------------------------
