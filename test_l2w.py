@@ -841,11 +841,19 @@ def test_cli_end_to_end_writes_results_json(tmp_path):
     assert state["epoch"] == 1 and state["config"] == results["config"] and len(state["holdout_indices"]) == 60
     assert json.loads((out / "holdout_indices.json").read_text()) == state["holdout_indices"].tolist()
 
-    # --eval-only on the checkpoint reproduces the numbers
-    again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"))
+    # --eval-only on the checkpoint reproduces the numbers; --early-exit runs the budget q = 0.5 for
+    # real, at batch 1 and at the run's batch size, and gets the budgeted protocol's exits and accuracy
+    again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"),
+                    "--early-exit", "--q", "0.5")
     assert again.returncode == 0, again.stderr
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
+    early, at_q = evaluated["early_exit"], results["dynamic"][9]
+    assert at_q["q"] == early["q"] == 0.5 and early["accuracy"] == early["budgeted_accuracy"] == at_q["acc"]
+    assert early["flops"] == pytest.approx(at_q["flops"]) and early["whole_flops"] == flops[-1]
+    assert [run["batch_size"] for run in early["runs"]] == [1, 32]
+    assert all(run["same_as_budgeted"] == 100 and run["accuracy"] == early["accuracy"] for run in early["runs"])
+    assert "share of the Mul-Adds speedup" in again.stdout
 
 
 def test_resume_is_exact(tmp_path):
