@@ -352,7 +352,8 @@ class RANet(nn.Module):
 #   blocks.b.i.layers.j.conv_down.net.n  strided conv from the finer scale (conv_normal: same scale)
 #   blocks.b.i.m.j.net.n                 transition, scale j
 #   classifier.k.m.c.net.n / .linear     exit k
-# Their ConvBN is one Sequential of six (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), ours two of three.
+# Their ConvBN is one Sequential of six (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), ours two of three;
+# their block 0 holds the first layer (our stem) as module 0, so its later modules move down by one.
 RELEASED_NAMES = [
     (r"blocks\.0\.0\.layers\.(\d+)\.(?:net\.)?(\d+)\.(\w+)", lambda s, n, p: f"stem.scales.{s}.{n}.{p}"),
     (r"blocks\.(\d+)\.(\d+)\.layers\.(\d+)\.conv_(down|normal)\.net\.(\d+)\.(\w+)",
@@ -394,14 +395,15 @@ def load_released(model, path, wpn=None):
     if not isinstance(model, MSDNet):
         raise ValueError(f"released checkpoints are MSDNets; this model is a {type(model).__name__}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"'{path}' holds a {type(checkpoint).__name__}, not a checkpoint dict")
-    state = {k.removeprefix("module."): v for k, v in checkpoint.get("state_dict", checkpoint).items()}
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"'{path}' has no 'state_dict': not a checkpoint of MSDNet-PyTorch or L2W-DEN")
+    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     ours = model.state_dict()
     translated = {released_name(k): v for k, v in state.items()}
     if None in translated or set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
-        mine = (model.stem.scales[0][0].kernel_size[0] == 7, len(model.exits), model.steps[1] if len(model.steps) > 1
-                else None, model.exits[0][-1].out_features)
+        imagenet = model.stem.scales[0][0].kernel_size[0] == 7
+        step = model.steps[1] if len(model.steps) > 1 else None
+        mine = (imagenet, len(model.exits), step, model.exits[0][-1].out_features)
         theirs = describe_released(state)
         names = ("image size", "exits", "step (layers in block 2)", "classes")
         shown = lambda name, v: ("ImageNet" if v else "CIFAR") if name == "image size" else v
@@ -428,11 +430,13 @@ def load_released_wpn(wpn, meta_state, path):
     theirs = [(meta_state.get(f"{n}.weight"), meta_state.get(f"{n}.bias")) for n in names]
     linears = [m for m in wpn.modules() if isinstance(m, nn.Linear)]
 
+    if any(w is None or b is None for w, b in theirs):
+        raise ValueError(f"'{path}': its meta_state_dict is not L2W-DEN's WPN (MLP_tanh)")
+
     def outline(weights):   # weights of the Linear layers in order: (width, K) first
         return f"depth {len(weights) - 1}, width {weights[0].shape[0]}, exits {weights[0].shape[1]}"
 
-    if any(w is None or b is None for w, b in theirs) or \
-            [w.shape for w, _ in theirs] != [m.weight.shape for m in linears]:
+    if [w.shape for w, _ in theirs] != [m.weight.shape for m in linears]:
         raise ValueError(f"'{path}': its WPN ({outline([w for w, _ in theirs])}) does not fit this one "
                          f"({outline([m.weight for m in linears])})")
     with torch.no_grad():

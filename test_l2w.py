@@ -312,6 +312,13 @@ def test_released_imagenet_checkpoint_of_another_step_names_the_step(tmp_path):
         models.load_released(models.build_model("msdnet", 10, 3), wpn_path, l2w.WPN(3, 1, 100))
 
 
+def test_a_file_without_state_dict_is_no_released_checkpoint(tmp_path):
+    path = tmp_path / "ours.pt"
+    torch.save({"model": models.build_model("msdnet", 10, 3).state_dict(), "epoch": 1}, path)   # l2w.py's layout
+    with pytest.raises(ValueError, match="has no 'state_dict': not a checkpoint of MSDNet-PyTorch or L2W-DEN"):
+        models.load_released(models.build_model("msdnet", 10, 3), path)
+
+
 def test_cli_weights_evaluates_a_released_checkpoint_and_refuses_one_that_does_not_fit(tmp_path):
     torch.manual_seed(0)
     source = models.build_model("msdnet", 10, 3)
