@@ -428,7 +428,7 @@ def early_exit_predict(model, images, thresholds):
     later exits need is cut to the samples that remain, so no computation is spent on the ones
     that left. Gives what the budgeted protocol simulates from a full forward pass
     (`exit_with_thresholds`). Returns (predictions, exits), each of shape (n,)."""
-    if model.training:   # not unconditionally: eval() walks every module, a third of a small exit's time
+    if model.training:   # not unconditionally: eval() walks every module, as long as a first exit at batch 1
         model.eval()
     n, device = images.shape[0], images.device
     predictions = torch.empty(n, dtype=torch.long, device=device)
@@ -899,7 +899,8 @@ def main(argv=None):
     try:
         if "--plot" in argv:   # the one command that takes several values; not a training config
             parser = OneLineParser(prog="l2w.py --plot", description="accuracy against Mul-Adds of finished runs")
-            parser.add_argument("--plot", nargs="+", required=True, metavar="PATH", help="run directories or results.json")
+            parser.add_argument("--plot", nargs="+", required=True, metavar="PATH",
+                                help="run directories or results.json files")
             parser.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
             args = parser.parse_args(argv)
             plot_curves(args.plot, args.out)

@@ -400,7 +400,7 @@ def load_released(model, path, wpn=None):
     state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     ours = model.state_dict()
     translated = {released_name(k): v for k, v in state.items()}
-    if None in translated or set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
+    if set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
         imagenet = model.stem.scales[0][0].kernel_size[0] == 7
         step = model.steps[1] if len(model.steps) > 1 else None
         mine = (imagenet, len(model.exits), step, model.exits[0][-1].out_features)

@@ -249,7 +249,8 @@ def released_checkpoint(model, path, imagenet, step=4, prefix="", wpn=None):
                   "best_prec1": 73.93, "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "params": [0]}]}}
     if wpn is not None:
         linears = [m for m in wpn.modules() if isinstance(m, torch.nn.Linear)]
-        names = ["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in range(len(linears) - 2)] + ["output_layer"]
+        names = (["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in range(len(linears) - 2)]
+                 + ["output_layer"])
         checkpoint["meta_state_dict"] = {f"{n}.{p}": getattr(m, p).detach().clone()
                                          for n, m in zip(names, linears) for p in ("weight", "bias")}
         checkpoint["meta_optimizer"] = {"state": {}, "param_groups": []}
@@ -331,7 +332,8 @@ def test_cli_weights_evaluates_a_released_checkpoint_and_refuses_one_that_does_n
     assert "and its WPN" in result.stdout
     # the anytime table is the source network's own accuracy on the test split
     test = data.load(small_cfg()).test
-    images, labels = torch.stack([test[i][0] for i in range(len(test))]), torch.tensor([test[i][1] for i in range(len(test))])
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    labels = torch.tensor([test[i][1] for i in range(len(test))])
     with torch.no_grad():
         expected = [l2w.topk_accuracy(z, labels, 1) for z in source.eval()(images)]
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -918,6 +920,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "does not exist": ["--resume", str(tmp_path / "missing.pt")],
         "corrupt": ["--resume", str(corrupt)],
         "--eval-only needs --resume": ["--eval-only", "--dataset", "synthetic"],
+        f"--weights '{tmp_path / 'none.pth'}' does not exist": ["--weights", str(tmp_path / "none.pth")],
         "invalid int value": ["--exits", "three"],
         f"cifar10 not found in '{tmp_path / 'empty'}'": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
     }
