@@ -183,27 +183,33 @@ def image_folders(name, data_dir, expected_classes=None):
 
 
 def synthetic(size, seed, num_classes=10):
-    """A learnable CIFAR-shaped set (3x32x32, 10 classes) whose samples range from easy to hard.
+    """A learnable CIFAR-shaped set (3x32x32, 10 classes) in which depth pays off on the hard half.
 
-    Each class has a smooth random prototype. A sample mixes its class prototype with a
-    distractor class's prototype and noise; the mix is drawn per sample, so some samples are
-    obvious (an early exit is confident and right) and others are nearly ambiguous (only a
-    deeper exit separates them). Returns (train, test) with `size` and `size // 3` samples.
+    Every class has a smooth colour layout (a random 4x4 grid, upsampled) and a fine texture (a
+    random 8x8 motif of 2x2-pixel cells, tiled). An easy sample shows both; a hard one shows its
+    class's texture over a random layout of no class, so only the fine detail names it. Textures
+    are shifted at random, so they are found by detecting them anywhere, not by a template. The
+    first exit, a few layers over the coarsest scale, separates the easy samples; the hard ones
+    need the fine-scale features that later layers bring down to the coarse scale (issue 10: the
+    demo's deepest exit is then the best, and the budgeted curve rises with the budget). Unit
+    Gaussian noise on every pixel. Returns (train, test) with `size` and `size // 3` samples.
     """
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
-    fine = torch.randn(num_classes, 3, 16, 16, generator=g)
-    up = lambda t: torch.nn.functional.interpolate(t, size=32, mode="bilinear", align_corners=False)
-    prototypes = up(coarse) + 0.5 * up(fine)
-    prototypes = (prototypes - prototypes.mean()) / prototypes.std()
+    smooth = lambda t: torch.nn.functional.interpolate(t, size=32, mode="bilinear", align_corners=False)
+    layouts = smooth(torch.randn(num_classes, 3, 4, 4, generator=g))
+    layouts = (layouts - layouts.mean()) / layouts.std()
+    motifs = torch.randn(num_classes, 3, 8, 8, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    textures = motifs.repeat(1, 1, 2, 2)   # period 16
+    textures = (textures - textures.mean()) / textures.std()
 
     def draw(n):
         labels = torch.randint(num_classes, (n,), generator=g)
-        distractor = (labels + torch.randint(1, num_classes, (n,), generator=g)) % num_classes
-        difficulty = torch.rand(n, generator=g)                # 0 = easy, 1 = hard
-        share = (1.0 - 0.5 * difficulty).view(n, 1, 1, 1)        # class share of the signal, 1 .. 0.5
-        noise = torch.randn(n, 3, 32, 32, generator=g) * (1.0 + 2.0 * difficulty.view(n, 1, 1, 1))
-        images = share * prototypes[labels] + (1 - share) * prototypes[distractor] + noise
+        hard = (torch.rand(n, generator=g) < 0.5).view(n, 1, 1, 1)
+        no_class = smooth(torch.randn(n, 3, 4, 4, generator=g))
+        no_class = no_class / no_class.std()
+        shifts = torch.randint(16, (n, 2), generator=g).tolist()
+        shifted = torch.stack([textures[c].roll(shift, dims=(1, 2)) for c, shift in zip(labels.tolist(), shifts)])
+        images = torch.where(hard, no_class, layouts[labels]) + 2.0 * shifted + torch.randn(n, 3, 32, 32, generator=g)
         return TensorDataset(images, labels)
 
     return draw(size), draw(size // 3)

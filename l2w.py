@@ -26,6 +26,9 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
     python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
     python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
     python l2w.py --dataset cifar10 --meta-grad jvp                  # same method, first-order meta-gradient
+    python l2w.py --eval-only --resume runs/.../checkpoint.pt --early-exit --q 0.5   # real early exiting, timed
+    python l2w.py --dataset imagenet --data-dir DIR --step 4 --eval-only --weights msdnet_step4.pth.tar
+    python l2w.py --plot runs/synthetic_msdnet3_l2w runs/.../results.json --out curves.png
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
     torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
@@ -62,7 +65,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from models import build_model, count_cost
+from models import build_model, count_cost, load_released
 
 
 # ============================================================================
@@ -105,7 +108,9 @@ class Config:
     print_every: int = 20          # iterations between progress lines
     save_every: int = 0            # iterations between checkpoints (0: each epoch); also on SIGTERM/SIGUSR1
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
-    eval_only: bool = False        # evaluate --resume and write results.json, no training
+    weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
+    eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
+    early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
@@ -122,8 +127,9 @@ PRESETS = {
     "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # sized so that an epoch of L2W-DEN on a 3-exit MSDNet takes seconds on a laptop CPU
-    "synthetic": dict(epochs=3, batch_size=128, lr=0.1, q=0.75, delta=0.8, constraint="col",
+    # sized so that the demo (3 exits, L2W-DEN) takes about a minute on a laptop CPU; batch 64 and
+    # lr 0.3 give the 44 updates of 3 epochs enough reach for the deeper exits to learn the textures
+    "synthetic": dict(epochs=3, batch_size=64, lr=0.3, q=0.75, delta=0.8, constraint="col",
                       meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
 }
 
@@ -177,7 +183,11 @@ def check_config(cfg):
     need(cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")
     need(cfg.dataset in ("imagenet", "folder") or cfg.image_size == 32,
          f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
-    need(not cfg.eval_only or cfg.resume, "--eval-only needs --resume PATH (the checkpoint to evaluate)")
+    need(not cfg.eval_only or cfg.resume or cfg.weights,
+         "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
+    need(not (cfg.early_exit and cfg.world_size > 1),
+         "--early-exit times inference in one process; run it without torchrun")
+    need(not cfg.weights or os.path.isfile(cfg.weights), f"--weights '{cfg.weights}' does not exist")
     need(not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
          f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)")
@@ -224,7 +234,8 @@ def parse_config(argv=None):
     with the config stored in the checkpoint, and flags given now still win. --eval-only writes
     into <checkpoint's folder>/eval unless --out is given, never over the training run's files."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs")
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -234,6 +245,8 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
+    if flags.get("resume") and flags.get("weights"):
+        raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
     base = {k: v for k, v in state["config"].items() if k in known} if state else {}
@@ -241,8 +254,9 @@ def parse_config(argv=None):
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
     cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
     cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.eval_only and "out" not in flags:
-        cfg.out = os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval")
+    if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
+        cfg.out = (os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
+                   os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
     elif not cfg.out:
         cfg.out = default_out(cfg)
     check_config(cfg)
@@ -624,15 +638,35 @@ def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
     return curve
 
 
-@torch.no_grad()
-def early_exit_predict(model, image, thresholds):
-    """Real early exiting for one image: run exits in order and stop computing at the first
-    whose confidence reaches its threshold. Returns (predicted class, exit index)."""
-    model.eval()
-    for k, logits in enumerate(model.exits_iter(image[None])):
-        confidence, label = logits.softmax(dim=1).max(dim=1)
-        if confidence.item() >= thresholds[k]:
-            return label.item(), k
+@torch.inference_mode()
+def early_exit_predict(model, images, thresholds):
+    """Real early exiting for a batch: the network runs exit by exit, and at exit k the samples
+    whose confidence reaches thresholds[k] leave with that exit's prediction; everything the
+    later exits need is cut to the samples that remain, so no computation is spent on the ones
+    that left. Gives what the budgeted protocol simulates from a full forward pass
+    (`exit_with_thresholds`). Returns (predictions, exits), each of shape (n,)."""
+    if model.training:   # not unconditionally: eval() walks every module, as long as a first exit at batch 1
+        model.eval()
+    n, device = images.shape[0], images.device
+    predictions = torch.empty(n, dtype=torch.long, device=device)
+    exit_of = torch.empty(n, dtype=torch.long, device=device)
+    remaining = torch.arange(n, device=device)    # original index of every sample still running
+    stream = model.exits_iter(images)
+    logits = next(stream)
+    for k in range(len(thresholds)):
+        leave = logits.softmax(dim=1).amax(dim=1) >= thresholds[k]   # as `confidences` computes it
+        if k == len(thresholds) - 1:   # the last exit takes the rest, whatever its threshold
+            leave.fill_(True)
+        predictions[remaining] = logits.argmax(dim=1)   # those that stay are overwritten at a later exit
+        exit_of[remaining] = k
+        stay = (~leave).nonzero().flatten()   # the one synchronisation per exit: who goes on
+        if len(stay) == 0:
+            break
+        remaining = remaining[stay]
+        # nothing to cut when everyone stays (always the case for a single image)
+        logits = stream.send(stay if len(stay) < len(leave) else None)
+    stream.close()
+    return predictions, exit_of
 
 
 # ============================================================================
@@ -882,6 +916,15 @@ def train(cfg, state=None, stop_after_epoch=None):
     n_batches = len(train_loader.batch_sampler)
     if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
+    elif cfg.weights:   # a resumed run already holds them in its checkpoint
+        try:
+            info = load_released(unwrap(model), cfg.weights, unwrap(wpn))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        except Exception as e:   # not a file torch.load(weights_only=True) can read
+            raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
+        log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
+            f"{', and its WPN' if info['wpn'] else ''})")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
@@ -974,10 +1017,136 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     for row in dynamic:
         log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
     results.update(anytime=anytime, dynamic=dynamic)
+    if cfg.early_exit:
+        results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, (test_logits, test_targets),
+                                                    flops)
     path = os.path.join(cfg.out, "results.json")
     write_json(path, results)
     log(f"\nwrote {path}")
     return results
+
+
+def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
+    """--early-exit: the budgeted protocol at q = cfg.q, for real. Thresholds are fitted on the
+    hold-out split as in `dynamic_evaluate`; then every test batch runs through the whole network
+    and through `early_exit_predict`, in turn and in alternating order (so that load on the
+    machine and warm caches favour neither), at batch size 1 and at --batch-size. Reports time per
+    image, images/s, the average Mul-Adds of the exits taken and the accuracy, which must be the
+    budgeted protocol's at q (`same_as_budgeted` counts the images whose exit and prediction are)."""
+    net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
+    thresholds = fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits))
+    simulated = exit_with_thresholds(confidences(test[0]), thresholds)
+    simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
+    on_device = thresholds.to(device)
+    steps = {"whole": net, "early": lambda images: early_exit_predict(net, images, on_device)}
+
+    def timed(step, images):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = step(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    runs = []
+    for batch_size in dict.fromkeys([1, cfg.batch_size]):
+        loader = make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
+        seconds, predictions, exit_of = {"whole": 0.0, "early": 0.0}, [], []
+        for i, (images, labels) in enumerate(loader):
+            images, _ = to_device(images, labels, device, cfg)
+            if i == 0:   # warm-up: the first calls allocate memory and pick kernels
+                for step in steps.values():
+                    timed(step, images)
+            outputs = {}
+            for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
+                elapsed, outputs[name] = timed(steps[name], images)
+                seconds[name] += elapsed
+            predictions.append(outputs["early"][0].cpu())
+            exit_of.append(outputs["early"][1].cpu())
+        predictions, exit_of = torch.cat(predictions), torch.cat(exit_of)
+        runs.append({"batch_size": batch_size,
+                     "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
+                     "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
+                     "speedup": seconds["whole"] / seconds["early"],
+                     "accuracy": 100.0 * (predictions == test[1]).float().mean().item(),
+                     "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
+                     "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
+    shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
+    average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
+    result = {"q": cfg.q, "accuracy": runs[0]["accuracy"],
+              "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
+              "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
+              "runs": runs}
+    log(f"\nearly exit at q {cfg.q:.2f} (test set, {n} images, run exit by exit and through the whole network)\n"
+        f" top-1 {result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), "
+        f"{average_flops / 1e6:.2f}M Mul-Adds per image (whole network {flops[-1] / 1e6:.2f}M: "
+        f"{result['flops_speedup']:.2f}x), exit shares {' '.join(f'{s:.3f}' for s in shares)}\n"
+        " batch   early exit: ms/image  images/s   whole network: ms/image  images/s   speedup   "
+        "share of the Mul-Adds speedup   same as budgeted")
+    for run in runs:
+        log(f"{run['batch_size']:6d} {run['ms_per_image']:21.3f} {run['images_per_s']:9.1f} "
+            f"{run['whole_ms_per_image']:24.3f} {run['whole_images_per_s']:9.1f} {run['speedup']:8.2f}x "
+            f"{100 * run['speedup'] / result['flops_speedup']:28.0f} % {run['same_as_budgeted']:11d}/{n}")
+    return result
+
+
+# ============================================================================
+# Curves: accuracy against Mul-Adds, the figure of the paper's experiments
+# ============================================================================
+
+def read_results(path):
+    """results.json of a run directory, or the file itself."""
+    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            results = json.load(f)
+        results["config"], results["anytime"], results["dynamic"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--plot: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
+    return results
+
+
+def plot_curves(paths, out_png):
+    """One figure of every run in `paths` (run directories or results.json files): the budgeted
+    curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each exit at
+    its Mul-Adds, and, for --early-exit runs, the measured point with its time per image.
+    Returns the curves' labels (method, arch, exits, dataset of each run's config)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot draws with matplotlib, which is not installed: pip install matplotlib") from None
+    runs = [read_results(p) for p in paths]
+    giga = max(r["anytime"][-1]["flops"] for r in runs) >= 1e9
+    scale, unit = (1e9, "G") if giga else (1e6, "M")
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    labels = []
+    for results in runs:
+        c = results["config"]
+        label = f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}"
+        labels.append(label)
+        curve, = axes.plot([d["flops"] / scale for d in results["dynamic"]], [d["acc"] for d in results["dynamic"]],
+                           label=f"{label}: budgeted")
+        axes.plot([a["flops"] / scale for a in results["anytime"]], [a["acc1"] for a in results["anytime"]], "o",
+                  color=curve.get_color(), label=f"{label}: each exit")
+        if "early_exit" in results:
+            e, run = results["early_exit"], results["early_exit"]["runs"][0]
+            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=curve.get_color(),
+                      label=f"{label}: early exit at q {e['q']:g}, measured")
+            axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
+                          f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
+                          textcoords="offset points", xytext=(8, -24), fontsize=8)
+    axes.set_xlabel(f"Mul-Adds per image ({unit})")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return labels
 
 
 # ============================================================================
@@ -1041,7 +1210,17 @@ def bench(cfg):
 # ============================================================================
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if "--plot" in argv:   # the one command that takes several values; not a training config
+            parser = OneLineParser(prog="l2w.py --plot", description="accuracy against Mul-Adds of finished runs")
+            parser.add_argument("--plot", nargs="+", required=True, metavar="PATH",
+                                help="run directories or results.json files")
+            parser.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+            args = parser.parse_args(argv)
+            plot_curves(args.plot, args.out)
+            print(f"wrote {args.out}")
+            return
         cfg, state = parse_config(argv)
         if cfg.bench:
             bench(cfg)

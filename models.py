@@ -6,10 +6,13 @@ RANet: Yang et al., "Resolution Adaptive Networks for Efficient Inference", CVPR
 (Sec. 3 and Fig. 2); as released (yangle15/RANet-pytorch) where the paper leaves details open.
 
 Every network here returns one logit tensor per exit, cheapest exit first, and
-also offers `exits_iter(x)` so that early-exit inference can stop computing.
+also offers `exits_iter(x)` so that early-exit inference can stop computing: a generator of the
+exits' logits, to which the caller may send the indices of the samples that go on, so that
+everything carried to later exits is cut to them.
 `count_cost` counts Mul-Adds and parameters with MSDNet's convention (PAPER.md).
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -52,6 +55,13 @@ def init_msdnet(module):
             m.bias.data.zero_()
         elif isinstance(m, nn.Linear):
             m.bias.data.zero_()
+
+
+def take(tensors, keep):
+    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.index_select(0, keep)
+    return [take(t, keep) for t in tensors]
 
 
 # ----------------------------------------------------------------------------
@@ -145,6 +155,7 @@ class MSDNet(nn.Module):
             steps = [1 + k for k in range(exits)]
         n_scales, total = len(factors), sum(steps)
         interval = math.ceil(total / n_scales)
+        self.steps = steps   # layers per block; load_released names it when a checkpoint differs
         self.stem = MSDNetStem([channels * f for f in factors], imagenet)
         self.blocks, self.exits = nn.ModuleList(), nn.ModuleList()
         layer = 0
@@ -165,11 +176,15 @@ class MSDNet(nn.Module):
         init_msdnet(self)
 
     def exits_iter(self, x):
-        """Yield the logits of each exit in turn, computing only what that exit needs."""
+        """Yield the logits of each exit in turn, computing only what that exit needs. Indices
+        sent back (`stream.send(keep)`) cut every scale to those samples: later blocks spend
+        nothing on the samples that have left (real early exiting)."""
         features = self.stem(x)
         for block, head in zip(self.blocks, self.exits):
             features = block(features)
-            yield head(features[-1])
+            keep = yield head(features[-1])
+            if keep is not None:
+                features = take(features, keep)
 
     def forward(self, x):
         return list(self.exits_iter(x))
@@ -308,19 +323,126 @@ class RANet(nn.Module):
 
     def exits_iter(self, x):
         """Yield the logits of each exit in turn; an exit never runs a finer sub-network than its
-        own (the stem computes every base feature first, as released)."""
-        exits, low_states = iter(self.exits), None
-        for x, blocks in zip(self.stem(x), self.subnets):
-            states = []
+        own (the stem computes every base feature first, as released). Indices sent back cut
+        what later exits read: the current state, the states of this sub-network that the next
+        one's fusion blocks read, and the base features of the finer sub-networks (the exits sit
+        in the plain blocks at the end, which read no coarser state)."""
+        exits, low_states, base = iter(self.exits), None, self.stem(x)
+        for s, blocks in enumerate(self.subnets):
+            x, states = base[s], []
             for b, block in enumerate(blocks):
                 x, block_states = block(x, low_states[b] if block.fusion else None)
                 states.append(block_states)
                 if not block.fusion:
-                    yield next(exits)(x)
+                    keep = yield next(exits)(x)
+                    if keep is not None:
+                        x, states, base[s + 1:] = take([x, states, base[s + 1:]], keep)
             low_states = states
 
     def forward(self, x):
         return list(self.exits_iter(x))
+
+
+# ----------------------------------------------------------------------------
+# The authors' released weights (MSDNet-PyTorch's naming; L2W-DEN's WPN)
+# ----------------------------------------------------------------------------
+
+# MSDNet-PyTorch's module tree (also used by L2W-DEN) names the same layers as our MSDNet:
+#   blocks.0.0.layers.s.*                first layer, scale s (ImageNet's scale 0 has no `.net`)
+#   blocks.b.i.layers.j.conv_down.net.n  strided conv from the finer scale (conv_normal: same scale)
+#   blocks.b.i.m.j.net.n                 transition, scale j
+#   classifier.k.m.c.net.n / .linear     exit k
+# Their ConvBN is one Sequential of six (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), ours two of three;
+# their block 0 holds the first layer (our stem) as module 0, so its later modules move down by one.
+RELEASED_NAMES = [
+    (r"blocks\.0\.0\.layers\.(\d+)\.(?:net\.)?(\d+)\.(\w+)", lambda s, n, p: f"stem.scales.{s}.{n}.{p}"),
+    (r"blocks\.(\d+)\.(\d+)\.layers\.(\d+)\.conv_(down|normal)\.net\.(\d+)\.(\w+)",
+     lambda b, i, j, kind, n, p: f"blocks.{b}.{int(i) - (b == '0')}.units.{j}.{kind}.{int(n) // 3}.{int(n) % 3}.{p}"),
+    (r"blocks\.(\d+)\.(\d+)\.m\.(\d+)\.net\.(\d+)\.(\w+)",
+     lambda b, i, j, n, p: f"blocks.{b}.{int(i) - (b == '0')}.convs.{j}.{n}.{p}"),
+    (r"classifier\.(\d+)\.m\.(\d+)\.net\.(\d+)\.(\w+)", lambda k, c, n, p: f"exits.{k}.{c}.{n}.{p}"),
+    (r"classifier\.(\d+)\.linear\.(\w+)", lambda k, p: f"exits.{k}.4.{p}"),
+]
+
+
+def released_name(key):
+    """Our name for a key of MSDNet-PyTorch's state_dict, or None if it names no MSDNet layer."""
+    for pattern, ours in RELEASED_NAMES:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return ours(*match.groups())
+    return None
+
+
+def describe_released(state):
+    """(ImageNet?, exits, step, classes) of an MSDNet state_dict in MSDNet-PyTorch's naming."""
+    exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("classifier.")), default=-1)
+    layers = {k.split(".")[2] for k in state if re.match(r"blocks\.1\.\d+\.layers\.", k)}
+    classes = state["classifier.0.linear.weight"].shape[0] if "classifier.0.linear.weight" in state else None
+    return "blocks.0.0.layers.0.0.weight" in state, exits, len(layers) or None, classes
+
+
+def load_released(model, path, wpn=None):
+    """Load a checkpoint written by MSDNet-PyTorch or L2W-DEN into our MSDNet, in place.
+
+    The file is a dict with `state_dict` (keys `blocks.0.0.layers.0.net.0.weight`, ..., with
+    DataParallel's `module.` prefix or without), and from L2W-DEN also `meta_state_dict`, its
+    WPN (`first_hidden_layer.fc`, `rest_hidden_layers.i.fc`, `output_layer`), loaded into `wpn`
+    (any module whose nn.Linear layers run in that order) when given. A network that does not
+    fit is a ValueError naming what differs. Returns what else the file says (epoch, ...) and
+    whether a WPN was loaded.
+    """
+    if not isinstance(model, MSDNet):
+        raise ValueError(f"released checkpoints are MSDNets; this model is a {type(model).__name__}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"'{path}' has no 'state_dict': not a checkpoint of MSDNet-PyTorch or L2W-DEN")
+    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+    ours = model.state_dict()
+    translated = {released_name(k): v for k, v in state.items()}
+    if set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
+        imagenet = model.stem.scales[0][0].kernel_size[0] == 7
+        step = model.steps[1] if len(model.steps) > 1 else None
+        mine = (imagenet, len(model.exits), step, model.exits[0][-1].out_features)
+        theirs = describe_released(state)
+        names = ("image size", "exits", "step (layers in block 2)", "classes")
+        shown = lambda name, v: ("ImageNet" if v else "CIFAR") if name == "image size" else v
+        diffs = [f"{name} {shown(name, t)} in the file, {shown(name, m)} here"
+                 for name, t, m in zip(names, theirs, mine) if t != m]
+        if not diffs:   # the same outline, yet other layers: name the first that does not fit
+            odd = next((k for k, v in state.items() if released_name(k) not in ours
+                        or v.shape != ours[released_name(k)].shape), None)
+            diffs = [f"layer '{odd}'" if odd else f"missing layers ({len(set(ours) - set(translated))})"]
+        raise ValueError(f"'{path}' does not fit this MSDNet: {'; '.join(diffs)}")
+    model.load_state_dict(translated)
+    loaded_wpn = wpn is not None and "meta_state_dict" in checkpoint
+    if loaded_wpn:
+        load_released_wpn(wpn, checkpoint["meta_state_dict"], path)
+    info = {k: checkpoint[k] for k in ("epoch", "arch", "best_prec1") if k in checkpoint}
+    return {**info, "wpn": loaded_wpn}
+
+
+def load_released_wpn(wpn, meta_state, path):
+    """L2W-DEN's MLP_tanh (K -> width, ReLU, ... -> K, tanh) into `wpn`: its Linear layers in order."""
+    meta_state = {k.removeprefix("module."): v for k, v in meta_state.items()}
+    hidden = sorted({int(k.split(".")[1]) for k in meta_state if k.startswith("rest_hidden_layers.")})
+    names = ["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in hidden] + ["output_layer"]
+    theirs = [(meta_state.get(f"{n}.weight"), meta_state.get(f"{n}.bias")) for n in names]
+    linears = [m for m in wpn.modules() if isinstance(m, nn.Linear)]
+
+    if any(w is None or b is None for w, b in theirs):
+        raise ValueError(f"'{path}': its meta_state_dict is not L2W-DEN's WPN (MLP_tanh)")
+
+    def outline(weights):   # weights of the Linear layers in order: (width, K) first
+        return f"depth {len(weights) - 1}, width {weights[0].shape[0]}, exits {weights[0].shape[1]}"
+
+    if [w.shape for w, _ in theirs] != [m.weight.shape for m in linears]:
+        raise ValueError(f"'{path}': its WPN ({outline([w for w, _ in theirs])}) does not fit this one "
+                         f"({outline([m.weight for m in linears])})")
+    with torch.no_grad():
+        for m, (weight, bias) in zip(linears, theirs):
+            m.weight.copy_(weight)
+            m.bias.copy_(bias)
 
 
 # ----------------------------------------------------------------------------

@@ -215,6 +215,152 @@ def test_ranet_cli_run_writes_results_json(tmp_path, exits):
 
 
 # ----------------------------------------------------------------------------
+# The authors' released weights (MSDNet-PyTorch / L2W-DEN checkpoints)
+# ----------------------------------------------------------------------------
+
+def released_keys(exits, imagenet, step=4):
+    """The state_dict keys MSDNet-PyTorch's model code (models/msdnet.py) gives an MSDNet, in its
+    registration order, following its builder: blocks of `steps` MSDNLayers ('max' pruning,
+    interval ceil(layers / scales)), a transition (ParallelModule `m`) after each layer that drops
+    a scale, the first layer as module 0 of block 0; then all classifiers. Written from their
+    module tree, not from models.py."""
+    n_scales = 4 if imagenet else 3
+    steps = [4] + [step] * (exits - 1) if imagenet else [1 + b for b in range(exits)]   # even / lin_grow
+    bn = lambda p: [f"{p}.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    basic = lambda p: [f"{p}.net.0.weight"] + bn(f"{p}.net.1")                            # ConvBasic
+    conv_bn = lambda p: [f"{p}.net.0.weight"] + bn(f"{p}.net.1") + [f"{p}.net.3.weight"] + bn(f"{p}.net.4")
+    keys, heads, layer, interval = [], [], 0, math.ceil(sum(steps) / n_scales)
+    for b, n_layers in enumerate(steps):
+        i = 0
+        if b == 0:   # MSDNFirstLayer; ImageNet's scale 0 is a bare Sequential(conv with bias, BN, ReLU, max pool)
+            keys += (["blocks.0.0.layers.0.0.weight", "blocks.0.0.layers.0.0.bias"] + bn("blocks.0.0.layers.0.1")
+                     if imagenet else basic("blocks.0.0.layers.0"))
+            keys += [k for s in range(1, n_scales) for k in basic(f"blocks.0.0.layers.{s}")]
+            i = 1
+        for _ in range(n_layers):
+            layer += 1
+            in_scales = n_scales - max(0, layer - 2) // interval
+            out_scales = n_scales - (layer - 1) // interval
+            for j in range(out_scales):   # ConvNormal for the finest kept scale unless one is discarded
+                if j > 0 or in_scales > out_scales:
+                    keys += conv_bn(f"blocks.{b}.{i}.layers.{j}.conv_down")
+                keys += conv_bn(f"blocks.{b}.{i}.layers.{j}.conv_normal")
+            i += 1
+            if in_scales > out_scales:
+                keys += [k for j in range(out_scales) for k in basic(f"blocks.{b}.{i}.m.{j}")]
+                i += 1
+        heads += basic(f"classifier.{b}.m.0") + basic(f"classifier.{b}.m.1")
+        heads += [f"classifier.{b}.linear.weight", f"classifier.{b}.linear.bias"]
+    return keys + heads   # `blocks` is registered before `classifier`
+
+
+def released_checkpoint(model, path, imagenet, step=4, prefix="", wpn=None):
+    """Write `model` as MSDNet-PyTorch saves it (with L2W-DEN's meta_state_dict for `wpn`)."""
+    values = list(model.state_dict().values())
+    keys = released_keys(len(model.exits), imagenet, step)
+    assert len(keys) == len(values)
+    checkpoint = {"state_dict": {prefix + k: v for k, v in zip(keys, values)}, "epoch": 100, "arch": "msdnet",
+                  "best_prec1": 73.93, "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "params": [0]}]}}
+    if wpn is not None:
+        linears = [m for m in wpn.modules() if isinstance(m, torch.nn.Linear)]
+        names = (["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in range(len(linears) - 2)]
+                 + ["output_layer"])
+        checkpoint["meta_state_dict"] = {f"{n}.{p}": getattr(m, p).detach().clone()
+                                         for n, m in zip(names, linears) for p in ("weight", "bias")}
+        checkpoint["meta_optimizer"] = {"state": {}, "param_groups": []}
+    torch.save(checkpoint, path)
+
+
+def randomise_bn_statistics(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("classes,exits,imagenet,step,prefix,with_wpn", [
+    (10, 3, False, None, "", True), (100, 5, False, None, "module.", False), (1000, 2, True, 4, "", True),
+    (100, 3, True, 6, "module.", False)])
+def test_released_checkpoints_load_and_give_the_same_logits(tmp_path, classes, exits, imagenet, step, prefix,
+                                                           with_wpn):
+    size = 160 if imagenet else 32   # the ImageNet network on fewer pixels: its weights do not depend on it
+    torch.manual_seed(0)
+    source = models.build_model("msdnet", classes, exits, size, step)
+    randomise_bn_statistics(source, 0)
+    source_wpn = l2w.WPN(exits, 2 if with_wpn else 1, 7)
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(source, path, imagenet, step or 4, prefix, source_wpn if with_wpn else None)
+    torch.manual_seed(1)
+    target, target_wpn = models.build_model("msdnet", classes, exits, size, step), l2w.WPN(exits, 2, 7)
+    info = models.load_released(target, path, target_wpn)
+    assert info == {"epoch": 100, "arch": "msdnet", "best_prec1": 73.93, "wpn": with_wpn}
+    x, losses = torch.randn(1, 3, size, size), torch.rand(4, exits)
+    with torch.no_grad():
+        for theirs, ours in zip(source.eval()(x), target.eval()(x), strict=True):
+            assert torch.equal(theirs, ours)
+        assert torch.equal(source_wpn(losses), target_wpn(losses)) == with_wpn
+
+
+@pytest.mark.parametrize("built,message", [
+    (("msdnet", 10, 4, 32, None), "exits 3 in the file, 4 here"),
+    (("msdnet", 100, 3, 32, None), "classes 10 in the file, 100 here"),
+    (("msdnet", 10, 3, 224, 4), "image size CIFAR in the file, ImageNet here"),
+    (("ranet", 10, 6, 32, None), "released checkpoints are MSDNets; this model is a RANet")])
+def test_released_checkpoint_that_does_not_fit_names_what_differs(tmp_path, built, message):
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(models.build_model("msdnet", 10, 3), path, imagenet=False)
+    with pytest.raises(ValueError) as error:
+        models.load_released(models.build_model(*built), path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_released_imagenet_checkpoint_of_another_step_names_the_step(tmp_path):
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(models.build_model("msdnet", 1000, 2, 224, 6), path, imagenet=True, step=6)
+    with pytest.raises(ValueError, match=r"step \(layers in block 2\) 6 in the file, 4 here"):
+        models.load_released(models.build_model("msdnet", 1000, 2, 224, 4), path)
+    wpn_path = tmp_path / "wpn.pth.tar"
+    released_checkpoint(models.build_model("msdnet", 10, 3), wpn_path, imagenet=False, wpn=l2w.WPN(3, 1, 500))
+    with pytest.raises(ValueError, match=r"its WPN \(depth 1, width 500, exits 3\) does not fit this one "
+                                         r"\(depth 1, width 100, exits 3\)"):
+        models.load_released(models.build_model("msdnet", 10, 3), wpn_path, l2w.WPN(3, 1, 100))
+
+
+def test_a_file_without_state_dict_is_no_released_checkpoint(tmp_path):
+    path = tmp_path / "ours.pt"
+    torch.save({"model": models.build_model("msdnet", 10, 3).state_dict(), "epoch": 1}, path)   # l2w.py's layout
+    with pytest.raises(ValueError, match="has no 'state_dict': not a checkpoint of MSDNet-PyTorch or L2W-DEN"):
+        models.load_released(models.build_model("msdnet", 10, 3), path)
+
+
+def test_cli_weights_evaluates_a_released_checkpoint_and_refuses_one_that_does_not_fit(tmp_path):
+    torch.manual_seed(0)
+    source = models.build_model("msdnet", 10, 3)
+    randomise_bn_statistics(source, 0)
+    path = tmp_path / "released.pth.tar"
+    released_checkpoint(source, path, imagenet=False, prefix="module.", wpn=l2w.WPN(3, 1, 500))
+    args = ["--dataset", "synthetic", "--exits", "3", "--synthetic-size", "300", "--holdout", "60", "--device", "cpu"]
+    result = run_cli(*args, "--eval-only", "--weights", str(path), "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    assert "and its WPN" in result.stdout
+    # the anytime table is the source network's own accuracy on the test split
+    test = data.load(small_cfg()).test
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    labels = torch.tensor([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        expected = [l2w.topk_accuracy(z, labels, 1) for z in source.eval()(images)]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["acc1"] for r in results["anytime"]] == pytest.approx(expected, abs=1e-9)
+    for flags, message in [(["--exits", "4"], "does not fit this MSDNet: exits 3 in the file, 4 here"),
+                           (["--wpn-width", "100"], "its WPN (depth 1, width 500, exits 3) does not fit"),
+                           (["--resume", str(path)], "give one of them")]:
+        bad = run_cli(*args, "--eval-only", "--weights", str(path), *flags, "--out", str(tmp_path / "bad"))
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and message in lines[0], bad.stderr
+
+
+# ----------------------------------------------------------------------------
 # The method: weights, meta objective, one iteration
 # ----------------------------------------------------------------------------
 
@@ -559,24 +705,96 @@ def test_dynamic_evaluate_matches_msdnet_loop():
     assert curve[0]["flops"] < curve[-1]["flops"]
 
 
-def test_early_exit_predict_stops_computing_and_agrees_with_thresholds():
-    torch.manual_seed(0)
-    model = models.build_model("msdnet", 10, 3).eval()
-    images = torch.randn(12, 3, 32, 32)
+def calibrate_batchnorm(model, images):
+    """Running statistics from one training-mode pass, so that a fresh network's activations and
+    confidences are spread as a trained one's (else a deep RANet's logits reach 1e4)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None   # cumulative average: exactly this batch's statistics
     with torch.no_grad():
-        logits = model(images)
-    confidence = l2w.confidences(logits)
-    thresholds = l2w.fit_thresholds(confidence, l2w.exit_fractions(1.0, 3))
-    expected = l2w.exit_with_thresholds(confidence, thresholds)
-    heads_run = [0, 0, 0]
-    for k, head in enumerate(model.exits):
-        head.register_forward_hook(lambda m, i, o, k=k: heads_run.__setitem__(k, heads_run[k] + 1))
-    for i in range(len(images)):
-        label, k = l2w.early_exit_predict(model, images[i], thresholds)
-        assert k == expected[i] and label == logits[k][i].argmax().item()
-    counts = torch.bincount(expected, minlength=3).tolist()
-    assert heads_run == [12, 12 - counts[0], counts[2]]   # later exits ran only for samples that reached them
-    assert 0 < counts[0] < 12
+        model.train()(images)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,exits", [("msdnet", 5), ("ranet", 6), ("ranet", 8)])
+def test_early_exit_predict_equals_the_simulated_protocol_and_skips_computation(arch, exits):
+    torch.manual_seed(0)
+    model = calibrate_batchnorm(models.build_model(arch, 10, exits), torch.randn(64, 3, 32, 32))
+    holdout, images = torch.randn(60, 3, 32, 32), torch.randn(23, 3, 32, 32)
+    with torch.no_grad():
+        thresholds = l2w.fit_thresholds(l2w.confidences(model(holdout)), l2w.exit_fractions(0.9, exits))
+    # which exits' samples each block and head serves: the number of exits yielded before it runs
+    order, exits_seen = {}, [0]
+    blocks = list(model.blocks) if arch == "msdnet" else [b for subnet in model.subnets for b in subnet]
+
+    def note_order(m, inputs):
+        order.setdefault(m, exits_seen[0])
+
+    hooks = [m.register_forward_pre_hook(note_order) for m in blocks]
+    hooks += [h.register_forward_hook(lambda *_: exits_seen.__setitem__(0, exits_seen[0] + 1)) for h in model.exits]
+    with torch.no_grad():
+        model(images[:1])
+    for h in hooks:
+        h.remove()
+    served = {m: 0 for m in [*blocks, *model.exits]}
+
+    def count_samples(m, inputs):
+        while not isinstance(inputs, torch.Tensor):   # MSDNet's blocks take the list of scales
+            inputs = inputs[0]
+        served[m] += inputs.shape[0]
+
+    for m in served:
+        m.register_forward_pre_hook(count_samples)
+    for batch_size in (1, 7, 23):
+        # the simulated protocol on the same batches: full forward pass, then the thresholds
+        with torch.no_grad():
+            logits = [torch.cat(z) for z in zip(*(model(b) for b in images.split(batch_size)))]
+        expected_exits = l2w.exit_with_thresholds(l2w.confidences(logits), thresholds)
+        expected_predictions = torch.stack(logits).argmax(dim=2)[expected_exits, torch.arange(len(images))]
+        served.update({m: 0 for m in served})
+        predictions, exit_of = map(torch.cat, zip(*(l2w.early_exit_predict(model, b, thresholds)
+                                                    for b in images.split(batch_size))))
+        assert torch.equal(exit_of, expected_exits) and torch.equal(predictions, expected_predictions), batch_size
+        # every block and head ran for exactly the samples that had not left before it
+        reached = [(exit_of >= k).sum().item() for k in range(exits)]
+        assert [served[m] for m in blocks] == [reached[order[m]] for m in blocks]
+        assert [served[h] for h in model.exits] == reached
+    counts = torch.bincount(exit_of, minlength=exits)
+    assert counts[0] > 0 and counts[-1] > 0 and reached[-1] < len(images) / 2   # the computation skipped is real
+
+
+def fake_results(method, exits, early_exit=False):
+    flops = [7e6 * (k + 1) for k in range(exits)]
+    results = {"config": dataclasses.asdict(small_cfg(method=method, exits=exits)),
+               "anytime": [{"exit": k + 1, "acc1": 80.0 + k, "acc5": 99.0, "flops": f, "params": 1e5}
+                           for k, f in enumerate(flops)],
+               "dynamic": [{"q": p / 20, "acc": 80.0 + p / 20, "flops": flops[0] + p * 1e5} for p in range(1, 40)]}
+    if early_exit:
+        results["early_exit"] = {"q": 0.5, "accuracy": 80.5, "flops": 9e6, "runs": [
+            {"batch_size": 1, "ms_per_image": 4.0, "whole_ms_per_image": 9.0}]}
+    return results
+
+
+def test_plot_curves_writes_a_png_labelled_from_each_config(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps(fake_results("l2w", 3, early_exit=True)))
+    (tmp_path / "baseline.json").write_text(json.dumps(fake_results("baseline", 5)))
+    labels = l2w.plot_curves([str(tmp_path / "run"), str(tmp_path / "baseline.json")], tmp_path / "curves.png")
+    assert labels == ["l2w msdnet3 synthetic", "baseline msdnet5 synthetic"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the CLI: several paths, --out, and a one-line error for a path that holds no results
+    result = run_cli("--plot", str(tmp_path / "run"), str(tmp_path / "baseline.json"), "--out", str(tmp_path / "c.png"))
+    assert result.returncode == 0 and (tmp_path / "c.png").stat().st_size > 10_000, result.stderr
+    bad = run_cli("--plot", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: --plot: '{tmp_path / 'missing'}' is not a run directory or results.json (FileNotFoundError)"]
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    (tmp_path / "results.json").write_text(json.dumps(fake_results("l2w", 3)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # as if it were not installed
+    with pytest.raises(l2w.UsageError, match="pip install matplotlib"):
+        l2w.plot_curves([str(tmp_path)], tmp_path / "curves.png")
 
 
 # ----------------------------------------------------------------------------
@@ -649,19 +867,40 @@ def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
     assert splits.threshold_source == "train" and len(splits.train) == len(splits.threshold_set) == 100
 
 
-def test_synthetic_set_is_seeded_learnable_and_graded():
+def test_synthetic_set_is_seeded_and_only_fine_detail_names_the_hard_half():
     train, test = data.synthetic(600, seed=0)
     again, _ = data.synthetic(600, seed=0)
     assert torch.equal(train.tensors[0], again.tensors[0]) and train.tensors[0].shape == (600, 3, 32, 32)
     assert len(test) == 200 and set(train.tensors[1].tolist()) == set(range(10))
-    # a nearest-prototype rule (class means of the training set) is far above chance on the test
-    # set, and its margin spreads from easy to hard samples
-    x, y = train.tensors
-    means = torch.stack([x[y == c].mean(0) for c in range(10)]).flatten(1)
-    distances = torch.cdist(test.tensors[0].flatten(1), means)
-    assert (distances.argmin(1) == test.tensors[1]).float().mean() > 0.5
-    margin = distances.sort(1).values[:, 1] - distances.min(1).values
-    assert margin.quantile(0.9) > 3 * margin.quantile(0.1)
+    (x, y), (x_test, y_test) = train.tensors, test.tensors
+
+    def nearest_class_mean(features):
+        means = torch.stack([features(x[y == c]).mean(0) for c in range(10)])
+        return (torch.cdist(features(x_test), means).argmin(1) == y_test).float().mean().item()
+
+    # the coarse view (8x8-pixel means) names the easy half's class and guesses the hard half's
+    coarse = nearest_class_mean(lambda images: F.avg_pool2d(images, 8).flatten(1))
+
+    def texture_spectrum(images):   # shift-invariant: the power spectrum without its lowest frequencies
+        power = torch.fft.fft2(images).abs().square()
+        low = torch.tensor([0, 1, 2, -2, -1])
+        power[..., low[:, None], low] = 0
+        return power.log1p().flatten(1)
+
+    # the fine texture, found at any shift (a nonlinear feature), names nearly every sample
+    fine = nearest_class_mean(texture_spectrum)
+    assert 0.5 <= coarse <= 0.75 and fine >= 0.95, (coarse, fine)
+
+
+def test_demo_deepest_exit_is_best_and_the_budgeted_curve_rises(tmp_path):
+    # The README's one-minute demo exactly (`--dataset synthetic --exits 3`, the preset), in process:
+    # about a minute on a 2-core CPU, the one slow test of the suite (issue 10's acceptance).
+    cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--exits", "3", "--out", str(tmp_path), "--device", "cpu"])
+    results = l2w.train(cfg)
+    first, last = results["anytime"][0]["acc1"], results["anytime"][-1]["acc1"]
+    cheapest, dearest = results["dynamic"][0], results["dynamic"][-1]
+    assert last >= first + 3, (first, last)
+    assert dearest["acc"] >= cheapest["acc"] + 2 and dearest["flops"] > cheapest["flops"], (cheapest, dearest)
 
 
 # ----------------------------------------------------------------------------
@@ -687,12 +926,20 @@ def test_cli_end_to_end_writes_results_json(tmp_path):
     assert json.loads((out / "holdout_indices.json").read_text()) == state["holdout_indices"].tolist()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "holdout_indices.json", "results.json"]
 
-    # --eval-only on the checkpoint reproduces the numbers, in its own folder
+    # --eval-only on the checkpoint reproduces the numbers, in its own folder; --early-exit runs
+    # the budget q = 0.5 for real, at batch 1 and at the run's batch size, and gets the budgeted
+    # protocol's exits and accuracy
     finished = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"))
+    again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--early-exit", "--q", "0.5")
     assert again.returncode == 0, again.stderr
     evaluated = json.loads((out / "eval" / "results.json").read_text())
     assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
+    early, at_q = evaluated["early_exit"], results["dynamic"][9]
+    assert at_q["q"] == early["q"] == 0.5 and early["accuracy"] == early["budgeted_accuracy"] == at_q["acc"]
+    assert early["flops"] == pytest.approx(at_q["flops"]) and early["whole_flops"] == flops[-1]
+    assert [run["batch_size"] for run in early["runs"]] == [1, 32]
+    assert all(run["same_as_budgeted"] == 100 and run["accuracy"] == early["accuracy"] for run in early["runs"])
+    assert "share of the Mul-Adds speedup" in again.stdout
 
     # the same command again must not start over on top of the finished run
     again = run_cli("--dataset", "synthetic", "--exits", "3", "--out", str(out), "--device", "cpu")
@@ -916,6 +1163,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "does not exist": ["--resume", str(tmp_path / "missing.pt")],
         "corrupt": ["--resume", str(corrupt)],
         "--eval-only needs --resume": ["--eval-only", "--dataset", "synthetic"],
+        f"--weights '{tmp_path / 'none.pth'}' does not exist": ["--weights", str(tmp_path / "none.pth")],
         "invalid int value": ["--exits", "three"],
         f"cifar10 not found in '{tmp_path / 'empty'}'": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
     }
