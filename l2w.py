@@ -425,12 +425,12 @@ def virtual_sgd_step(optimizer, params, grads):
     for p, g in zip(params, grads):
         group = group_of[p]
         mu, dampening = group["momentum"], group["dampening"]
-        step, slope = g + group["weight_decay"] * p, 1.0
+        step, slope = g.add(p, alpha=group["weight_decay"]), 1.0
         buf = optimizer.state[p].get("momentum_buffer") if mu else None
         if mu:
-            buf, slope = (step, 1.0) if buf is None else (mu * buf + (1 - dampening) * step, 1 - dampening)
-            step, slope = (step + mu * buf, 1 + mu * slope) if group["nesterov"] else (buf, slope)
-        theta_virtual.append(p - group["lr"] * step)
+            buf, slope = (step, 1.0) if buf is None else (buf.mul(mu).add_(step, alpha=1 - dampening), 1 - dampening)
+            step, slope = (step.add(buf, alpha=mu), 1 + mu * slope) if group["nesterov"] else (buf, slope)
+        theta_virtual.append(p.add(step, alpha=-group["lr"]))
         slopes.append(group["lr"] * slope)
     return theta_virtual, slopes
 
