@@ -25,6 +25,8 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
     python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
     python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
+    python l2w.py --dataset cifar100 --imta pretrain --out runs/imta1          # IMTA, phase 1 (GE)
+    python l2w.py --imta finetune --pretrained runs/imta1/checkpoint.pt       # phase 2 (ISC + OFA)
     torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
 Tested with torch 2.14 on CPU (see README.md for what has been verified and what has not).
@@ -56,7 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from models import build_model, count_cost
+from models import IMTANet, build_model, count_cost
 
 
 # ============================================================================
@@ -100,6 +102,11 @@ class Config:
     eval_only: bool = False        # evaluate --resume and write results.json, no training
     bench: bool = False            # time a plain and an L2W iteration, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
+    imta: str = ""                 # IMTA (Li et al. 2019) phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
+    pretrained: str = ""           # --imta finetune: the --imta pretrain checkpoint whose network is frozen
+    kd_temperature: float = 3.0    # --imta finetune: distillation temperature T (IMTA: 3 on CIFAR, 1 on ImageNet)
+    kd_gamma: float = 0.9          # --imta finetune: share gamma of the distillation term (IMTA: 0.9 CIFAR, 0.1 ImageNet)
+    kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
 
@@ -118,6 +125,12 @@ PRESETS = {
     "synthetic": dict(epochs=3, batch_size=128, lr=0.1, q=0.75, delta=0.8, constraint="col",
                       meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
 }
+# IMTA's distillation settings (its released code), for --imta finetune; other data sets keep
+# the Config defaults, IMTA's CIFAR values (T = 3, gamma = 0.9).
+IMTA_PRESETS = {"imagenet": dict(kd_temperature=1.0, kd_gamma=0.1)}
+# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
+# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "image_size")
 
 
 class UsageError(Exception):
@@ -146,8 +159,22 @@ def check_config(cfg):
         raise UsageError("--eval-only needs --resume PATH (the checkpoint to evaluate)")
     if cfg.meta_interval < 1 or cfg.epochs < 0 or cfg.wpn_depth < 0 or cfg.workers < 0:
         raise UsageError("--meta-interval must be >= 1, --epochs, --wpn-depth and --workers >= 0")
+    if cfg.imta not in ("", "pretrain", "finetune"):
+        raise UsageError(f"unknown --imta '{cfg.imta}' (choose pretrain or finetune)")
+    if cfg.imta and cfg.arch != "msdnet":
+        raise UsageError(f"--imta is built for msdnet (IMTA's techniques as released), not {cfg.arch}")
+    if cfg.imta == "finetune" and not (cfg.pretrained or cfg.resume):
+        raise UsageError("--imta finetune needs --pretrained PATH (a checkpoint of --imta pretrain)")
+    if cfg.pretrained and cfg.imta != "finetune":
+        raise UsageError("--pretrained is for --imta finetune")
+    if cfg.kd_temperature <= 0:
+        raise UsageError(f"--kd-temperature must be > 0, got {cfg.kd_temperature}")
+    if not 0 <= cfg.kd_gamma <= 1:
+        raise UsageError(f"--kd-gamma must be in [0, 1], got {cfg.kd_gamma}")
+    if cfg.kd_reduction not in ("mean", "batchmean"):
+        raise UsageError(f"unknown --kd-reduction '{cfg.kd_reduction}' (choose mean or batchmean)")
     try:
-        build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step)
+        build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain")
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -175,13 +202,33 @@ def parse_config(argv=None):
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
     base = {k: v for k, v in state["config"].items() if k in known} if state else {}
+    imta = flags.get("imta", base.get("imta", Config.imta))
+    if imta == "finetune" and not state and flags.get("pretrained"):
+        base = pretrained_fields(flags)
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
-    cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
+    imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
+    cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **base, **flags})
     cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
     if not cfg.out:
-        cfg.out = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}{cfg.exits}_{cfg.method}")
+        imta_suffix = f"_imta-{cfg.imta}" if cfg.imta else ""
+        cfg.out = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}{cfg.exits}_{cfg.method}{imta_suffix}")
     check_config(cfg)
     return cfg, state
+
+
+def pretrained_fields(flags):
+    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config; a flag that contradicts
+    one of them is an error (the frozen network cannot change)."""
+    config = load_checkpoint(flags["pretrained"])["config"]
+    if config.get("imta") == "finetune":
+        raise UsageError(f"--pretrained '{flags['pretrained']}' is an --imta finetune checkpoint; "
+                         "give the --imta pretrain one")
+    fields = {k: config.get(k, getattr(Config, k)) for k in PRETRAINED_FIELDS}
+    for k, v in fields.items():
+        if k in flags and flags[k] != v:
+            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match the pretrained network's {v} "
+                             "(--imta finetune takes it from --pretrained)")
+    return fields
 
 
 # ============================================================================
@@ -217,6 +264,44 @@ def sample_weights(g, delta, constraint):
 def per_exit_losses(logits, targets):
     """L[i, k] = cross-entropy of sample i at exit k, shape (n, K)."""
     return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
+
+
+def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
+    """IMTA's one-for-all knowledge distillation (Sec. 3.3) per sample and exit, shape (n, K): the
+    last exit learns from the labels, every other exit k from the labels and the last exit alike,
+    (1 - gamma) CE + gamma T^2 KL(softmax(teacher / T) || softmax(z_k / T)).
+
+    reduction 'mean' reproduces IMTA's nn.KLDivLoss() (the old default reduction, a mean over
+    batch x classes): each sample's KL, summed over the classes, is divided by the number of
+    classes; 'batchmean' keeps the true per-sample KL. Averaged over the batch, each column is
+    IMTA's loss of that exit.
+    """
+    soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
+    columns = []
+    for z in logits[:-1]:
+        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), soft_teacher, reduction="none", log_target=True).sum(1)
+        if reduction == "mean":
+            kl = kl / z.shape[1]
+        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * temperature ** 2 * kl)
+    columns.append(F.cross_entropy(logits[-1], targets, reduction="none"))
+    return torch.stack(columns, dim=1)
+
+
+def exit_losses(model, images, targets, cfg):
+    """Step 1: L[i, k] of a train half. Cross-entropy, except in IMTA's second phase (--imta
+    finetune), where it is the one-for-all distillation loss of the new heads against the frozen
+    network's last exit; the WPN weights whichever it is."""
+    if cfg.imta == "finetune":
+        logits, teacher = model(images, with_teacher=True)
+        return distillation_losses(logits, teacher, targets, cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction)
+    return per_exit_losses(model(images), targets)
+
+
+def trainable_parameters(net):
+    """{name: parameter} of what the virtual and the real step move (and the optimizer holds):
+    every parameter, except in IMTA's second phase, where the phase-1 network is frozen and only
+    the new heads and ISC modules train."""
+    return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
 def weighted_loss(losses, weights):
@@ -291,25 +376,28 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     # Under --amp, the forward pass whose graph the second-order meta-gradient goes through stays
     # in fp32: in bf16 that gradient is mostly rounding error (measured in test_l2w.py).
     with autocast(cfg, images.device, enabled=not meta_step):
-        losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
+        losses = exit_losses(model, images, targets, cfg)           # step 1: L[i, k]
     meta_loss = None
     if meta_step:
         # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the
         # real optimizer's lr, momentum buffers and weight decay, differentiable in the WPN.
         # higher's differentiable SGD works on a copy of the optimizer state, so the real
-        # optimizer is left exactly as it was.
-        virtual_sgd = higher.get_diff_optim(optimizer, net.parameters())
+        # optimizer is left exactly as it was. Only the trainable parameters move.
+        trainable = trainable_parameters(net)
+        virtual_sgd = higher.get_diff_optim(optimizer, trainable.values())
         weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
         unscale = None if scaler is None else (lambda grads: [g / scale for g in grads])
-        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights) * scale, params=list(net.parameters()),
+        theta_virtual = virtual_sgd.step(weighted_loss(losses, weights) * scale, params=list(trainable.values()),
                                          grad_callback=unscale)
 
         # Step 4: meta objective on the meta half with theta'; step 5: the WPN's Adam step.
-        # The virtual forward runs in train mode without BN buffers: BatchNorm normalises with
-        # the batch statistics, as in any training forward, and updates no running statistics,
-        # so the real ones are untouched. Only the WPN receives gradients.
-        state = {name: t for (name, _), t in zip(net.named_parameters(), theta_virtual)}
-        state.update({name: None for name, _ in net.named_buffers()})
+        # The virtual forward takes theta' for the trainable parameters, the frozen ones as they
+        # are, and throw-away copies of the BN buffers: a train-mode BatchNorm normalises with
+        # the batch statistics, as in any training forward, and updates only the copies; the
+        # eval-mode frozen network of IMTA's phase 2 reads its running statistics. Only the WPN
+        # receives gradients.
+        state = dict(zip(trainable, theta_virtual))
+        state.update({name: b.clone() for name, b in net.named_buffers()})
         with autocast(cfg, images.device):
             meta_loss = meta_loss_fn(functional_call(net, state, (meta_images,)), meta_targets, cfg.q)
         wpn_optimizer.zero_grad(set_to_none=True)
@@ -520,7 +608,10 @@ def autocast(cfg, device, enabled=True):
 def build(cfg, num_classes, device):
     """Backbone, WPN and their optimizers as configured (PAPER.md, "Hyperparameters"), wrapped in
     DistributedDataParallel under torchrun, and the fp16 loss scaler where one is needed."""
-    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step).to(device)
+    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain")
+    if cfg.imta == "finetune":   # IMTA's second phase: the network above frozen, new heads on it
+        model = IMTANet(model, num_classes)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.is_initialized() and cfg.sync_bn:
@@ -528,7 +619,7 @@ def build(cfg, num_classes, device):
             raise UsageError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(trainable_parameters(model).values(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=cfg.wpn_lr, weight_decay=cfg.wpn_weight_decay)
     if dist.is_initialized():
@@ -572,8 +663,16 @@ def train(cfg, state=None, stop_after_epoch=None):
     np.random.seed(cfg.seed)
     if cfg.resume and state is None:
         state = load_checkpoint(cfg.resume)
-    splits = data.load(cfg, state["holdout_indices"] if state else None)
+    # IMTA's second phase starts from the phase-1 network and its hold-out split; a phase-2
+    # checkpoint holds both, so a resumed run does not read the phase-1 file.
+    pretrained = load_checkpoint(cfg.pretrained) if cfg.imta == "finetune" and not state else None
+    splits = data.load(cfg, (state or pretrained or {}).get("holdout_indices"))
     model, wpn, optimizer, wpn_optimizer, scaler = build(cfg, splits.num_classes, device)
+    if pretrained:
+        try:
+            unwrap(model).backbone.load_state_dict(pretrained["model"])
+        except RuntimeError as e:
+            raise UsageError(f"--pretrained '{cfg.pretrained}' does not fit this model ({str(e).splitlines()[0]})") from None
     start_epoch = 0
     if state:
         try:
@@ -594,6 +693,11 @@ def train(cfg, state=None, stop_after_epoch=None):
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
         f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
+    if cfg.imta == "pretrain":
+        log("IMTA phase 1: gradient equilibrium in the backward pass")
+    elif cfg.imta == "finetune":
+        log(f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, "
+            f"{sum(p.numel() for p in trainable_parameters(unwrap(model)).values()):,} parameters in the new heads and ISC")
     log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
     if splits.threshold_source == "train":
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
@@ -684,7 +788,7 @@ def bench(cfg):
     def plain_step():  # one SGD step on the full batch, every exit weighted 1
         model.train()
         with autocast(cfg, device):
-            loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
+            loss = exit_losses(model, images, targets, cfg).mean(dim=0).sum()
         sgd_step(loss, optimizer, scaler)
 
     def l2w_step():
