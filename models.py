@@ -180,10 +180,11 @@ class MSDNet(nn.Module):
     def exit_inputs(self, x):
         """Yield, block by block, the coarsest-scale tensor that exit k's classifier reads.
 
-        Gradient Equilibrium (IMTA, Sec. 3.1): that tensor's gradient is divided by K - k before
-        it enters block k (the classifier's share of it included) and the gradient coming back from
-        the later blocks is multiplied by K - k - 1, so that no block's gradient grows with the
-        number of exits behind it. The consumer applies the classifier between the two scalings.
+        Gradient Equilibrium (IMTA, Sec. 3.1), in the backward pass: the gradient coming back from
+        block k + 1 is multiplied by K - k - 1, added to exit k's classifier's, and the sum is
+        divided by K - k before it enters block k. Along the coarsest scale, block k thus gets the
+        mean, not the sum, of the gradients of the K - k exits behind it. The consumer applies the
+        classifier between the two scalings.
         """
         features, n_exits = self.stem(x), len(self.blocks)
         for k, block in enumerate(self.blocks):
