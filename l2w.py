@@ -30,6 +30,8 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
     python l2w.py --dataset imagenet --data-dir DIR --step 4 --eval-only --weights msdnet_step4.pth.tar
     python l2w.py --plot runs/synthetic_msdnet3_l2w runs/.../results.json --out curves.png
     python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
+    python l2w.py --dataset cifar100 --imta pretrain --out runs/imta1          # IMTA, phase 1 (GE)
+    python l2w.py --imta finetune --pretrained runs/imta1/checkpoint.pt       # phase 2 (ISC + OFA)
     torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
 
 Tested with torch 2.14 on CPU (see README.md for what has been verified and what has not).
@@ -53,6 +55,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import higher
 import torch
@@ -65,7 +68,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from models import build_model, count_cost, load_released
+from models import IMTANet, build_model, count_cost, load_released
 
 
 # ============================================================================
@@ -113,6 +116,11 @@ class Config:
     early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
+    imta: str = ""                 # IMTA (Li et al. 2019) phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
+    pretrained: str = ""           # --imta finetune: the --imta pretrain checkpoint whose network is frozen
+    kd_temperature: float = 3.0    # --imta finetune: distillation temperature T (IMTA: 3 on CIFAR, 1 on ImageNet)
+    kd_gamma: float = 0.9          # --imta finetune: share gamma of the distillation term (IMTA: 0.9 CIFAR, 0.1 ImageNet)
+    kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
 
@@ -132,6 +140,12 @@ PRESETS = {
     "synthetic": dict(epochs=3, batch_size=64, lr=0.3, q=0.75, delta=0.8, constraint="col",
                       meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
 }
+# IMTA's distillation settings (its released code), for --imta finetune; other data sets keep
+# the Config defaults, IMTA's CIFAR values (T = 3, gamma = 0.9).
+IMTA_PRESETS = {"imagenet": dict(kd_temperature=1.0, kd_gamma=0.1)}
+# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
+# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "image_size")
 
 
 class UsageError(Exception):
@@ -152,7 +166,8 @@ def check_config(cfg):
 
     choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "method": ("l2w", "baseline"),
                "constraint": ("col", "row", "mat"),
-               "meta_grad": ("higher", "jvp")}
+               "meta_grad": ("higher", "jvp"), "imta": ("", "pretrain", "finetune"),
+               "kd_reduction": ("mean", "batchmean")}
     for name, allowed in choices.items():
         need(getattr(cfg, name) in allowed,
              f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
@@ -171,6 +186,14 @@ def check_config(cfg):
     finite("delta", 0)
     finite("imbalance", 1)
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
+    finite("kd_temperature", 0, low_ok=False)
+    need(0 <= cfg.kd_gamma <= 1, f"--kd-gamma must be in [0, 1], got {cfg.kd_gamma}")
+    need(not cfg.imta or cfg.arch == "msdnet",
+         f"--imta is built for msdnet (IMTA's techniques as released), not {cfg.arch}")
+    need(cfg.imta != "finetune" or cfg.pretrained or cfg.resume,
+         "--imta finetune needs --pretrained PATH (a checkpoint of --imta pretrain)")
+    need(not cfg.pretrained or cfg.imta == "finetune", "--pretrained is for --imta finetune")
+    need(not (cfg.pretrained and cfg.weights), "--pretrained and --weights both give the network: give one of them")
     finite("q", 0, low_ok=False)
     try:   # q^k must neither overflow nor vanish
         fractions = exit_fractions(cfg.q, cfg.exits)
@@ -205,7 +228,7 @@ def check_config(cfg):
                          f"{os.path.join(cfg.out, 'checkpoint.pt')}, or start a new run with another --out")
     try:   # shapes only: the network is built and run on the meta device, computing nothing
         with torch.device("meta"):
-            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step).eval()
+            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain").eval()
             model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -221,10 +244,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 def default_out(cfg):
     """runs/<what keeps the paper's runs apart>: data (and imbalance), network (and ImageNet step),
-    method (and q, which only L2W-DEN's meta objective reads), seed."""
+    method (and q, which only L2W-DEN's meta objective reads; and the IMTA phase), seed."""
     data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
     network = f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if cfg.arch == "msdnet" and cfg.image_size >= 64 else "")
-    method = cfg.method + (f"_q{cfg.q:g}" if cfg.method == "l2w" else "")
+    method = cfg.method + (f"_q{cfg.q:g}" if cfg.method == "l2w" else "") + (f"_imta-{cfg.imta}" if cfg.imta else "")
     return os.path.join("runs", f"{data_name}_{network}_{method}_seed{cfg.seed}")
 
 
@@ -251,8 +274,12 @@ def parse_config(argv=None):
     known = {f.name for f in dataclasses.fields(Config)}
     base = {k: v for k, v in state["config"].items() if k in known} if state else {}
     base.pop("eval_only", None)
+    imta = flags.get("imta", base.get("imta", Config.imta))
+    if imta == "finetune" and not state and flags.get("pretrained"):
+        base = pretrained_fields(flags)
     dataset = flags.get("dataset", base.get("dataset", Config.dataset))
-    cfg = Config(**{**PRESETS.get(dataset, {}), **base, **flags})
+    imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
+    cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **base, **flags})
     cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = (os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
@@ -263,6 +290,21 @@ def parse_config(argv=None):
     if cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
         raise UsageError(f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
     return cfg, state
+
+
+def pretrained_fields(flags):
+    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config; a flag that contradicts
+    one of them is an error (the frozen network cannot change)."""
+    config = load_checkpoint(flags["pretrained"])["config"]
+    if config.get("imta") == "finetune":
+        raise UsageError(f"--pretrained '{flags['pretrained']}' is an --imta finetune checkpoint; "
+                         "give the --imta pretrain one")
+    fields = {k: config.get(k, getattr(Config, k)) for k in PRETRAINED_FIELDS}
+    for k, v in fields.items():
+        if k in flags and flags[k] != v:
+            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match the pretrained network's {v} "
+                             "(--imta finetune takes it from --pretrained)")
+    return fields
 
 
 # ============================================================================
@@ -298,6 +340,44 @@ def sample_weights(g, delta, constraint):
 def per_exit_losses(logits, targets):
     """L[i, k] = cross-entropy of sample i at exit k, shape (n, K)."""
     return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
+
+
+def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
+    """IMTA's one-for-all knowledge distillation (Sec. 3.3) per sample and exit, shape (n, K): the
+    last exit learns from the labels, every other exit k from the labels and the last exit alike,
+    (1 - gamma) CE + gamma T^2 KL(softmax(teacher / T) || softmax(z_k / T)).
+
+    reduction 'mean' reproduces IMTA's nn.KLDivLoss() (the old default reduction, a mean over
+    batch x classes): each sample's KL, summed over the classes, is divided by the number of
+    classes; 'batchmean' keeps the true per-sample KL. Averaged over the batch, each column is
+    IMTA's loss of that exit.
+    """
+    soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
+    columns = []
+    for z in logits[:-1]:
+        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), soft_teacher, reduction="none", log_target=True).sum(1)
+        if reduction == "mean":
+            kl = kl / z.shape[1]
+        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * temperature ** 2 * kl)
+    columns.append(F.cross_entropy(logits[-1], targets, reduction="none"))
+    return torch.stack(columns, dim=1)
+
+
+def exit_losses(model, images, targets, cfg):
+    """Step 1: L[i, k] of a train half. Cross-entropy, except in IMTA's second phase (--imta
+    finetune), where it is the one-for-all distillation loss of the new heads against the frozen
+    network's last exit; the WPN weights whichever it is."""
+    if cfg.imta == "finetune":
+        logits, teacher = model(images, with_teacher=True)
+        return distillation_losses(logits, teacher, targets, cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction)
+    return per_exit_losses(model(images), targets)
+
+
+def trainable_parameters(net):
+    """{name: parameter} of what the virtual and the real step move (and the optimizer holds):
+    every parameter, except in IMTA's second phase, where the phase-1 network is frozen and only
+    the new heads and ISC modules train."""
+    return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
 def weighted_loss(losses, weights):
@@ -373,13 +453,14 @@ def meta_loss_fn(logits, targets, q):
     return total
 
 
-def functional_forward(net, params, images):
+def functional_forward(net, params, images, **kwargs):
     """The network's training forward with `params` (name -> tensor) in place of some of its own
-    parameters. BatchNorm normalises with the batch statistics, as in any training forward
-    (under --sync-bn, this rank's batch: the virtual step is per rank), and updates throw-away
-    copies of its buffers: the real running statistics stay untouched."""
+    parameters. A train-mode BatchNorm normalises with the batch statistics, as in any training
+    forward (under --sync-bn, this rank's batch: the virtual step is per rank), and updates
+    throw-away copies of its buffers, so the real running statistics stay untouched; the
+    eval-mode frozen network of IMTA's second phase reads its running statistics."""
     with per_rank_batchnorm(net):
-        return functional_call(net, {**throwaway_buffers(net), **params}, (images,))
+        return functional_call(net, {**throwaway_buffers(net), **params}, (images,), kwargs)
 
 
 def parameter_names(net, params):
@@ -468,7 +549,7 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
         # meta sample leaves at, has v = 0)
         duals = {name: forward_ad.make_dual(p.detach(), torch.zeros_like(p) if t.grad is None else a * t.grad)
                  for name, p, a, t in zip(names, params, slopes, theta_virtual)}
-        u = forward_ad.unpack_dual(per_exit_losses(functional_forward(net, duals, images), targets)).tangent
+        u = forward_ad.unpack_dual(exit_losses(partial(functional_forward, net, duals), images, targets, cfg)).tangent
     # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
     weights.backward(-u / len(targets), inputs=list(wpn.parameters()))
     return meta_loss
@@ -490,7 +571,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     # Under --amp, the forward pass whose derivative the meta-gradient takes stays in fp32: in
     # bf16 that gradient is mostly rounding error (measured in test_l2w.py).
     with autocast(cfg, images.device, enabled=not meta_step):
-        losses = per_exit_losses(model(images), targets)           # step 1: L[i, k]
+        losses = exit_losses(model, images, targets, cfg)           # step 1: L[i, k]
     meta_loss, skipped = None, False
     if meta_step:
         # SyncBatchNorm's backward cannot be differentiated again, nor its forward forward-mode;
@@ -498,11 +579,11 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         # rank's batch statistics.
         virtual_losses = losses
         if any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
-            with per_rank_batchnorm(net):
-                virtual_losses = per_exit_losses(functional_forward(net, {}, images), targets)
-        # Steps 3-5. The virtual step moves every backbone parameter; the real optimizer, the
-        # parameters and the BatchNorm statistics are left untouched. Only the WPN gets gradients.
-        params = list(net.parameters())
+            virtual_losses = exit_losses(partial(functional_forward, net, {}), images, targets, cfg)
+        # Steps 3-5. The virtual step moves the trainable parameters (in IMTA's second phase the
+        # new heads only); the real optimizer, the parameters and the BatchNorm statistics are
+        # left untouched. Only the WPN gets gradients.
+        params = list(trainable_parameters(net).values())
         meta_scaler = scalers and scalers["meta"]
         wpn_optimizer.zero_grad(set_to_none=True)
         if cfg.meta_grad == "jvp":
@@ -803,7 +884,10 @@ def build(cfg, num_classes, device):
     DistributedDataParallel under torchrun, and fp16's loss scalers where they are needed: one
     for the backbone's step and one for the WPN's meta step, whose gradients come through a
     different (fp32) graph and overflow at other scales."""
-    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step).to(device)
+    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain")
+    if cfg.imta == "finetune":   # IMTA's second phase: the network above frozen, new heads on it
+        model = IMTANet(model, num_classes)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.is_initialized() and cfg.sync_bn:
@@ -813,7 +897,7 @@ def build(cfg, num_classes, device):
             if isinstance(m, nn.SyncBatchNorm):
                 m.own_rank_group = own[dist.get_rank()]   # read by per_rank_batchnorm
     wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(trainable_parameters(model).values(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=cfg.wpn_lr, weight_decay=cfg.wpn_weight_decay)
     if dist.is_initialized():
@@ -893,8 +977,16 @@ def train(cfg, state=None, stop_after_epoch=None):
     torch.manual_seed(cfg.seed)
     if cfg.resume and state is None:
         state = load_checkpoint(cfg.resume)
-    splits = rank_zero_first(lambda: data.load(cfg, state["holdout_indices"] if state else None))
+    # IMTA's second phase starts from the phase-1 network and its hold-out split; a phase-2
+    # checkpoint holds both, so a resumed run does not read the phase-1 file.
+    pretrained = load_checkpoint(cfg.pretrained) if cfg.imta == "finetune" and not state else None
+    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices")))
     model, wpn, optimizer, wpn_optimizer, scalers = build(cfg, splits.num_classes, device)
+    if pretrained:
+        try:
+            unwrap(model).backbone.load_state_dict(pretrained["model"])
+        except RuntimeError as e:
+            raise UsageError(f"--pretrained '{cfg.pretrained}' does not fit this model ({str(e).splitlines()[0]})") from None
     start_epoch = start_batch = 0
     if state:
         try:
@@ -932,6 +1024,11 @@ def train(cfg, state=None, stop_after_epoch=None):
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
         f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
+    if cfg.imta == "pretrain":
+        log("IMTA phase 1: gradient equilibrium in the backward pass")
+    elif cfg.imta == "finetune":
+        log(f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, "
+            f"{sum(p.numel() for p in trainable_parameters(unwrap(model)).values()):,} parameters in the new heads and ISC")
     log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
     if splits.threshold_source == "train":
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
@@ -1164,7 +1261,7 @@ def bench(cfg):
     def plain_step():  # one SGD step on the full batch, every exit weighted 1
         model.train()
         with autocast(cfg, device):
-            loss = per_exit_losses(model(images), targets).mean(dim=0).sum()
+            loss = exit_losses(model, images, targets, cfg).mean(dim=0).sum()
         sgd_step(loss, optimizer, scalers and scalers["real"])
 
     def l2w_step(meta_grad):

@@ -10,6 +10,10 @@ also offers `exits_iter(x)` so that early-exit inference can stop computing: a g
 exits' logits, to which the caller may send the indices of the samples that go on, so that
 everything carried to later exits is cut to them.
 `count_cost` counts Mul-Adds and parameters with MSDNet's convention (PAPER.md).
+
+IMTA: Li, Zhang, Qi, Yang, Huang, "Improved Techniques for Training Adaptive Deep Networks",
+ICCV 2019: Gradient Equilibrium (MSDNet(gradient_equilibrium=True)) for the first training phase,
+Inline Subnetwork Collaboration and One-for-all distillation (IMTANet) for the second.
 """
 import math
 import re
@@ -62,6 +66,13 @@ def take(tensors, keep):
     if isinstance(tensors, torch.Tensor):
         return tensors.index_select(0, keep)
     return [take(t, keep) for t in tensors]
+
+
+def scale_gradient(x, scale):
+    """Identity in the forward pass whose gradient is multiplied by `scale` in the backward pass.
+    Made of differentiable operations (no custom backward), so it can be differentiated twice:
+    L2W-DEN's virtual step differentiates the gradient that passes through it."""
+    return x.detach() + scale * (x - x.detach())
 
 
 # ----------------------------------------------------------------------------
@@ -143,10 +154,12 @@ class MSDNet(nn.Module):
     """MSDNet with 'max' scale pruning, bottlenecks and transitions (compression 0.5).
 
     Block k holds steps[k] layers and ends in exit k; the coarsest scale feeds the exit.
+    `gradient_equilibrium` adds IMTA's GE to the backward pass; the forward is unchanged.
     """
 
-    def __init__(self, num_classes, exits, imagenet=False, step=None):
+    def __init__(self, num_classes, exits, imagenet=False, step=None, gradient_equilibrium=False):
         super().__init__()
+        self.gradient_equilibrium = gradient_equilibrium
         if imagenet:  # ImageNet: 4 scales, 'even' steps of `step` layers after a base of 4
             channels, growth, factors, widths, base = 32, 16, (1, 2, 4, 4), (1, 2, 4, 4), 4
             steps = [base] + [step or 4] * (exits - 1)
@@ -175,19 +188,110 @@ class MSDNet(nn.Module):
             self.exits.append(classifier(c_last, c_last if imagenet else 128, num_classes))
         init_msdnet(self)
 
+    def exit_inputs(self, x):
+        """Yield, block by block, the coarsest-scale tensor that exit k's classifier reads.
+
+        Gradient Equilibrium (IMTA, Sec. 3.1), in the backward pass: the gradient coming back from
+        block k + 1 is multiplied by K - k - 1, added to exit k's classifier's, and the sum is
+        divided by K - k before it enters block k. Along the coarsest scale, block k thus gets the
+        mean, not the sum, of the gradients of the K - k exits behind it. The consumer applies the
+        classifier between the two scalings.
+        """
+        features, n_exits = self.stem(x), len(self.blocks)
+        for k, block in enumerate(self.blocks):
+            features = block(features)
+            if self.gradient_equilibrium:
+                features[-1] = scale_gradient(features[-1], 1 / (n_exits - k))
+            keep = yield features[-1]   # early exiting sends back the samples that go on
+            if self.gradient_equilibrium and k + 1 < n_exits:
+                features[-1] = scale_gradient(features[-1], n_exits - k - 1)
+            if keep is not None:
+                features = take(features, keep)
+
     def exits_iter(self, x):
         """Yield the logits of each exit in turn, computing only what that exit needs. Indices
         sent back (`stream.send(keep)`) cut every scale to those samples: later blocks spend
         nothing on the samples that have left (real early exiting)."""
-        features = self.stem(x)
-        for block, head in zip(self.blocks, self.exits):
-            features = block(features)
-            keep = yield head(features[-1])
-            if keep is not None:
-                features = take(features, keep)
+        inputs = self.exit_inputs(x)
+        features = next(inputs)
+        for k, head in enumerate(self.exits):
+            keep = yield head(features)
+            if k + 1 < len(self.exits):
+                features = inputs.send(keep)
 
     def forward(self, x):
         return list(self.exits_iter(x))
+
+
+# ----------------------------------------------------------------------------
+# IMTA's second phase: new heads with ISC on a frozen MSDNet (one-for-all KD in l2w.py)
+# ----------------------------------------------------------------------------
+
+def isc(num_classes, width):
+    """Inline Subnetwork Collaboration (IMTA, Sec. 3.2): the previous exit's logits become
+    `width` features that the next exit's head reads next to its own."""
+    return nn.Sequential(nn.Linear(num_classes, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True))
+
+
+class IMTANet(nn.Module):
+    """A frozen MSDNet (old heads included) with new, trainable heads on its exits' features.
+
+    f_k, the pooled features of exit k's frozen classifier (everything before its Linear), feed
+    the new heads: exit 1 is Linear(C_1, classes)(f_1), exit k > 1 Linear(2 C_k, classes) of
+    cat(f_k, ISC(z_{k-1})), z_{k-1} the previous new head's logits. The frozen network's own last
+    exit is the distillation teacher.
+
+    The frozen network stays in eval mode whatever `train()` says: BatchNorm then normalises with
+    the running statistics it was trained with, so f_k and the teacher are the same function of
+    the image in training and at test time, and no BatchNorm statistic of the phase-1 network
+    changes. (IMTA's release keeps the whole network in train mode in this phase: batch
+    statistics in training, running statistics drifting towards the frozen features, and a
+    train/test mismatch in what the new heads see.)
+    """
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        widths = [head[-1].in_features for head in backbone.exits]   # C_k
+        self.heads = nn.ModuleList([nn.Linear(widths[0], num_classes)] +
+                                   [nn.Linear(2 * c, num_classes) for c in widths[1:]])
+        self.isc = nn.ModuleList([isc(num_classes, c) for c in widths[1:]])
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def features_and_exits(self, x):
+        """Yield (f_k, new head's logits z_k) exit by exit. Indices sent back cut the frozen
+        network's scales and the logits the next ISC reads (real early exiting)."""
+        inputs, z = self.backbone.exit_inputs(x), None
+        features = next(inputs)
+        for k, old_head in enumerate(self.backbone.exits):
+            f = old_head[:-1](features)
+            z = self.heads[k](f if k == 0 else torch.cat([f, self.isc[k - 1](z)], dim=1))
+            keep = yield f, z
+            if k + 1 < len(self.heads):
+                features = inputs.send(keep)
+                z = z if keep is None else z.index_select(0, keep)
+
+    def exits_iter(self, x):
+        """The new heads' logits exit by exit, as MSDNet.exits_iter (indices sent back go on)."""
+        stream = self.features_and_exits(x)
+        _, z = next(stream)
+        for _ in range(len(self.heads) - 1):
+            _, z = stream.send((yield z))
+        yield z
+
+    def forward(self, x, with_teacher=False):
+        """The new heads' logits per exit; `with_teacher` also returns the frozen last exit's
+        logits, detached (the one-for-all distillation target)."""
+        logits, f = [], None
+        for f, z in self.features_and_exits(x):
+            logits.append(z)
+        if not with_teacher:
+            return logits
+        return logits, self.backbone.exits[-1][-1](f).detach()
 
 
 # ----------------------------------------------------------------------------
@@ -449,8 +553,11 @@ def load_released_wpn(wpn, meta_state, path):
 # Builder and cost counter
 # ----------------------------------------------------------------------------
 
-def build_model(arch, num_classes, exits, image_size=32, step=None):
-    """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one."""
+def build_model(arch, num_classes, exits, image_size=32, step=None, gradient_equilibrium=False):
+    """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one. `gradient_equilibrium`
+    (IMTA's first phase) rescales MSDNet's backward pass; the network and its forward are the same."""
+    if gradient_equilibrium and arch != "msdnet":
+        raise ValueError(f"gradient equilibrium (IMTA) is built for msdnet, not {arch}")
     if arch == "ranet":  # the two released CIFAR models; `step` does not apply
         if exits not in RANET_CONFIGS:
             raise ValueError(f"ranet builds 6 exits (Model-C-1) or 8 exits (Model-C-2), got {exits}")
@@ -460,7 +567,8 @@ def build_model(arch, num_classes, exits, image_size=32, step=None):
     if exits < 1:
         raise ValueError(f"{arch} needs at least 1 exit, got {exits}")
     if arch == "msdnet":
-        return MSDNet(num_classes, exits, imagenet=image_size >= 64, step=step)
+        return MSDNet(num_classes, exits, imagenet=image_size >= 64, step=step,
+                      gradient_equilibrium=gradient_equilibrium)
     raise ValueError(f"unknown arch '{arch}' (choose msdnet or ranet)")
 
 
@@ -470,9 +578,10 @@ def count_cost(model, image_size):
     Conv: C_in*C_out*k*k*H_out*W_out/groups; ReLU: one per element; pooling: k*k per output
     element; linear: in*out + out; BN, concat and interpolation are free. Each exit's figure
     counts every layer executed up to and including its classifier (earlier exits included),
-    so the forward pass must run exits in order; an exit ends at its final nn.Linear.
+    so the forward pass must run exits in order; an exit ends at the nn.Linear whose output is
+    that exit's logits (other linear layers, such as IMTA's ISC, are counted like any layer).
     """
-    flops, params, per_exit = [0], [0], []
+    flops, params, at_linear = [0], [0], []
     seen = set()
 
     def hook(module, inputs, output):
@@ -491,7 +600,7 @@ def count_cost(model, image_size):
             seen.add(module)
             params[0] += sum(p.numel() for p in module.parameters(recurse=False))
         if isinstance(module, nn.Linear):
-            per_exit.append((flops[0], params[0]))
+            at_linear.append((output, flops[0], params[0]))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     was_training = model.training
@@ -499,11 +608,12 @@ def count_cost(model, image_size):
     try:
         with torch.no_grad():
             device = next(model.parameters()).device
-            model(torch.zeros(1, 3, image_size, image_size, device=device))
+            logits = model(torch.zeros(1, 3, image_size, image_size, device=device))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    per_exit = [(f, p) for output, f, p in at_linear if any(output is z for z in logits)]
     return [f for f, _ in per_exit], [p for _, p in per_exit]
 
 

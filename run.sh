@@ -48,12 +48,31 @@ for dataset in cifar10-lt cifar100-lt; do
   done
 done
 
-# ImageNet, MSDNet with step s = 4, 6, 7 (100 epochs, global batch 4096 in halves of 2048)
+# IMTA compatibility (supplementary Sec. 1.4): phase 1 with gradient equilibrium, then phase 2 (ISC
+# heads with one-for-all distillation on the frozen phase-1 network), the meta-learning of the
+# method in both phases. CIFAR-100, MSDNet with 5 exits (IMTA's T = 3, gamma = 0.9).
+for method in baseline l2w; do
+  python l2w.py --dataset cifar100 --arch msdnet --exits 5 --method "$method" --imta pretrain \
+    --out "runs/cifar100_msdnet5_${method}_imta1" "$@"
+  python l2w.py --imta finetune --pretrained "runs/cifar100_msdnet5_${method}_imta1/checkpoint.pt" \
+    --method "$method" --out "runs/cifar100_msdnet5_${method}_imta2" "$@"
+done
+
+# ImageNet, MSDNet with step s = 4, 6, 7 (100 epochs, global batch 4096 in halves of 2048), and
+# IMTA's two phases for s = 4 (T = 1, gamma = 0.1)
 if [ -n "${IMAGENET:-}" ]; then
   for step in 4 6 7; do
     for method in baseline l2w; do
       run "runs/imagenet_msdnet5_s${step}_${method}" torchrun --standalone --nproc_per_node "${GPUS:-8}" -- \
         --dataset imagenet --data-dir "$IMAGENET" --arch msdnet --exits 5 --step "$step" --method "$method"
     done
+  done
+  for method in baseline l2w; do
+    torchrun --standalone --nproc_per_node "${GPUS:-8}" l2w.py --dataset imagenet --data-dir "$IMAGENET" \
+      --arch msdnet --exits 5 --step 4 --method "$method" --imta pretrain \
+      --out "runs/imagenet_msdnet_s4_${method}_imta1" "$@"
+    torchrun --standalone --nproc_per_node "${GPUS:-8}" l2w.py --imta finetune --data-dir "$IMAGENET" \
+      --pretrained "runs/imagenet_msdnet_s4_${method}_imta1/checkpoint.pt" --method "$method" \
+      --out "runs/imagenet_msdnet_s4_${method}_imta2" "$@"
   done
 fi

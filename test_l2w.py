@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -431,14 +432,19 @@ def reference_meta_loss(logits, targets, q):
     return sum(F.cross_entropy(z[idx], targets[idx]) for z, idx in zip(logits, members) if idx)
 
 
+def reference_ce_losses(model, state, images, targets, cfg):
+    logits = functional_call(model, state, (images,))
+    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], 1)
+
+
 def reference_virtual_meta_loss(model, wpn_params, wpn, optimizer, images, targets, meta_images,
-                                meta_targets, cfg):
+                                meta_targets, cfg, exit_losses=reference_ce_losses):
     """Meta loss after a virtual SGD step, built with torch.func and the SGD formula by hand
-    (no `higher`): theta' = theta - lr * (momentum * buf + grad + wd * theta)."""
-    params = dict(model.named_parameters())
+    (no `higher`): theta' = theta - lr * (momentum * buf + grad + wd * theta). Only parameters
+    that require gradients move (IMTA's second phase freezes the others)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    logits = functional_call(model, {**params, **buffers}, (images,))
-    losses = torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], 1)
+    losses = exit_losses(model, {**params, **buffers}, images, targets, cfg)
     g = functional_call(wpn, wpn_params, (losses.detach(),))
     weights = 1 + cfg.delta * (g - g.mean(dim=1, keepdim=True))      # 'col'
     grads = torch.autograd.grad((weights * losses).mean(0).sum(), list(params.values()), create_graph=True)
@@ -471,10 +477,10 @@ def reference_train_step(model, wpn, optimizer, wpn_optimizer, images, targets, 
         optimizer.step()
 
 
-def double_setup(seed=0, batch=8, exits=3, lr=0.5):
+def double_setup(seed=0, batch=8, exits=3, lr=0.5, **overrides):
     """A float64 MSDNet, WPN and optimizers with momentum buffers already filled."""
     torch.manual_seed(seed)
-    cfg = small_cfg(exits=exits, lr=lr, batch_size=batch)
+    cfg = small_cfg(exits=exits, lr=lr, batch_size=batch, **overrides)
     model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
     model.double()
     wpn.double()
@@ -1151,6 +1157,8 @@ def test_bench_reports_the_three_iterations_and_their_ratios():
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
+    phase1 = tmp_path / "phase1.pt"
+    write_config_checkpoint(phase1, imta="pretrain")
     cases = {
         "unknown dataset": ["--dataset", "mnist"],
         "unknown arch": ["--arch", "resnet"],
@@ -1166,6 +1174,14 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         f"--weights '{tmp_path / 'none.pth'}' does not exist": ["--weights", str(tmp_path / "none.pth")],
         "invalid int value": ["--exits", "three"],
         f"cifar10 not found in '{tmp_path / 'empty'}'": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
+        "unknown --imta 'both'": ["--imta", "both"],
+        "--imta is built for msdnet": ["--arch", "ranet", "--exits", "6", "--imta", "pretrain"],
+        "--imta finetune needs --pretrained": ["--imta", "finetune"],
+        "--pretrained is for --imta finetune": ["--pretrained", str(phase1)],
+        "--exits 5 does not match the pretrained network's 3": ["--imta", "finetune", "--pretrained", str(phase1),
+                                                                "--exits", "5"],
+        "--kd-gamma must be in [0, 1]": ["--kd-gamma", "1.5"],
+        "--kd-temperature must be > 0": ["--kd-temperature", "0"],
     }
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -1388,6 +1404,295 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert result.stdout.count("resumed from") == 1 and "epoch 2/2 iter 7/7" in result.stdout
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
     assert json.loads((out / "results.json").read_text())["replicas_identical"] is True
+
+
+# ----------------------------------------------------------------------------
+# IMTA (Li et al., ICCV 2019): gradient equilibrium, ISC, one-for-all distillation
+# ----------------------------------------------------------------------------
+
+def plain_and_ge_msdnet(exits=3):
+    """The same float64 MSDNet (same parameters) without and with gradient equilibrium."""
+    torch.manual_seed(0)
+    plain = models.build_model("msdnet", 10, exits).double()
+    ge = models.build_model("msdnet", 10, exits, gradient_equilibrium=True).double()
+    ge.load_state_dict(plain.state_dict())
+    return plain, ge
+
+
+def exit_gradients(model, images, targets, exits):
+    """{name: gradient} of the summed CE of the given exits."""
+    model.zero_grad()
+    logits = model(images)
+    sum(F.cross_entropy(logits[k], targets) for k in exits).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_gradient_equilibrium_keeps_the_forward_and_divides_exit_m_gradient_by_k_minus_m():
+    plain, ge = plain_and_ge_msdnet(exits=3)
+    images, targets = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(10, (4,))
+    assert all(torch.equal(a, b) for a, b in zip(plain(images), ge(images), strict=True))
+    for m in range(3):
+        # exit m's loss reaches block m (and the stem, for m = 0) only through the tensor its
+        # classifier reads, which GE scales by 1 / (K - m); its classifier sees the plain gradient
+        want, got = exit_gradients(plain, images, targets, [m]), exit_gradients(ge, images, targets, [m])
+        assert [n for n in want if want[n] is None] == [n for n in got if got[n] is None]
+        # (finer-scale units of block m feed only block m + 1: no gradient from exit m)
+        own_block = [n for n in want if want[n] is not None and
+                     (n.startswith(f"blocks.{m}.") or (m == 0 and n.startswith("stem.")))]
+        own_exit = [n for n in want if n.startswith(f"exits.{m}.")]
+        assert own_block and own_exit
+        for n in own_block:
+            assert torch.allclose(got[n], want[n] / (3 - m), rtol=1e-10, atol=1e-14), n
+        for n in own_exit:
+            assert torch.allclose(got[n], want[n], rtol=1e-10, atol=1e-14), n
+        assert max(want[n].abs().max() for n in own_block) > 1e-6
+
+
+def test_gradient_equilibrium_equals_gradient_hooks_on_the_plain_network():
+    # IMTA's rule written a second way, with tensor hooks on a plain MSDNet: after block k the
+    # coarsest tensor's gradient is multiplied by 1 / (K - k) before exit k reads it and the
+    # gradient from block k + 1 by K - k - 1.
+    plain, ge = plain_and_ge_msdnet(exits=3)
+    images, targets = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(10, (4,))
+
+    def hooked_forward(x):
+        features, n_exits, logits = plain.stem(x), len(plain.blocks), []
+        for k, (block, head) in enumerate(zip(plain.blocks, plain.exits)):
+            features = block(features)
+            into_exit = features[-1].view_as(features[-1])
+            into_exit.register_hook(lambda g, s=1 / (n_exits - k): g * s)
+            logits.append(head(into_exit))
+            onward = into_exit.view_as(into_exit)
+            onward.register_hook(lambda g, s=n_exits - k - 1: g * s)
+            features = features[:-1] + [onward]
+        return logits
+
+    plain.zero_grad()
+    sum(F.cross_entropy(z, targets) for z in hooked_forward(images)).backward()
+    got = exit_gradients(ge, images, targets, range(3))
+    for n, p in plain.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-10, atol=1e-14), n
+    # and GE does change the gradient of the network's loss
+    plain_grads = exit_gradients(plain, images, targets, range(3))
+    assert not torch.allclose(got["stem.scales.0.0.weight"], plain_grads["stem.scales.0.0.weight"])
+
+
+def test_gradient_equilibrium_is_msdnet_only():
+    with pytest.raises(ValueError, match="gradient equilibrium .* msdnet, not ranet"):
+        models.build_model("ranet", 10, 6, gradient_equilibrium=True)
+
+
+def test_distillation_loss_hand_worked():
+    # 2 classes, teacher logits (0, 0): p_teacher = (1/2, 1/2). Exit 1: z = (ln 3, 0), label 0,
+    # softmax (3/4, 1/4): CE = ln(4/3), KL(p_teacher || p) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
+    # Last exit: z = (0, ln 3), label 0: CE only, ln 4.
+    z1, last = torch.tensor([[math.log(3), 0.0]]), torch.tensor([[0.0, math.log(3)]])
+    teacher, label = torch.zeros(1, 2), torch.tensor([0])
+    ce, kl = math.log(4 / 3), 0.5 * math.log(4 / 3)
+    for reduction, kl_used in (("mean", kl / 2), ("batchmean", kl)):   # mean: KL / classes (IMTA)
+        losses = l2w.distillation_losses([z1, last], teacher, label, 1.0, 0.5, reduction)
+        assert losses[0].tolist() == pytest.approx([0.5 * ce + 0.5 * kl_used, math.log(4)], rel=1e-6)
+    # T = 2: softmax(z / 2) = (sqrt 3, 1) / (1 + sqrt 3), KL = 1/2 ln((1 + sqrt 3)^2 / (4 sqrt 3)), times T^2
+    kl_t2 = 0.5 * math.log((1 + math.sqrt(3)) ** 2 / (4 * math.sqrt(3)))
+    losses = l2w.distillation_losses([z1, last], teacher, label, 2.0, 0.9, "mean")
+    assert losses[0, 0].item() == pytest.approx(0.1 * ce + 0.9 * 4 * kl_t2 / 2, rel=1e-6)
+
+
+def test_distillation_loss_averages_to_imtas_batch_loss():
+    # Averaged over the batch, each exit's column is IMTA's loss of that exit: (1 - gamma) CE +
+    # gamma T^2 nn.KLDivLoss() with the old default (elementwise) mean; the last exit CE alone.
+    torch.manual_seed(0)
+    logits, teacher, labels = [torch.randn(6, 5) for _ in range(3)], torch.randn(6, 5), torch.randint(5, (6,))
+    temperature, gamma = 3.0, 0.9
+    losses = l2w.distillation_losses(logits, teacher, labels, temperature, gamma, "mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch warns that 'mean' divides by the classes too
+        kl_div = torch.nn.KLDivLoss(reduction="mean")
+        for k in range(2):
+            want = ((1 - gamma) * F.cross_entropy(logits[k], labels) + gamma * temperature ** 2 *
+                    kl_div(F.log_softmax(logits[k] / temperature, 1), F.softmax(teacher / temperature, 1)))
+            assert losses[:, k].mean().item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.allclose(losses[:, 2], F.cross_entropy(logits[2], labels, reduction="none"))
+
+
+def test_phase2_network_adds_exactly_the_new_heads_and_isc_to_a_frozen_msdnet():
+    torch.manual_seed(0)
+    backbone = models.build_model("msdnet", 10, 3)
+    before = copy.deepcopy(backbone.state_dict())
+    net = models.IMTANet(backbone, 10).train()
+    # new heads Linear(128, 10), Linear(256, 10) x 2; ISC Linear(10, 128) + BatchNorm1d(128) x 2
+    new = (128 * 10 + 10) + 2 * (256 * 10 + 10) + 2 * (10 * 128 + 128 + 2 * 128)
+    assert new == 9_758
+    assert sum(p.numel() for p in l2w.trainable_parameters(net).values()) == new
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in backbone.parameters()) + new
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not backbone.training and net.heads.training and net.isc.training   # frozen BN: running statistics
+    net(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    # cost: exit 1's new Linear(128, 10) replaces the old one; each later exit adds ISC's linear
+    # (1,280 + 128 Mul-Adds), its ReLU (128) and the wider head (+1,280), params +1,408 +256 +1,280
+    flops, params = models.count_cost(backbone, 32)
+    new_flops, new_params = models.count_cost(net, 32)
+    assert new_flops == [flops[0], flops[1] + 2816, flops[2] + 2 * 2816]
+    assert new_params == [params[0], params[1] + 2944, params[2] + 2 * 2944]
+
+
+def reference_distillation_losses(model, state, images, targets, cfg):
+    """IMTA's loss per sample and exit, from the formula: KL summed over classes / classes."""
+    logits, teacher = functional_call(model, state, (images,), {"with_teacher": True})
+    t, gamma = cfg.kd_temperature, cfg.kd_gamma
+    p = (teacher / t).softmax(1)
+    columns = []
+    for z in logits[:-1]:
+        kl = (p * (p.log() - (z / t).log_softmax(1))).sum(1) / z.shape[1]
+        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * t * t * kl)
+    return torch.stack(columns + [F.cross_entropy(logits[-1], targets, reduction="none")], 1)
+
+
+def first_half_meta_gradient_and_reference(cfg, model, wpn, optimizer, wpn_optimizer, images, targets,
+                                           exit_losses=reference_ce_losses):
+    """The WPN gradient of the first half of a train_step, and the same from the torch.func reference."""
+    ref = copy.deepcopy((model, wpn, optimizer))
+    recorded = []
+    step = wpn_optimizer.step
+    wpn_optimizer.step = lambda: (recorded.append([p.grad.clone() for p in wpn.parameters()]), step())[1]
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+    rmodel, rwpn, ropt = ref
+    (x, xm), (y, ym) = images.chunk(2), targets.chunk(2)
+    wpn_params = dict(rwpn.named_parameters())
+    meta = reference_virtual_meta_loss(rmodel, wpn_params, rwpn, ropt, x, y, xm, ym, cfg, exit_losses)
+    return recorded[0], torch.autograd.grad(meta, list(wpn_params.values()))
+
+
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])   # both paths: issues 8 and 9
+def test_meta_gradient_through_gradient_equilibrium_matches_torch_func(meta_grad):
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=5, imta="pretrain")
+    cfg = dataclasses.replace(cfg, meta_grad=meta_grad)
+    assert model.gradient_equilibrium
+    plain, plain_optimizer = copy.deepcopy((model, optimizer))   # one deepcopy keeps optimizer links
+    plain.gradient_equilibrium = False
+    plain_meta = reference_virtual_meta_loss(plain, dict(wpn.named_parameters()), wpn, plain_optimizer,
+                                             images.chunk(2)[0], targets.chunk(2)[0], images.chunk(2)[1],
+                                             targets.chunk(2)[1], cfg)
+    plain_grads = torch.autograd.grad(plain_meta, list(wpn.parameters()))
+    got, want = first_half_meta_gradient_and_reference(cfg, model, wpn, optimizer, wpn_optimizer, images, targets)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=1e-8, atol=1e-12)
+    assert max(w.abs().max() for w in want) > 1e-6
+    # GE is on the second-order path: without it the meta-gradient is another one
+    assert not all(torch.allclose(g, p, rtol=1e-3) for g, p in zip(got, plain_grads))
+
+
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])   # both paths: issues 8 and 9
+def test_meta_gradient_through_phase2_heads_matches_torch_func_and_phase1_stays_bit_identical(meta_grad):
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=6, imta="finetune")
+    cfg = dataclasses.replace(cfg, meta_grad=meta_grad)
+    frozen = copy.deepcopy(model.backbone.state_dict())
+    heads_before = copy.deepcopy(l2w.trainable_parameters(model))
+    # the optimizer holds exactly the new heads and ISC, and only they have momentum buffers
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in l2w.trainable_parameters(model).values()}
+    assert set(map(id, optimizer.state)) <= {id(p) for p in l2w.trainable_parameters(model).values()}
+    got, want = first_half_meta_gradient_and_reference(cfg, model, wpn, optimizer, wpn_optimizer, images, targets,
+                                                       reference_distillation_losses)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=1e-8, atol=1e-12)
+    assert max(w.abs().max() for w in want) > 1e-6
+    # after two L2W-DEN iterations: every phase-1 parameter and BN statistic is bit-identical,
+    # no frozen parameter has a gradient, every new parameter has moved
+    assert all(torch.equal(v, frozen[k]) for k, v in model.backbone.state_dict().items())
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(not torch.equal(p, heads_before[n]) for n, p in l2w.trainable_parameters(model).items())
+
+
+def write_config_checkpoint(path, **config):
+    """A checkpoint that holds a config only (enough for the checks parse_config makes)."""
+    torch.save({"config": dataclasses.asdict(small_cfg(**config)), "model": {}, "epoch": 1}, path)
+
+
+def test_imta_presets_and_architecture_from_pretrained(tmp_path):
+    write_config_checkpoint(tmp_path / "cifar.pt", dataset="cifar100", exits=5, imta="pretrain")
+    cfg, _ = l2w.parse_config(["--imta", "finetune", "--pretrained", str(tmp_path / "cifar.pt")])
+    assert (cfg.dataset, cfg.exits, cfg.batch_size, cfg.lr, cfg.q) == ("cifar100", 5, 1024, 0.8, 0.75)
+    assert (cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction) == (3.0, 0.9, "mean")
+    assert cfg.out == os.path.join("runs", "cifar100_msdnet5_l2w_imta-finetune")
+    write_config_checkpoint(tmp_path / "imagenet.pt", dataset="imagenet", exits=5, step=4, image_size=224,
+                            holdout=50000, imta="pretrain")
+    cfg, _ = l2w.parse_config(["--imta", "finetune", "--pretrained", str(tmp_path / "imagenet.pt"), "--method", "baseline"])
+    assert (cfg.kd_temperature, cfg.kd_gamma, cfg.delta, cfg.meta_interval) == (1.0, 0.1, 0.3, 100)
+    assert (cfg.image_size, cfg.step) == (224, 4)
+    cfg, _ = l2w.parse_config(["--dataset", "imagenet", "--imta", "pretrain"])   # phase 1: the dataset's preset
+    assert cfg.delta == 0.3 and cfg.kd_gamma == l2w.Config.kd_gamma
+
+
+@pytest.fixture(scope="module")
+def imta_phase1(tmp_path_factory):
+    """A phase-1 run (--imta pretrain) on the synthetic set through the CLI: its directory."""
+    out = tmp_path_factory.mktemp("imta") / "phase1"
+    result = run_cli("--dataset", "synthetic", "--exits", "3", "--epochs", "1", "--synthetic-size", "120",
+                     "--holdout", "24", "--batch-size", "16", "--imta", "pretrain", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "IMTA phase 1: gradient equilibrium" in result.stdout
+    return out
+
+
+def test_imta_pretrain_then_finetune_through_the_cli(imta_phase1, tmp_path):
+    assert json.loads((imta_phase1 / "results.json").read_text())["config"]["imta"] == "pretrain"
+    phase1 = tmp_path / "phase1.pt"
+    phase1.write_bytes((imta_phase1 / "checkpoint.pt").read_bytes())
+    out = tmp_path / "phase2"
+    result = run_cli("--imta", "finetune", "--pretrained", str(phase1), "--epochs", "1", "--batch-size", "16",
+                     "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "9,758 parameters in the new heads and ISC" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["imta"] == "finetune" and results["config"]["exits"] == 3
+    assert (results["config"]["kd_temperature"], results["config"]["kd_gamma"]) == (3.0, 0.9)
+    flops, params = models.count_cost(models.IMTANet(models.build_model("msdnet", 10, 3), 10), 32)
+    assert [r["flops"] for r in results["anytime"]] == flops and [r["params"] for r in results["anytime"]] == params
+    assert len(results["dynamic"]) == 39
+
+    # the phase-2 checkpoint: the phase-1 network bit for bit, plus exactly the new heads and ISC
+    first = torch.load(phase1, weights_only=True)
+    second = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {k.removeprefix("backbone."): v for k, v in second["model"].items() if k.startswith("backbone.")}.keys() \
+        == first["model"].keys()
+    assert all(torch.equal(second["model"]["backbone." + k], v) for k, v in first["model"].items())
+    new_parameters = {n for n, _ in models.IMTANet(models.build_model("msdnet", 10, 3), 10).named_parameters()
+                      if not n.startswith("backbone.")}
+    assert sum(second["model"][n].numel() for n in new_parameters) == 9_758
+    assert all(isinstance(v, torch.Tensor) for v in second["model"].values())
+    assert torch.equal(torch.as_tensor(second["holdout_indices"]), torch.as_tensor(first["holdout_indices"]))
+
+    # self-contained: evaluated without the phase-1 file, the same numbers
+    phase1.unlink()
+    again = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "eval"))
+    assert again.returncode == 0, again.stderr
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
+
+
+def test_phase2_resume_is_exact(imta_phase1, tmp_path):
+    phase1 = tmp_path / "phase1.pt"
+    phase1.write_bytes((imta_phase1 / "checkpoint.pt").read_bytes())
+    flags = ["--imta", "finetune", "--pretrained", str(phase1), "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
+    cfg, _ = l2w.parse_config(flags + ["--out", str(tmp_path / "straight")])
+    l2w.train(cfg)
+    cfg, _ = l2w.parse_config(flags + ["--out", str(tmp_path / "split")])
+    l2w.train(cfg, stop_after_epoch=1)
+    phase1.unlink()   # the phase-2 checkpoint holds the frozen network
+    l2w.train(*l2w.parse_config(["--resume", str(tmp_path / "split" / "checkpoint.pt")]))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("model", "wpn"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    for key in ("optimizer", "wpn_optimizer"):
+        assert len(a[key]["state"]) == len(b[key]["state"]) > 0
+        for pa, pb in zip(a[key]["state"].values(), b[key]["state"].values()):
+            assert all(torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])) for k in pa)
+    ra = json.loads((tmp_path / "straight" / "results.json").read_text())
+    rb = json.loads((tmp_path / "split" / "results.json").read_text())
+    assert ra["anytime"] == rb["anytime"] and ra["dynamic"] == rb["dynamic"]
 
 
 # ----------------------------------------------------------------------------
