@@ -52,10 +52,10 @@ done
 # heads with one-for-all distillation on the frozen phase-1 network), the meta-learning of the
 # method in both phases. CIFAR-100, MSDNet with 5 exits (IMTA's T = 3, gamma = 0.9).
 for method in baseline l2w; do
-  python l2w.py --dataset cifar100 --arch msdnet --exits 5 --method "$method" --imta pretrain \
-    --out "runs/cifar100_msdnet5_${method}_imta1" "$@"
-  python l2w.py --imta finetune --pretrained "runs/cifar100_msdnet5_${method}_imta1/checkpoint.pt" \
-    --method "$method" --out "runs/cifar100_msdnet5_${method}_imta2" "$@"
+  run "runs/cifar100_msdnet5_${method}_imta1" python -- \
+    --dataset cifar100 --arch msdnet --exits 5 --method "$method" --imta pretrain
+  run "runs/cifar100_msdnet5_${method}_imta2" python -- \
+    --imta finetune --pretrained "runs/cifar100_msdnet5_${method}_imta1/checkpoint.pt" --method "$method"
 done
 
 # ImageNet, MSDNet with step s = 4, 6, 7 (100 epochs, global batch 4096 in halves of 2048), and
@@ -68,11 +68,10 @@ if [ -n "${IMAGENET:-}" ]; then
     done
   done
   for method in baseline l2w; do
-    torchrun --standalone --nproc_per_node "${GPUS:-8}" l2w.py --dataset imagenet --data-dir "$IMAGENET" \
-      --arch msdnet --exits 5 --step 4 --method "$method" --imta pretrain \
-      --out "runs/imagenet_msdnet_s4_${method}_imta1" "$@"
-    torchrun --standalone --nproc_per_node "${GPUS:-8}" l2w.py --imta finetune --data-dir "$IMAGENET" \
-      --pretrained "runs/imagenet_msdnet_s4_${method}_imta1/checkpoint.pt" --method "$method" \
-      --out "runs/imagenet_msdnet_s4_${method}_imta2" "$@"
+    run "runs/imagenet_msdnet5_s4_${method}_imta1" torchrun --standalone --nproc_per_node "${GPUS:-8}" -- \
+      --dataset imagenet --data-dir "$IMAGENET" --arch msdnet --exits 5 --step 4 --method "$method" --imta pretrain
+    run "runs/imagenet_msdnet5_s4_${method}_imta2" torchrun --standalone --nproc_per_node "${GPUS:-8}" -- \
+      --imta finetune --data-dir "$IMAGENET" --method "$method" \
+      --pretrained "runs/imagenet_msdnet5_s4_${method}_imta1/checkpoint.pt"
   done
 fi

@@ -1604,6 +1604,24 @@ def test_meta_gradient_through_phase2_heads_matches_torch_func_and_phase1_stays_
     assert all(not torch.equal(p, heads_before[n]) for n, p in l2w.trainable_parameters(model).items())
 
 
+def test_phase2_network_exits_early_as_the_simulated_protocol():
+    # the new heads and the ISC chain are cut to the remaining samples along with the frozen scales
+    torch.manual_seed(0)
+    net = calibrate_batchnorm(models.IMTANet(models.build_model("msdnet", 10, 3), 10), torch.randn(64, 3, 32, 32))
+    holdout, images = torch.randn(40, 3, 32, 32), torch.randn(13, 3, 32, 32)
+    with torch.no_grad():
+        thresholds = l2w.fit_thresholds(l2w.confidences(net(holdout)), l2w.exit_fractions(0.9, 3))
+        logits = net(images)
+    expected = l2w.exit_with_thresholds(l2w.confidences(logits), thresholds)
+    served = [0, 0, 0]
+    for k, head in enumerate(net.heads):
+        head.register_forward_pre_hook(lambda m, inputs, k=k: served.__setitem__(k, served[k] + inputs[0].shape[0]))
+    predictions, exits = l2w.early_exit_predict(net, images, thresholds)
+    assert torch.equal(exits, expected) and 0 < int((expected == 0).sum()) < 13
+    assert torch.equal(predictions, torch.stack(logits).argmax(dim=2)[expected, torch.arange(13)])
+    assert served == [13, int((expected > 0).sum()), int((expected > 1).sum())]
+
+
 def write_config_checkpoint(path, **config):
     """A checkpoint that holds a config only (enough for the checks parse_config makes)."""
     torch.save({"config": dataclasses.asdict(small_cfg(**config)), "model": {}, "epoch": 1}, path)
