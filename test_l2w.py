@@ -1331,14 +1331,14 @@ def test_fp16_wpn_keeps_learning_when_the_backbone_scale_grows(monkeypatch):
     scalers = {name: torch.amp.GradScaler("cpu", init_scale=2.0 ** 20, growth_interval=1) for name in scalers}
     images, targets = torch.randn(8, 3, 32, 32), torch.randint(10, (8,))
     updated, skipped = [], 0
-    for _ in range(40):
+    for _ in range(16):   # the backbone's scale grows 4x an iteration: 2^20 -> 2^52
         before = [p.detach().clone() for p in wpn.parameters()]
         out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, scalers=scalers)
         updated.append(any(not torch.equal(a, p) for a, p in zip(before, wpn.parameters())))
         skipped += out["wpn_skipped"]
     assert scalers["real"].get_scale() >= 2.0 ** 50   # the backbone's scale grew all along
     assert skipped > 0 and scalers["meta"].get_scale() < 2.0 ** 40   # overflows were seen and answered
-    assert sum(updated[-10:]) >= 3   # ... and the WPN still takes steps at the end
+    assert sum(updated[-8:]) >= 3   # ... and the WPN still takes steps at the end
 
 
 def test_amp_picks_fp16_on_gpus_without_native_bf16(monkeypatch):
@@ -1624,7 +1624,8 @@ def test_phase2_network_exits_early_as_the_simulated_protocol():
 
 def write_config_checkpoint(path, **config):
     """A checkpoint that holds a config only (enough for the checks parse_config makes)."""
-    torch.save({"config": dataclasses.asdict(small_cfg(**config)), "model": {}, "epoch": 1}, path)
+    torch.save({"config": dataclasses.asdict(small_cfg(**config)), "model": {}, "wpn": {}, "optimizer": {},
+                "wpn_optimizer": {}, "epoch": 1, "batch": 0, "rng": {}, "holdout_indices": torch.arange(3)}, path)
 
 
 def test_imta_presets_and_architecture_from_pretrained(tmp_path):
