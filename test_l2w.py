@@ -1130,6 +1130,45 @@ def load_in_rank_order(rank, log, store):
         dist.destroy_process_group()
 
 
+def test_predict_under_two_ranks_scores_with_rank_zeros_statistics_and_gathers_to_rank_zero(tmp_path):
+    # each rank updates its own BatchNorm statistics during training; evaluation must use rank
+    # 0's (the checkpoint's) everywhere, and only rank 0 receives the logits
+    torch.manual_seed(0)
+    model = models.build_model("msdnet", 10, 2)
+    images, labels = torch.randn(10, 3, 32, 32), torch.randint(10, (10,))
+    expected = l2w.predict(model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
+                                                              batch_size=4), torch.device("cpu"), small_cfg())
+    torch.save({"model": model.state_dict(), "images": images, "labels": labels,
+                "expected": expected[0]}, tmp_path / "setup.pt")
+    torch.multiprocessing.spawn(predict_on_two_ranks, args=(str(tmp_path),), nprocs=2)
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+def predict_on_two_ranks(rank, folder):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        setup = torch.load(os.path.join(folder, "setup.pt"), weights_only=True)
+        model = models.build_model("msdnet", 10, 2)
+        model.load_state_dict(setup["model"])
+        if rank == 1:   # rank 1's running statistics drifted away from rank 0's
+            for name, buffer in model.named_buffers():
+                if "running" in name:
+                    buffer.add_(1.0)
+        dataset = torch.utils.data.TensorDataset(setup["images"], setup["labels"])
+        loader = l2w.make_loader(dataset, small_cfg(batch_size=4, world_size=2), torch.device("cpu"), shuffle=False)
+        loader = [(dataset[b][0], dataset[b][1]) for b in ([i for _, i in batch] for batch in loader.batch_sampler)]
+        out = l2w.predict(model, loader, torch.device("cpu"), small_cfg())
+        if rank == 0:
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[0], setup["expected"], strict=True))
+            assert torch.equal(out[1], setup["labels"])
+        else:
+            assert out is None
+        open(os.path.join(folder, f"rank{rank}.ok"), "w").close()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_config_precedence_defaults_preset_flags():
     cfg, state = l2w.parse_config(["--dataset", "cifar100", "--exits", "7"])
     assert state is None and (cfg.batch_size, cfg.lr, cfg.epochs, cfg.q, cfg.delta) == (1024, 0.8, 300, 0.75, 0.8)
