@@ -166,8 +166,7 @@ def check_config(cfg):
 
     choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "method": ("l2w", "baseline"),
                "constraint": ("col", "row", "mat"),
-               "meta_grad": ("higher", "jvp"), "imta": ("", "pretrain", "finetune"),
-               "kd_reduction": ("mean", "batchmean")}
+               "meta_grad": ("higher", "jvp"), "kd_reduction": ("mean", "batchmean")}
     for name, allowed in choices.items():
         need(getattr(cfg, name) in allowed,
              f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
@@ -188,6 +187,7 @@ def check_config(cfg):
     need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
     finite("kd_temperature", 0, low_ok=False)
     need(0 <= cfg.kd_gamma <= 1, f"--kd-gamma must be in [0, 1], got {cfg.kd_gamma}")
+    need(cfg.imta in ("", "pretrain", "finetune"), f"unknown --imta '{cfg.imta}' (choose pretrain or finetune)")
     need(not cfg.imta or cfg.arch == "msdnet",
          f"--imta is built for msdnet (IMTA's techniques as released), not {cfg.arch}")
     need(cfg.imta != "finetune" or cfg.pretrained or cfg.resume,
