@@ -1123,6 +1123,19 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     return results
 
 
+def timed(step, images, device):
+    """(seconds, step(images)) of one call, CUDA synchronised before and after (`images` None:
+    step())."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = step() if images is None else step(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+@torch.inference_mode()
 def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
     """--early-exit: the budgeted protocol at q = cfg.q, for real. Thresholds are fitted on the
     hold-out split as in `dynamic_evaluate`; then every test batch runs through the whole network
@@ -1137,16 +1150,6 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
     on_device = thresholds.to(device)
     steps = {"whole": net, "early": lambda images: early_exit_predict(net, images, on_device)}
 
-    def timed(step, images):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = step(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out
-
     runs = []
     for batch_size in dict.fromkeys([1, cfg.batch_size]):
         loader = make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
@@ -1155,10 +1158,10 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
             images, _ = to_device(images, labels, device, cfg)
             if i == 0:   # warm-up: the first calls allocate memory and pick kernels
                 for step in steps.values():
-                    timed(step, images)
+                    timed(step, images, device)
             outputs = {}
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
-                elapsed, outputs[name] = timed(steps[name], images)
+                elapsed, outputs[name] = timed(steps[name], images, device)
                 seconds[name] += elapsed
             predictions.append(outputs["early"][0].cpu())
             exit_of.append(outputs["early"][1].cpu())
@@ -1268,15 +1271,6 @@ def bench(cfg):
         train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, meta_grad=meta_grad),
                    meta=True, scalers=scalers)
 
-    def timed(step):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
     print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{torch.get_num_threads()} threads, amp {cfg.amp}, channels-last {cfg.channels_last}, "
@@ -1289,7 +1283,7 @@ def bench(cfg):
         for name, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            times[name].append(timed(step))
+            times[name].append(timed(step, None, device)[0])
             memory[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     results = {name: statistics.median(t[2:]) for name, t in times.items()}
     for name, seconds in results.items():
