@@ -64,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import forward_ad
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -516,8 +517,80 @@ def virtual_sgd_step(optimizer, params, grads):
     return theta_virtual, slopes
 
 
+class SharedForward(TorchFunctionMode):
+    """The train half's forward at theta, computed once for step 1 and the JVP (--meta-grad jvp).
+
+    Forward-mode AD computes a forward's values next to their tangents, and step 1 has just
+    computed these. Entered around step 1's forward, this records the output of every convolution
+    (most of a forward's time); entered with `tangents()` around the JVP's forward, it hands them
+    back in the same order and computes only the tangents conv(dx, W) + conv(x, dW) + db, and
+    BatchNorm's with fused kernels (`batch_norm_dual`). The rest is PyTorch's forward-mode AD."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.replay = [], None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.replay is None:                      # recording step 1's forward
+            out = func(*args, **kwargs)
+            if func is F.conv2d:
+                self.outputs.append(out)
+            return out
+        if func is F.conv2d:
+            return self.conv2d_dual(*args, **kwargs)
+        if func is F.batch_norm:
+            return batch_norm_dual(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def tangents(self):
+        self.replay = iter(self.outputs)
+        with self:
+            yield
+        if next(self.replay, None) is not None:
+            raise RuntimeError("the JVP's forward made fewer convolutions than step 1's")
+
+    def conv2d_dual(self, input, weight, bias=None, *args, **kwargs):
+        (x, dx), (w, dw), (_, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
+        y = next(self.replay, None)
+        if y is None or y.shape[:2] != (x.shape[0], w.shape[0]):
+            raise RuntimeError("the JVP's forward does not retrace step 1's convolutions")
+        tangents = [F.conv2d(dx, w, None, *args, **kwargs)] if dx is not None else []
+        if dw is not None or db is not None:
+            tangents.append(F.conv2d(x, torch.zeros_like(w) if dw is None else dw, db, *args, **kwargs))
+        return forward_ad.make_dual(y, sum(tangents[1:], tangents[0])) if tangents else y
+
+
+def unpack_dual(t):
+    return (None, None) if t is None else forward_ad.unpack_dual(t)
+
+
+def batch_norm_dual(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-5):
+    """F.batch_norm on dual numbers, with fused kernels for the tangent. In training mode the
+    Jacobian in the input, weight invstd (I - 1/m - xhat xhat^T / m) per channel, is symmetric, so
+    the input's tangent goes through BatchNorm's own backward kernel; the weight's and the bias's
+    add dweight xhat + dbias, an eval-mode BatchNorm with the batch's statistics."""
+    (x, dx), (w, dw), (b, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
+    y, mean, invstd = torch.native_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps)
+    if dx is None and dw is None and db is None:
+        return y
+    if not training:
+        mean, invstd = running_mean, (running_var + eps).rsqrt()
+    dy = torch.zeros_like(y)
+    if dx is not None:
+        dy = torch.ops.aten.native_batch_norm_backward(dx, x, w, running_mean, running_var, mean, invstd,
+                                                       training, eps, [True, False, False])[0]
+    if dw is not None or db is not None:
+        zero = torch.zeros_like(mean)
+        dy += F.batch_norm(x, mean, invstd.pow(-2) - eps, zero if dw is None else dw, zero if db is None else db,
+                           False, 0.0, eps)
+    return forward_ad.make_dual(y, dy)
+
+
 def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images, meta_targets, cfg,
-                      scaler=None):
+                      scaler=None, shared=None):
     """Steps 3-5 with the exact meta-gradient and no second-order backward (README, "The
     meta-gradient without the second-order backward"). `params` are the parameters the virtual
     step moves. Leaves the WPN's gradient in its .grad; returns the meta loss.
@@ -526,7 +599,8 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
     g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in the weights w, and
         dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >:
     one backward of M at theta' (v) and one forward-mode Jacobian-vector product of
-    theta -> L in the direction a * v give all n x K of them.
+    theta -> L in the direction a * v give all n x K of them. `shared`: the SharedForward that
+    recorded the forward of `losses` (without it, forward-mode AD computes that forward again).
     """
     weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
     # Step 3, the virtual step, as plain numbers: the graph of `losses` is kept for the real step.
@@ -544,7 +618,7 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
     # forward itself (BatchNorm couples the samples), in fp32 like the losses it differentiates.
     # Eager forward-mode AD (dual numbers, no autograd graph) gives the same product as
     # torch.func.jvp without functorch's tensor wrappers: about a quarter faster on the CPU.
-    with forward_ad.dual_level(), torch.no_grad():
+    with forward_ad.dual_level(), torch.no_grad(), (shared.tangents() if shared else contextlib.nullcontext()):
         # (a parameter the meta loss does not reach, e.g. the classifier of an exit that no
         # meta sample leaves at, has v = 0)
         duals = {name: forward_ad.make_dual(p.detach(), torch.zeros_like(p) if t.grad is None else a * t.grad)
@@ -568,18 +642,24 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     """
     net = unwrap(model)
     meta_step = cfg.method == "l2w" and meta
+    # SyncBatchNorm's backward cannot be differentiated again, nor its forward forward-mode; the
+    # virtual step is per rank anyway, so under --sync-bn it takes a forward of its own (below)
+    # that normalises with this rank's batch statistics.
+    own_forward = meta_step and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
+    # --meta-grad jvp differentiates the virtual step's forward again, forward-mode: it records
+    # that forward's values to reuse them.
+    shared = SharedForward() if meta_step and cfg.meta_grad == "jvp" else None
+    record = shared if shared and not own_forward else contextlib.nullcontext()
     # Under --amp, the forward pass whose derivative the meta-gradient takes stays in fp32: in
     # bf16 that gradient is mostly rounding error (measured in test_l2w.py).
-    with autocast(cfg, images.device, enabled=not meta_step):
+    with autocast(cfg, images.device, enabled=not meta_step), record:
         losses = exit_losses(model, images, targets, cfg)           # step 1: L[i, k]
     meta_loss, skipped = None, False
     if meta_step:
-        # SyncBatchNorm's backward cannot be differentiated again, nor its forward forward-mode;
-        # the virtual step is per rank anyway, so under --sync-bn its forward normalises with this
-        # rank's batch statistics.
         virtual_losses = losses
-        if any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
-            virtual_losses = exit_losses(partial(functional_forward, net, {}), images, targets, cfg)
+        if own_forward:
+            with shared or contextlib.nullcontext():
+                virtual_losses = exit_losses(partial(functional_forward, net, {}), images, targets, cfg)
         # Steps 3-5. The virtual step moves the trainable parameters (in IMTA's second phase the
         # new heads only); the real optimizer, the parameters and the BatchNorm statistics are
         # left untouched. Only the WPN gets gradients.
@@ -588,7 +668,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         wpn_optimizer.zero_grad(set_to_none=True)
         if cfg.meta_grad == "jvp":
             meta_loss = jvp_meta_gradient(net, wpn, optimizer, params, images, targets, virtual_losses,
-                                          meta_images, meta_targets, cfg, meta_scaler)
+                                          meta_images, meta_targets, cfg, meta_scaler, shared)
         else:
             meta_loss = higher_meta_gradient(net, wpn, optimizer, params, virtual_losses, meta_images,
                                              meta_targets, cfg, meta_scaler)
