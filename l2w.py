@@ -85,6 +85,7 @@ class Config:
     arch: str = "msdnet"           # backbone (models.py)
     exits: int = 5                 # number of exits K (the paper: 5 and 7 for MSDNet on CIFAR)
     step: int = 4                  # ImageNet MSDNet step s (the paper: 4, 6, 7); unused on CIFAR
+    base: int = 4                  # ImageNet MSDNet: layers in the first block (MSDNet-PyTorch's released s=7 model: 7)
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
@@ -146,7 +147,8 @@ PRESETS = {
 IMTA_PRESETS = {"imagenet": dict(kd_temperature=1.0, kd_gamma=0.1)}
 # --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
 # data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
-PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "image_size")
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
+                     "image_size")
 
 
 class UsageError(Exception):
@@ -171,7 +173,7 @@ def check_config(cfg):
     for name, allowed in choices.items():
         need(getattr(cfg, name) in allowed,
              f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
-    for name in ("exits", "step", "batch_size", "wpn_width", "meta_interval", "print_every", "bench_iters"):
+    for name in ("exits", "step", "base", "batch_size", "wpn_width", "meta_interval", "print_every", "bench_iters"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("epochs", "wpn_depth", "holdout", "workers", "seed", "save_every"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
@@ -229,7 +231,8 @@ def check_config(cfg):
                          f"{os.path.join(cfg.out, 'checkpoint.pt')}, or start a new run with another --out")
     try:   # shapes only: the network is built and run on the meta device, computing nothing
         with torch.device("meta"):
-            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain").eval()
+            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain",
+                                cfg.base).eval()
             model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -244,10 +247,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def default_out(cfg):
-    """runs/<what keeps the paper's runs apart>: data (and imbalance), network (and ImageNet step),
+    """runs/<what keeps the paper's runs apart>: data (and imbalance), network (and ImageNet step and base),
     method (and q, which only L2W-DEN's meta objective reads; and the IMTA phase), seed."""
     data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
-    network = f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if cfg.arch == "msdnet" and cfg.image_size >= 64 else "")
+    imagenet_msdnet = cfg.arch == "msdnet" and cfg.image_size >= 64
+    network = (f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if imagenet_msdnet else "")
+               + (f"_b{cfg.base}" if imagenet_msdnet and cfg.base != 4 else ""))
     method = cfg.method + (f"_q{cfg.q:g}" if cfg.method == "l2w" else "") + (f"_imta-{cfg.imta}" if cfg.imta else "")
     return os.path.join("runs", f"{data_name}_{network}_{method}_seed{cfg.seed}")
 
@@ -964,7 +969,7 @@ def build(cfg, num_classes, device):
     DistributedDataParallel under torchrun, and fp16's loss scalers where they are needed: one
     for the backbone's step and one for the WPN's meta step, whose gradients come through a
     different (fp32) graph and overflow at other scales."""
-    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain")
+    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain", cfg.base)
     if cfg.imta == "finetune":   # IMTA's second phase: the network above frozen, new heads on it
         model = IMTANet(model, num_classes)
     model = model.to(device)
@@ -1091,8 +1096,9 @@ def train(cfg, state=None, stop_after_epoch=None):
     elif cfg.weights:   # a resumed run already holds them in its checkpoint
         try:
             info = load_released(unwrap(model), cfg.weights, unwrap(wpn))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        except ValueError as e:   # name the flags that choose the network
+            raise UsageError(f"{e} (--exits, --step, --base, --image-size and the data set choose the network; "
+                             f"--wpn-depth and --wpn-width the WPN)") from None
         except Exception as e:   # not a file torch.load(weights_only=True) can read
             raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
         log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"

@@ -157,12 +157,12 @@ class MSDNet(nn.Module):
     `gradient_equilibrium` adds IMTA's GE to the backward pass; the forward is unchanged.
     """
 
-    def __init__(self, num_classes, exits, imagenet=False, step=None, gradient_equilibrium=False):
+    def __init__(self, num_classes, exits, imagenet=False, step=None, base=None, gradient_equilibrium=False):
         super().__init__()
         self.gradient_equilibrium = gradient_equilibrium
-        if imagenet:  # ImageNet: 4 scales, 'even' steps of `step` layers after a base of 4
-            channels, growth, factors, widths, base = 32, 16, (1, 2, 4, 4), (1, 2, 4, 4), 4
-            steps = [base] + [step or 4] * (exits - 1)
+        if imagenet:  # ImageNet: 4 scales, a first block of `base` layers, then 'even' steps of `step`
+            channels, growth, factors, widths = 32, 16, (1, 2, 4, 4), (1, 2, 4, 4)
+            steps = [base or 4] + [step or 4] * (exits - 1)
         else:         # CIFAR: 3 scales, linear growth with base 1 and step 1 (block k has k layers)
             channels, growth, factors, widths = 16, 6, (1, 2, 4), (1, 2, 4)
             steps = [1 + k for k in range(exits)]
@@ -479,11 +479,14 @@ def released_name(key):
 
 
 def describe_released(state):
-    """(ImageNet?, exits, step, classes) of an MSDNet state_dict in MSDNet-PyTorch's naming."""
+    """(ImageNet?, exits, layers in block 1, layers in block 2, classes) of an MSDNet state_dict
+    in MSDNet-PyTorch's naming."""
     exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("classifier.")), default=-1)
-    layers = {k.split(".")[2] for k in state if re.match(r"blocks\.1\.\d+\.layers\.", k)}
+    # (module 0 of block 0 is the first layer, MSDNFirstLayer, which has `layers` too)
+    layers = [len({k.split(".")[2] for k in state if re.match(rf"blocks\.{b}\.\d+\.layers\.", k)}) - (b == 0) or None
+              for b in (0, 1)]
     classes = state["classifier.0.linear.weight"].shape[0] if "classifier.0.linear.weight" in state else None
-    return "blocks.0.0.layers.0.0.weight" in state, exits, len(layers) or None, classes
+    return "blocks.0.0.layers.0.0.weight" in state, exits, *layers, classes
 
 
 def load_released(model, path, wpn=None):
@@ -507,9 +510,9 @@ def load_released(model, path, wpn=None):
     if set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
         imagenet = model.stem.scales[0][0].kernel_size[0] == 7
         step = model.steps[1] if len(model.steps) > 1 else None
-        mine = (imagenet, len(model.exits), step, model.exits[0][-1].out_features)
+        mine = (imagenet, len(model.exits), model.steps[0], step, model.exits[0][-1].out_features)
         theirs = describe_released(state)
-        names = ("image size", "exits", "step (layers in block 2)", "classes")
+        names = ("image size", "exits", "base (layers in block 1)", "step (layers in block 2)", "classes")
         shown = lambda name, v: ("ImageNet" if v else "CIFAR") if name == "image size" else v
         diffs = [f"{name} {shown(name, t)} in the file, {shown(name, m)} here"
                  for name, t, m in zip(names, theirs, mine) if t != m]
@@ -553,8 +556,9 @@ def load_released_wpn(wpn, meta_state, path):
 # Builder and cost counter
 # ----------------------------------------------------------------------------
 
-def build_model(arch, num_classes, exits, image_size=32, step=None, gradient_equilibrium=False):
-    """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one. `gradient_equilibrium`
+def build_model(arch, num_classes, exits, image_size=32, step=None, gradient_equilibrium=False, base=None):
+    """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one. ImageNet MSDNet: `base`
+    layers in the first block (default 4), `step` in each later one. `gradient_equilibrium`
     (IMTA's first phase) rescales MSDNet's backward pass; the network and its forward are the same."""
     if gradient_equilibrium and arch != "msdnet":
         raise ValueError(f"gradient equilibrium (IMTA) is built for msdnet, not {arch}")
@@ -567,7 +571,7 @@ def build_model(arch, num_classes, exits, image_size=32, step=None, gradient_equ
     if exits < 1:
         raise ValueError(f"{arch} needs at least 1 exit, got {exits}")
     if arch == "msdnet":
-        return MSDNet(num_classes, exits, imagenet=image_size >= 64, step=step,
+        return MSDNet(num_classes, exits, imagenet=image_size >= 64, step=step, base=base,
                       gradient_equilibrium=gradient_equilibrium)
     raise ValueError(f"unknown arch '{arch}' (choose msdnet or ranet)")
 
@@ -617,14 +621,15 @@ def count_cost(model, image_size):
     return [f for f, _ in per_exit], [p for _, p in per_exit]
 
 
-# The configurations of the papers' experiments: (arch, dataset, classes, exits, image size, step)
+# The configurations of the papers' experiments: (arch, dataset, classes, exits, image size, step),
+# and MSDNet-PyTorch's released ImageNet step-7 model, whose first block has 7 layers (base 7)
 PAPER_MODELS = [
     ("msdnet", "CIFAR-10", 10, 5, 32, None), ("msdnet", "CIFAR-10", 10, 7, 32, None),
     ("msdnet", "CIFAR-100", 100, 5, 32, None), ("msdnet", "CIFAR-100", 100, 7, 32, None),
     ("ranet", "CIFAR-10", 10, 6, 32, None), ("ranet", "CIFAR-10", 10, 8, 32, None),
     ("ranet", "CIFAR-100", 100, 6, 32, None), ("ranet", "CIFAR-100", 100, 8, 32, None),
     ("msdnet", "ImageNet", 1000, 5, 224, 4), ("msdnet", "ImageNet", 1000, 5, 224, 6),
-    ("msdnet", "ImageNet", 1000, 5, 224, 7),
+    ("msdnet", "ImageNet", 1000, 5, 224, 7), ("msdnet", "ImageNet", 1000, 5, 224, (7, 7)),
 ]
 
 
@@ -634,8 +639,10 @@ def cost_table(configurations=PAPER_MODELS):
     rows = ["| model | data | cumulative Mul-Adds per exit | cumulative parameters per exit (M) |",
             "|---|---|---|---|"]
     for arch, dataset, classes, exits, size, step in configurations:
-        flops, params = count_cost(build_model(arch, classes, exits, size, step), size)
-        name = names.get((arch, exits), f"MSDNet, {exits} exits" + (f", s={step}" if step else ""))
+        step, base = step if isinstance(step, tuple) else (step, None)
+        flops, params = count_cost(build_model(arch, classes, exits, size, step, base=base), size)
+        name = names.get((arch, exits), f"MSDNet, {exits} exits" + (f", s={step}" if step else "")
+                         + (f", base {base}" if base else ""))
         unit, scale = ("G", 1e9) if size > 32 else ("M", 1e6)
         rows.append(f"| {name} | {dataset} | {' / '.join(f'{f / scale:.2f}' for f in flops)} {unit} | "
                     f"{' / '.join(f'{p / 1e6:.2f}' for p in params)} |")

@@ -60,6 +60,15 @@ def test_msdnet_imagenet_step4_matches_published_figures():
     assert [round(f / 1e9, 2) for f in flops] == [0.34, 0.69, 1.01, 1.25, 1.36]
 
 
+def test_msdnet_imagenet_step7_base7_matches_msdnet_pytorchs_released_model():
+    # MSDNet-PyTorch's released ImageNet model msdnet-step=7-block=5 (first block of 7 layers too):
+    # the costs its op counter prints for it (MSDNet-PyTorch issue 10), Mul-Adds (M) and params (M)
+    model = models.build_model("msdnet", 1000, 5, image_size=224, step=7, base=7)
+    flops, params = models.count_cost(model, 224)
+    assert [round(f / 1e6, 2) for f in flops] == [615.69, 1436.39, 2283.21, 2967.42, 3253.79]
+    assert [round(p / 1e6, 2) for p in params] == [8.76, 20.15, 31.73, 41.86, 62.31]
+
+
 def test_msdnet_cifar_layer_layout_and_any_exit_count():
     # block k holds k layers, so exit k follows layer 1 + ... + k (15 layers for 5 exits, 28 for 7)
     for exits in (1, 2, 5, 7, 9):
@@ -221,14 +230,14 @@ def test_ranet_cli_run_writes_results_json(tmp_path, exits):
 # The authors' released weights (MSDNet-PyTorch / L2W-DEN checkpoints)
 # ----------------------------------------------------------------------------
 
-def released_keys(exits, imagenet, step=4):
+def released_keys(exits, imagenet, step=4, base=4):
     """The state_dict keys MSDNet-PyTorch's model code (models/msdnet.py) gives an MSDNet, in its
     registration order, following its builder: blocks of `steps` MSDNLayers ('max' pruning,
     interval ceil(layers / scales)), a transition (ParallelModule `m`) after each layer that drops
     a scale, the first layer as module 0 of block 0; then all classifiers. Written from their
     module tree, not from models.py."""
     n_scales = 4 if imagenet else 3
-    steps = [4] + [step] * (exits - 1) if imagenet else [1 + b for b in range(exits)]   # even / lin_grow
+    steps = [base] + [step] * (exits - 1) if imagenet else [1 + b for b in range(exits)]   # even / lin_grow
     bn = lambda p: [f"{p}.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
     basic = lambda p: [f"{p}.net.0.weight"] + bn(f"{p}.net.1")                            # ConvBasic
     conv_bn = lambda p: [f"{p}.net.0.weight"] + bn(f"{p}.net.1") + [f"{p}.net.3.weight"] + bn(f"{p}.net.4")
@@ -257,10 +266,10 @@ def released_keys(exits, imagenet, step=4):
     return keys + heads   # `blocks` is registered before `classifier`
 
 
-def released_checkpoint(model, path, imagenet, step=4, prefix="", wpn=None):
+def released_checkpoint(model, path, imagenet, step=4, prefix="", wpn=None, base=4):
     """Write `model` as MSDNet-PyTorch saves it (with L2W-DEN's meta_state_dict for `wpn`)."""
     values = list(model.state_dict().values())
-    keys = released_keys(len(model.exits), imagenet, step)
+    keys = released_keys(len(model.exits), imagenet, step, base)
     assert len(keys) == len(values)
     checkpoint = {"state_dict": {prefix + k: v for k, v in zip(keys, values)}, "epoch": 100, "arch": "msdnet",
                   "best_prec1": 73.93, "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "params": [0]}]}}
@@ -282,20 +291,20 @@ def randomise_bn_statistics(model, seed):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-@pytest.mark.parametrize("classes,exits,imagenet,step,prefix,with_wpn", [
-    (10, 3, False, None, "", True), (100, 5, False, None, "module.", False), (1000, 2, True, 4, "", True),
-    (100, 3, True, 6, "module.", False)])
-def test_released_checkpoints_load_and_give_the_same_logits(tmp_path, classes, exits, imagenet, step, prefix,
+@pytest.mark.parametrize("classes,exits,imagenet,step,base,prefix,with_wpn", [
+    (10, 3, False, None, None, "", True), (100, 5, False, None, None, "module.", False),
+    (1000, 2, True, 4, None, "", True), (100, 3, True, 6, None, "module.", False), (10, 2, True, 7, 7, "module.", False)])
+def test_released_checkpoints_load_and_give_the_same_logits(tmp_path, classes, exits, imagenet, step, base, prefix,
                                                            with_wpn):
     size = 160 if imagenet else 32   # the ImageNet network on fewer pixels: its weights do not depend on it
     torch.manual_seed(0)
-    source = models.build_model("msdnet", classes, exits, size, step)
+    source = models.build_model("msdnet", classes, exits, size, step, base=base)
     randomise_bn_statistics(source, 0)
     source_wpn = l2w.WPN(exits, 2 if with_wpn else 1, 7)
     path = tmp_path / "released.pth.tar"
-    released_checkpoint(source, path, imagenet, step or 4, prefix, source_wpn if with_wpn else None)
+    released_checkpoint(source, path, imagenet, step or 4, prefix, source_wpn if with_wpn else None, base or 4)
     torch.manual_seed(1)
-    target, target_wpn = models.build_model("msdnet", classes, exits, size, step), l2w.WPN(exits, 2, 7)
+    target, target_wpn = models.build_model("msdnet", classes, exits, size, step, base=base), l2w.WPN(exits, 2, 7)
     info = models.load_released(target, path, target_wpn)
     assert info == {"epoch": 100, "arch": "msdnet", "best_prec1": 73.93, "wpn": with_wpn}
     x, losses = torch.randn(1, 3, size, size), torch.rand(4, exits)
@@ -321,8 +330,13 @@ def test_released_checkpoint_that_does_not_fit_names_what_differs(tmp_path, buil
 def test_released_imagenet_checkpoint_of_another_step_names_the_step(tmp_path):
     path = tmp_path / "released.pth.tar"
     released_checkpoint(models.build_model("msdnet", 1000, 2, 224, 6), path, imagenet=True, step=6)
-    with pytest.raises(ValueError, match=r"step \(layers in block 2\) 6 in the file, 4 here"):
+    with pytest.raises(ValueError, match=r"does not fit this MSDNet: step \(layers in block 2\) 6 in the file, 4 here$"):
         models.load_released(models.build_model("msdnet", 1000, 2, 224, 4), path)
+    # MSDNet-PyTorch's released step-7 model has 7 layers in its first block as well
+    released_checkpoint(models.build_model("msdnet", 1000, 2, 224, 7, base=7), path, imagenet=True, step=7, base=7)
+    with pytest.raises(ValueError, match=r"does not fit this MSDNet: base \(layers in block 1\) 7 in the file, "
+                                         r"4 here$"):
+        models.load_released(models.build_model("msdnet", 1000, 2, 224, 7), path)
     wpn_path = tmp_path / "wpn.pth.tar"
     released_checkpoint(models.build_model("msdnet", 10, 3), wpn_path, imagenet=False, wpn=l2w.WPN(3, 1, 500))
     with pytest.raises(ValueError, match=r"its WPN \(depth 1, width 500, exits 3\) does not fit this one "
@@ -1045,9 +1059,11 @@ def test_default_run_directories_keep_the_papers_runs_apart():
     runs += [["--dataset", "cifar100", "--seed", s] for s in ("1", "2")]
     runs += [["--dataset", "cifar10-lt", "--imbalance", i] for i in ("100", "50")]
     runs += [["--dataset", "cifar100", "--exits", "7"], ["--dataset", "cifar100", "--arch", "ranet", "--exits", "6"]]
+    runs += [["--dataset", "imagenet", "--step", "7", "--base", "7"]]    # MSDNet-PyTorch's released s=7 network
     outs = [l2w.parse_config(args)[0].out for args in runs]
     assert len(set(outs)) == len(outs)
     assert outs[0] == os.path.join("runs", "imagenet_msdnet5_s4_l2w_q0.5_seed0")
+    assert outs[-1] == os.path.join("runs", "imagenet_msdnet5_s7_b7_l2w_q0.5_seed0")
 
 
 def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
@@ -1302,6 +1318,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "--bench-iters must be >= 1": ["--bench", "--bench-iters", "0"],
         "unknown device 'mps'": ["--device", "mps"],
         "--step must be >= 1": ["--step", "0"],
+        "--base must be >= 1": ["--base", "0"],
         "--momentum must be in [0, 1)": ["--momentum", "1.5"],
         "--meta-interval must be >= 1": ["--meta-interval", "0"],
         "--save-every must be >= 0": ["--save-every", "-1"],
