@@ -231,8 +231,8 @@ def check_config(cfg):
                          f"{os.path.join(cfg.out, 'checkpoint.pt')}, or start a new run with another --out")
     try:   # shapes only: the network is built and run on the meta device, computing nothing
         with torch.device("meta"):
-            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain",
-                                cfg.base).eval()
+            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, base=cfg.base,
+                                gradient_equilibrium=cfg.imta == "pretrain").eval()
             model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -278,14 +278,14 @@ def parse_config(argv=None):
         raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
-    base = {k: v for k, v in state["config"].items() if k in known} if state else {}
-    base.pop("eval_only", None)
-    imta = flags.get("imta", base.get("imta", Config.imta))
+    saved = {k: v for k, v in state["config"].items() if k in known} if state else {}
+    saved.pop("eval_only", None)
+    imta = flags.get("imta", saved.get("imta", Config.imta))
     if imta == "finetune" and not state and flags.get("pretrained"):
-        base = pretrained_fields(flags)
-    dataset = flags.get("dataset", base.get("dataset", Config.dataset))
+        saved = pretrained_fields(flags)
+    dataset = flags.get("dataset", saved.get("dataset", Config.dataset))
     imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
-    cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **base, **flags})
+    cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
     cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = (os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
@@ -522,78 +522,6 @@ def virtual_sgd_step(optimizer, params, grads):
     return theta_virtual, slopes
 
 
-class SharedForward(TorchFunctionMode):
-    """The train half's forward at theta, computed once for step 1 and the JVP (--meta-grad jvp).
-
-    Forward-mode AD computes a forward's values next to their tangents, and step 1 has just
-    computed these. Entered around step 1's forward, this records the output of every convolution
-    (most of a forward's time); entered with `tangents()` around the JVP's forward, it hands them
-    back in the same order and computes only the tangents conv(dx, W) + conv(x, dW) + db, and
-    BatchNorm's with fused kernels (`batch_norm_dual`). The rest is PyTorch's forward-mode AD."""
-
-    def __init__(self):
-        super().__init__()
-        self.outputs, self.replay = [], None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.replay is None:                      # recording step 1's forward
-            out = func(*args, **kwargs)
-            if func is F.conv2d:
-                self.outputs.append(out)
-            return out
-        if func is F.conv2d:
-            return self.conv2d_dual(*args, **kwargs)
-        if func is F.batch_norm:
-            return batch_norm_dual(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def tangents(self):
-        self.replay = iter(self.outputs)
-        with self:
-            yield
-        if next(self.replay, None) is not None:
-            raise RuntimeError("the JVP's forward made fewer convolutions than step 1's")
-
-    def conv2d_dual(self, input, weight, bias=None, *args, **kwargs):
-        (x, dx), (w, dw), (_, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
-        y = next(self.replay, None)
-        if y is None or y.shape[:2] != (x.shape[0], w.shape[0]):
-            raise RuntimeError("the JVP's forward does not retrace step 1's convolutions")
-        tangents = [F.conv2d(dx, w, None, *args, **kwargs)] if dx is not None else []
-        if dw is not None or db is not None:
-            tangents.append(F.conv2d(x, torch.zeros_like(w) if dw is None else dw, db, *args, **kwargs))
-        return forward_ad.make_dual(y, sum(tangents[1:], tangents[0])) if tangents else y
-
-
-def unpack_dual(t):
-    return (None, None) if t is None else forward_ad.unpack_dual(t)
-
-
-def batch_norm_dual(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                    eps=1e-5):
-    """F.batch_norm on dual numbers, with fused kernels for the tangent. In training mode the
-    Jacobian in the input, weight invstd (I - 1/m - xhat xhat^T / m) per channel, is symmetric, so
-    the input's tangent goes through BatchNorm's own backward kernel; the weight's and the bias's
-    add dweight xhat + dbias, an eval-mode BatchNorm with the batch's statistics."""
-    (x, dx), (w, dw), (b, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
-    y, mean, invstd = torch.native_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps)
-    if dx is None and dw is None and db is None:
-        return y
-    if not training:
-        mean, invstd = running_mean, (running_var + eps).rsqrt()
-    dy = torch.zeros_like(y)
-    if dx is not None:
-        dy = torch.ops.aten.native_batch_norm_backward(dx, x, w, running_mean, running_var, mean, invstd,
-                                                       training, eps, [True, False, False])[0]
-    if dw is not None or db is not None:
-        zero = torch.zeros_like(mean)
-        dy += F.batch_norm(x, mean, invstd.pow(-2) - eps, zero if dw is None else dw, zero if db is None else db,
-                           False, 0.0, eps)
-    return forward_ad.make_dual(y, dy)
-
-
 def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images, meta_targets, cfg,
                       scaler=None, shared=None):
     """Steps 3-5 with the exact meta-gradient and no second-order backward (README, "The
@@ -605,7 +533,8 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
         dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >:
     one backward of M at theta' (v) and one forward-mode Jacobian-vector product of
     theta -> L in the direction a * v give all n x K of them. `shared`: the SharedForward that
-    recorded the forward of `losses` (without it, forward-mode AD computes that forward again).
+    recorded the forward of `losses` (without it, forward-mode AD computes that forward again;
+    the numbers are the same).
     """
     weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
     # Step 3, the virtual step, as plain numbers: the graph of `losses` is kept for the real step.
@@ -654,16 +583,16 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     # --meta-grad jvp differentiates the virtual step's forward again, forward-mode: it records
     # that forward's values to reuse them.
     shared = SharedForward() if meta_step and cfg.meta_grad == "jvp" else None
-    record = shared if shared and not own_forward else contextlib.nullcontext()
+    recorded = lambda virtual: shared if shared and virtual else contextlib.nullcontext()
     # Under --amp, the forward pass whose derivative the meta-gradient takes stays in fp32: in
     # bf16 that gradient is mostly rounding error (measured in test_l2w.py).
-    with autocast(cfg, images.device, enabled=not meta_step), record:
+    with autocast(cfg, images.device, enabled=not meta_step), recorded(not own_forward):
         losses = exit_losses(model, images, targets, cfg)           # step 1: L[i, k]
     meta_loss, skipped = None, False
     if meta_step:
         virtual_losses = losses
         if own_forward:
-            with shared or contextlib.nullcontext():
+            with recorded(True):
                 virtual_losses = exit_losses(partial(functional_forward, net, {}), images, targets, cfg)
         # Steps 3-5. The virtual step moves the trainable parameters (in IMTA's second phase the
         # new heads only); the real optimizer, the parameters and the BatchNorm statistics are
@@ -743,6 +672,92 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     metas = [h[1] for h in halves if h[1] is not None]
     return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
             "wpn_skipped": sum(h[2] for h in halves)}
+
+
+# ============================================================================
+# --meta-grad jvp: the JVP's forward without recomputing step 1's (speed only)
+# ============================================================================
+
+class SharedForward(TorchFunctionMode):
+    """The train half's forward at theta, computed once for step 1 and the JVP of jvp_meta_gradient.
+
+    Forward-mode AD computes a forward's values next to their tangents, and step 1 has just
+    computed these. Entered around step 1's forward, this records the output of every convolution
+    (most of a forward's time); entered with `tangents()` around the JVP's forward, it hands them
+    back in the same order and computes only the tangents conv(dx, W) + conv(x, dW) + db, and
+    BatchNorm's with fused kernels (`batch_norm_dual`). The rest is PyTorch's forward-mode AD.
+    A recorded output changed in place afterwards (a network that adds into a convolution's
+    output) would be stale, so that is checked and refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.replay = [], None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.replay is None:                      # recording step 1's forward
+            out = func(*args, **kwargs)
+            if func is F.conv2d:
+                self.outputs.append((out, out._version))
+            return out
+        if func is F.conv2d:
+            return self.conv2d_dual(*args, **kwargs)
+        if func is F.batch_norm:
+            return batch_norm_dual(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def tangents(self):
+        self.replay = iter(self.outputs)
+        try:
+            with self:
+                yield
+            if next(self.replay, None) is not None:
+                raise RuntimeError("the JVP's forward made fewer convolutions than step 1's")
+        finally:   # the recorded outputs are not needed any more (their graph may be)
+            self.outputs, self.replay = [], None
+
+    def conv2d_dual(self, input, weight, bias=None, *args, **kwargs):
+        (x, dx), (w, dw), (_, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
+        y, version = next(self.replay, (None, None))
+        if y is None or y.shape[:2] != (x.shape[0], w.shape[0]) or y._version != version:
+            raise RuntimeError("the JVP's forward does not retrace step 1's convolutions, or one of their "
+                               "outputs was changed in place: use SharedForward only for such networks")
+        tangents = [F.conv2d(dx, w, None, *args, **kwargs)] if dx is not None else []
+        if dw is not None:
+            tangents.append(F.conv2d(x, dw, db, *args, **kwargs))
+        elif db is not None:   # a bias that trains under a frozen weight
+            tangents.append(torch.zeros_like(y) + db[:, None, None])
+        if not tangents:
+            return y
+        return forward_ad.make_dual(y, tangents[0] if len(tangents) == 1 else tangents[0] + tangents[1])
+
+
+def unpack_dual(t):
+    return (None, None) if t is None else forward_ad.unpack_dual(t)
+
+
+def batch_norm_dual(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-5):
+    """F.batch_norm on dual numbers, with fused kernels for the tangent. y = weight xhat + bias,
+    xhat = (x - mean) invstd. In training mode (batch statistics) the Jacobian in x, weight invstd
+    (I - 1/m - xhat xhat^T / m) per channel, is symmetric, so the input's part of the tangent is
+    BatchNorm's own backward kernel applied to dx (in eval mode, running statistics, it is diagonal
+    and the same kernel applies); the weight's and the bias's part, dweight xhat + dbias, is one
+    eval-mode BatchNorm with those statistics."""
+    (x, dx), (w, dw), (b, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
+    y, mean, invstd = torch.native_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps)
+    if dx is None and dw is None and db is None:
+        return y
+    if not training:
+        mean, invstd = running_mean, (running_var + eps).rsqrt()
+    dy = torch.zeros_like(y) if dx is None else torch.ops.aten.native_batch_norm_backward(
+        dx, x, w, running_mean, running_var, mean, invstd, training, eps, [True, False, False])[0]
+    if dw is not None or db is not None:
+        zero = torch.zeros_like(mean)
+        dy += F.batch_norm(x, mean, invstd.pow(-2) - eps, zero if dw is None else dw, zero if db is None else db,
+                           False, 0.0, eps)
+    return forward_ad.make_dual(y, dy)
 
 
 # ============================================================================
@@ -969,7 +984,8 @@ def build(cfg, num_classes, device):
     DistributedDataParallel under torchrun, and fp16's loss scalers where they are needed: one
     for the backbone's step and one for the WPN's meta step, whose gradients come through a
     different (fp32) graph and overflow at other scales."""
-    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, cfg.imta == "pretrain", cfg.base)
+    model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, base=cfg.base,
+                        gradient_equilibrium=cfg.imta == "pretrain")
     if cfg.imta == "finetune":   # IMTA's second phase: the network above frozen, new heads on it
         model = IMTANet(model, num_classes)
     model = model.to(device)
@@ -1096,9 +1112,12 @@ def train(cfg, state=None, stop_after_epoch=None):
     elif cfg.weights:   # a resumed run already holds them in its checkpoint
         try:
             info = load_released(unwrap(model), cfg.weights, unwrap(wpn))
-        except ValueError as e:   # name the flags that choose the network
-            raise UsageError(f"{e} (--exits, --step, --base, --image-size and the data set choose the network; "
-                             f"--wpn-depth and --wpn-width the WPN)") from None
+        except ValueError as e:
+            hint = ""
+            if "does not fit this" in str(e):   # name the flags that choose the network
+                hint = (" (--exits, --step, --base, --image-size and the data set choose the network; "
+                        "--wpn-depth and --wpn-width the WPN)")
+            raise UsageError(f"{e}{hint}") from None
         except Exception as e:   # not a file torch.load(weights_only=True) can read
             raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
         log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"

@@ -482,9 +482,11 @@ def describe_released(state):
     """(ImageNet?, exits, layers in block 1, layers in block 2, classes) of an MSDNet state_dict
     in MSDNet-PyTorch's naming."""
     exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("classifier.")), default=-1)
-    # (module 0 of block 0 is the first layer, MSDNFirstLayer, which has `layers` too)
-    layers = [len({k.split(".")[2] for k in state if re.match(rf"blocks\.{b}\.\d+\.layers\.", k)}) - (b == 0) or None
-              for b in (0, 1)]
+    def layers_in_block(b):   # the modules of block b with `layers`: its MSDNLayers (not transitions)
+        count = len({k.split(".")[2] for k in state if re.match(rf"blocks\.{b}\.\d+\.layers\.", k)})
+        count -= b == 0 and count > 0          # module 0 of block 0 is the first layer (MSDNFirstLayer)
+        return count or None
+    layers = [layers_in_block(0), layers_in_block(1)]
     classes = state["classifier.0.linear.weight"].shape[0] if "classifier.0.linear.weight" in state else None
     return "blocks.0.0.layers.0.0.weight" in state, exits, *layers, classes
 
@@ -556,7 +558,7 @@ def load_released_wpn(wpn, meta_state, path):
 # Builder and cost counter
 # ----------------------------------------------------------------------------
 
-def build_model(arch, num_classes, exits, image_size=32, step=None, gradient_equilibrium=False, base=None):
+def build_model(arch, num_classes, exits, image_size=32, step=None, base=None, gradient_equilibrium=False):
     """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one. ImageNet MSDNet: `base`
     layers in the first block (default 4), `step` in each later one. `gradient_equilibrium`
     (IMTA's first phase) rescales MSDNet's backward pass; the network and its forward are the same."""
@@ -621,15 +623,15 @@ def count_cost(model, image_size):
     return [f for f, _ in per_exit], [p for _, p in per_exit]
 
 
-# The configurations of the papers' experiments: (arch, dataset, classes, exits, image size, step),
-# and MSDNet-PyTorch's released ImageNet step-7 model, whose first block has 7 layers (base 7)
+# The configurations of the papers' experiments: (arch, dataset, classes, exits, image size, step,
+# base), and MSDNet-PyTorch's released ImageNet step-7 model, whose first block has 7 layers
 PAPER_MODELS = [
-    ("msdnet", "CIFAR-10", 10, 5, 32, None), ("msdnet", "CIFAR-10", 10, 7, 32, None),
-    ("msdnet", "CIFAR-100", 100, 5, 32, None), ("msdnet", "CIFAR-100", 100, 7, 32, None),
-    ("ranet", "CIFAR-10", 10, 6, 32, None), ("ranet", "CIFAR-10", 10, 8, 32, None),
-    ("ranet", "CIFAR-100", 100, 6, 32, None), ("ranet", "CIFAR-100", 100, 8, 32, None),
-    ("msdnet", "ImageNet", 1000, 5, 224, 4), ("msdnet", "ImageNet", 1000, 5, 224, 6),
-    ("msdnet", "ImageNet", 1000, 5, 224, 7), ("msdnet", "ImageNet", 1000, 5, 224, (7, 7)),
+    ("msdnet", "CIFAR-10", 10, 5, 32, None, None), ("msdnet", "CIFAR-10", 10, 7, 32, None, None),
+    ("msdnet", "CIFAR-100", 100, 5, 32, None, None), ("msdnet", "CIFAR-100", 100, 7, 32, None, None),
+    ("ranet", "CIFAR-10", 10, 6, 32, None, None), ("ranet", "CIFAR-10", 10, 8, 32, None, None),
+    ("ranet", "CIFAR-100", 100, 6, 32, None, None), ("ranet", "CIFAR-100", 100, 8, 32, None, None),
+    ("msdnet", "ImageNet", 1000, 5, 224, 4, None), ("msdnet", "ImageNet", 1000, 5, 224, 6, None),
+    ("msdnet", "ImageNet", 1000, 5, 224, 7, None), ("msdnet", "ImageNet", 1000, 5, 224, 7, 7),
 ]
 
 
@@ -638,8 +640,7 @@ def cost_table(configurations=PAPER_MODELS):
     names = {("ranet", 6): "RANet C-1", ("ranet", 8): "RANet C-2"}
     rows = ["| model | data | cumulative Mul-Adds per exit | cumulative parameters per exit (M) |",
             "|---|---|---|---|"]
-    for arch, dataset, classes, exits, size, step in configurations:
-        step, base = step if isinstance(step, tuple) else (step, None)
+    for arch, dataset, classes, exits, size, step, base in configurations:
         flops, params = count_cost(build_model(arch, classes, exits, size, step, base=base), size)
         name = names.get((arch, exits), f"MSDNet, {exits} exits" + (f", s={step}" if step else "")
                          + (f", base {base}" if base else ""))

@@ -568,6 +568,29 @@ class CountConvolutions(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class ToyForRules(torch.nn.Module):
+    """Every case of SharedForward's rules: a frozen conv and eval-mode BN (no tangent at all), a
+    training-mode BN whose input has no tangent, a grouped, dilated, reflect-padded conv whose bias
+    alone trains, a conv with bias, an eval-mode BN with trainable weight and bias and an input
+    tangent, a strided 1x1 conv, BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4),
+                                          torch.nn.ReLU()).requires_grad_(False)
+        self.bn_no_dx = torch.nn.BatchNorm2d(4)
+        self.bias_only = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
+        self.bias_only.weight.requires_grad_(False)
+        self.conv, self.bn, self.eval_bn = torch.nn.Conv2d(8, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+        self.down, self.head, self.bn1d = torch.nn.Conv2d(5, 6, 1, stride=2), torch.nn.Linear(54, 7), torch.nn.BatchNorm1d(7)
+
+    def forward(self, x):
+        f = self.frozen(x)
+        h = torch.cat([F.relu(self.bn_no_dx(f)), self.bias_only(f)], dim=1)
+        h = self.down(self.eval_bn(F.relu(self.bn(self.conv(h)))))
+        return self.bn1d(self.head(h.flatten(1)))
+
+
 @pytest.mark.parametrize("arch", ["toy", "msdnet"])
 def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolutions(arch):
     # The JVP of --meta-grad jvp reuses step 1's convolution outputs and takes BatchNorm's tangent
@@ -575,20 +598,14 @@ def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolut
     # compute only the tangent convolutions: conv(dx, W) where the input has a tangent, conv(x, dW)
     # where the weight has one.
     torch.manual_seed(0)
-    if arch == "toy":   # every case of the rules: conv bias, eval-mode BN (frozen), BatchNorm1d, no tangent
-        frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
-        frozen.requires_grad_(False)
-        eval_bn = torch.nn.BatchNorm2d(5).requires_grad_(False)   # eval mode, with an input tangent
-        net = torch.nn.Sequential(frozen, torch.nn.Conv2d(4, 5, 3, padding=1), torch.nn.BatchNorm2d(5),
-                                  torch.nn.ReLU(), eval_bn, torch.nn.Conv2d(5, 6, 1, stride=2), torch.nn.Flatten(),
-                                  torch.nn.Linear(6 * 3 * 3, 7), torch.nn.BatchNorm1d(7)).double().train()
-        for bn in (frozen[1], eval_bn):
+    if arch == "toy":
+        net = ToyForRules().double().train()
+        for bn in (net.frozen[1], net.eval_bn):
             bn.running_mean.normal_()
             bn.running_var.uniform_(0.5, 2)
             bn.eval()
-        # the frozen conv: no tangent to compute; the next: conv(x, dW) only (its input has no
-        # tangent); the last: conv(dx, W) and conv(x, dW)
-        convs, tangent_convs = 3, 3
+        # frozen conv: no tangent; bias_only: its bias's, no convolution; conv and down: two each
+        convs, tangent_convs = 4, 4
     else:
         net = models.build_model("msdnet", 10, 3).double().train()
         convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
@@ -615,6 +632,39 @@ def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolut
     for g, w, p in zip(got, want, primal if isinstance(primal, list) else [primal]):
         assert torch.allclose(g.primal, p.detach(), rtol=1e-12, atol=1e-12)
         assert torch.allclose(g.tangent, w.tangent, rtol=1e-10, atol=1e-12) and w.tangent.abs().max() > 1e-3
+
+
+def test_shared_forward_refuses_a_convolution_output_changed_in_place():
+    # (a residual `out = conv(x); out += x` would leave a stale recorded output)
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+
+    def forward(weight):
+        out = F.conv2d(x, weight, conv.bias, 1, 1)
+        out += x
+        return out
+
+    shared = l2w.SharedForward()
+    with shared:
+        forward(conv.weight)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        with forward_ad.dual_level(), torch.no_grad(), shared.tangents():
+            forward(forward_ad.make_dual(conv.weight.detach(), torch.randn_like(conv.weight)))
+    assert shared.outputs == []                # released either way
+
+
+def test_jvp_train_step_computes_only_tangent_convolutions_in_its_jvp():
+    # half_step hands step 1's recorded forward to the JVP: per half, step 1 and the meta forward
+    # make C convolutions each and the JVP 2C - 1 (C at the model's level without the reuse)
+    cfg = small_cfg(batch_size=8, meta_grad="jvp")
+    model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    for meta_grad, per_half in (("jvp", 4 * convs - 1), ("higher", 2 * convs)):
+        counter = CountConvolutions()
+        with counter:
+            l2w.train_step(model, wpn, optimizer, wpn_optimizer, torch.randn(8, 3, 32, 32), torch.randint(10, (8,)),
+                           dataclasses.replace(cfg, meta_grad=meta_grad))
+        assert counter.count == 2 * per_half, meta_grad
 
 
 @pytest.mark.parametrize("options", [dict(momentum=0.0), dict(momentum=0.9, dampening=0.3),
