@@ -1323,7 +1323,7 @@ def test_bench_reports_the_three_iterations_and_their_ratios():
     assert ms["higher"] > ms["plain"] and ms["jvp"] > ms["plain"]   # the meta step costs
 
 
-def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, capsys):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     phase1 = tmp_path / "phase1.pt"
@@ -1375,15 +1375,26 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "lacks holdout_indices": ["--resume", str(partial)],
         **{f"cannot reduce {s}x{s} images": ["--dataset", "folder", "--image-size", str(s)] for s in (16, 56, 128)},
     })
-    procs = {msg: subprocess.Popen([sys.executable, os.path.join(HERE, "l2w.py"), "--out", str(tmp_path / "o"), *args],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for msg, args in cases.items()}
-    for msg, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode != 0, msg
+    def one_line(msg, code, stderr):
+        assert code != 0, msg
         assert "Traceback" not in stderr, stderr
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], (msg, stderr)
+
+    # Three as a user meets them (a process of its own: exit code, what reaches stderr); the rest
+    # through the same main() in this process (an exception other than the exit fails the test).
+    in_processes = ("unknown dataset", "invalid int value", "corrupt")
+    procs = {msg: subprocess.Popen([sys.executable, os.path.join(HERE, "l2w.py"), "--out", str(tmp_path / "o"),
+                                    *cases[msg]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for msg in in_processes}
+    for msg, args in cases.items():
+        if msg not in in_processes:
+            with pytest.raises(SystemExit) as exit_:
+                l2w.main(["--out", str(tmp_path / "o"), *args])
+            one_line(msg, exit_.value.code, capsys.readouterr().err)
+    for msg, proc in procs.items():
+        _, stderr = proc.communicate(timeout=300)
+        one_line(msg, proc.returncode, stderr)
     assert not (tmp_path / "o").exists()   # nothing written
 
 
