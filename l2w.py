@@ -469,11 +469,6 @@ def functional_forward(net, params, images, **kwargs):
         return functional_call(net, {**throwaway_buffers(net), **params}, (images,), kwargs)
 
 
-def parameter_names(net, params):
-    names = {p: name for name, p in net.named_parameters()}
-    return [names[p] for p in params]
-
-
 def meta_backward(meta_loss, inputs, scaler=None):
     """Backward of the meta loss into `inputs` (their .grad), multiplied by the WPN's fp16 loss
     scale where there is one (the meta forward runs under autocast); the WPN's optimizer step
@@ -483,20 +478,19 @@ def meta_backward(meta_loss, inputs, scaler=None):
 
 def higher_meta_gradient(net, wpn, optimizer, params, losses, meta_images, meta_targets, cfg, scaler=None):
     """Steps 3-5 as the method is taught: a differentiable virtual step and the second-order
-    backward of the meta loss through it. `params` are the parameters the virtual step moves.
+    backward of the meta loss through it. `params`: {name: parameter} the virtual step moves.
     Leaves the WPN's gradient in its .grad; returns the meta loss."""
     # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the real
     # optimizer's lr, momentum buffers and weight decay, differentiable in the WPN. higher's
     # differentiable SGD works on a copy of the optimizer state, so the real optimizer is left
     # exactly as it was. Its forward is fp32 under --amp too: no loss scaling.
-    virtual_sgd = higher.get_diff_optim(optimizer, params)
+    virtual_sgd = higher.get_diff_optim(optimizer, list(params.values()))
     weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
-    theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=params)
+    theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=list(params.values()))
     # Step 4: meta objective on the meta half with theta'; step 5's gradient reaches the WPN
     # through theta' (a second-order backward through the virtual step's gradient).
-    names = parameter_names(net, params)
     with autocast(cfg, meta_images.device):
-        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(names, theta_virtual)), meta_images),
+        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(params, theta_virtual)), meta_images),
                                  meta_targets, cfg.q)
     meta_backward(meta_loss, list(wpn.parameters()), scaler)
     return meta_loss
@@ -525,7 +519,7 @@ def virtual_sgd_step(optimizer, params, grads):
 def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images, meta_targets, cfg,
                       scaler=None, shared=None):
     """Steps 3-5 with the exact meta-gradient and no second-order backward (README, "The
-    meta-gradient without the second-order backward"). `params` are the parameters the virtual
+    meta-gradient without the second-order backward"). `params`: {name: parameter} the virtual
     step moves. Leaves the WPN's gradient in its .grad; returns the meta loss.
 
     The WPN sees the losses detached, so theta' = theta - a (g(w) + const), with
@@ -538,14 +532,13 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
     """
     weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
     # Step 3, the virtual step, as plain numbers: the graph of `losses` is kept for the real step.
-    grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), params, retain_graph=True)
+    grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), list(params.values()), retain_graph=True)
     with torch.no_grad():
-        theta_virtual, slopes = virtual_sgd_step(optimizer, params, grads)
+        theta_virtual, slopes = virtual_sgd_step(optimizer, params.values(), grads)
     theta_virtual = [t.requires_grad_() for t in theta_virtual]
     # Step 4: meta objective on the meta half with theta', and v = grad_theta' M.
-    names = parameter_names(net, params)
     with autocast(cfg, meta_images.device):
-        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(names, theta_virtual)), meta_images),
+        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(params, theta_virtual)), meta_images),
                                  meta_targets, cfg.q)
     meta_backward(meta_loss, theta_virtual, scaler)
     # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: the batched training
@@ -556,7 +549,7 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
         # (a parameter the meta loss does not reach, e.g. the classifier of an exit that no
         # meta sample leaves at, has v = 0)
         duals = {name: forward_ad.make_dual(p.detach(), torch.zeros_like(p) if t.grad is None else a * t.grad)
-                 for name, p, a, t in zip(names, params, slopes, theta_virtual)}
+                 for (name, p), a, t in zip(params.items(), slopes, theta_virtual)}
         u = forward_ad.unpack_dual(exit_losses(partial(functional_forward, net, duals), images, targets, cfg)).tangent
     # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
     weights.backward(-u / len(targets), inputs=list(wpn.parameters()))
@@ -597,7 +590,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         # Steps 3-5. The virtual step moves the trainable parameters (in IMTA's second phase the
         # new heads only); the real optimizer, the parameters and the BatchNorm statistics are
         # left untouched. Only the WPN gets gradients.
-        params = list(trainable_parameters(net).values())
+        params = trainable_parameters(net)
         meta_scaler = scalers and scalers["meta"]
         wpn_optimizer.zero_grad(set_to_none=True)
         if cfg.meta_grad == "jvp":
