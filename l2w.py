@@ -543,14 +543,18 @@ def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta
     meta_backward(meta_loss, theta_virtual, scaler)
     # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: the batched training
     # forward itself (BatchNorm couples the samples), in fp32 like the losses it differentiates.
-    # Eager forward-mode AD (dual numbers, no autograd graph) gives the same product as
-    # torch.func.jvp without functorch's tensor wrappers: about a quarter faster on the CPU.
-    with forward_ad.dual_level(), torch.no_grad(), (shared.tangents() if shared else contextlib.nullcontext()):
-        # (a parameter the meta loss does not reach, e.g. the classifier of an exit that no
-        # meta sample leaves at, has v = 0)
-        duals = {name: forward_ad.make_dual(p.detach(), torch.zeros_like(p) if t.grad is None else a * t.grad)
-                 for (name, p), a, t in zip(params.items(), slopes, theta_virtual)}
-        u = forward_ad.unpack_dual(exit_losses(partial(functional_forward, net, duals), images, targets, cfg)).tangent
+    # (A parameter the meta loss does not reach, e.g. the classifier of an exit that no meta
+    # sample leaves at, has v = 0.)
+    direction = {p: torch.zeros_like(p) if t.grad is None else a * t.grad
+                 for p, a, t in zip(params.values(), slopes, theta_virtual)}
+    if shared:
+        u = shared.jvp(losses, direction)
+        u = torch.zeros_like(losses) if u is None else u
+    else:   # eager forward-mode AD (dual numbers): torch.func.jvp's product without its wrappers
+        with forward_ad.dual_level(), torch.no_grad():
+            duals = {name: forward_ad.make_dual(p.detach(), direction[p]) for name, p in params.items()}
+            u = forward_ad.unpack_dual(exit_losses(partial(functional_forward, net, duals), images, targets,
+                                                   cfg)).tangent
     # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
     weights.backward(-u / len(targets), inputs=list(wpn.parameters()))
     return meta_loss
@@ -668,89 +672,160 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 
 
 # ============================================================================
-# --meta-grad jvp: the JVP's forward without recomputing step 1's (speed only)
+# --meta-grad jvp: the JVP replays step 1's forward, in tangents only (speed only)
 # ============================================================================
 
 class SharedForward(TorchFunctionMode):
-    """The train half's forward at theta, computed once for step 1 and the JVP of jvp_meta_gradient.
+    """The train half's forward at theta, computed once for step 1 and for the JVP of
+    jvp_meta_gradient.
 
     Forward-mode AD computes a forward's values next to their tangents, and step 1 has just
-    computed these. Entered around step 1's forward, this records the output of every convolution
-    (most of a forward's time); entered with `tangents()` around the JVP's forward, it hands them
-    back in the same order and computes only the tangents conv(dx, W) + conv(x, dW) + db, and
-    BatchNorm's with fused kernels (`batch_norm_dual`). The rest is PyTorch's forward-mode AD.
-    A recorded output changed in place afterwards (a network that adds into a convolution's
-    output) would be stale, so that is checked and refused."""
+    computed these values. Entered around step 1's forward, this records every torch function
+    the forward calls, with its arguments and outputs: a tape. `jvp` then walks the tape once
+    computing tangents only, from the recorded values: conv(dx, W) + conv(x, dW) + db for a
+    convolution, BatchNorm's with fused kernels, ReLU's and concatenation's directly, and any
+    other operation by PyTorch's forward-mode AD on the recorded inputs. Neither the network's
+    Python nor any value of the forward runs again. A recorded value changed in place after the
+    operation that read it (a network that adds into a convolution's output) would be stale: that
+    is checked, and refused."""
 
     def __init__(self):
         super().__init__()
-        self.outputs, self.replay = [], None
+        self.tape = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.replay is None:                      # recording step 1's forward
-            out = func(*args, **kwargs)
-            if func is F.conv2d:
-                self.outputs.append((out, out._version))
-            return out
-        if func is F.conv2d:
-            return self.conv2d_dual(*args, **kwargs)
-        if func is F.batch_norm:
-            return batch_norm_dual(*args, **kwargs)
-        return func(*args, **kwargs)
+        inputs = tensors_in(args, kwargs)
+        before = [t._version for t in inputs]
+        out = func(*args, **kwargs)
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        # Only what the backward differentiates: an output that does not require grad (detached,
+        # computed without grad, or from frozen parameters only) is a constant for it too.
+        if all(isinstance(o, torch.Tensor) for o in outputs) and any(o.requires_grad for o in outputs):
+            self.tape.append((func, args, kwargs, inputs, before, [t._version for t in inputs], outputs))
+        return out
 
-    @contextlib.contextmanager
-    def tangents(self):
-        self.replay = iter(self.outputs)
+    def jvp(self, output, tangents):
+        """The tangent of `output`, a tensor the recorded forward computed, when the parameters move
+        along `tangents` ({parameter: tangent}); None if it does not depend on them. Releases the tape."""
+        tangent = {id(p): t for p, t in tangents.items()}
+        d = lambda t: tangent.get(id(t))
+        known = {id(o) for entry in self.tape for o in entry[-1]}
+        last_use = {id(t): i for i, entry in enumerate(self.tape) for t in entry[3]}
         try:
-            with self:
-                yield
-            if next(self.replay, None) is not None:
-                raise RuntimeError("the JVP's forward made fewer convolutions than step 1's")
-        finally:   # the recorded outputs are not needed any more (their graph may be)
-            self.outputs, self.replay = [], None
+            with forward_ad.dual_level(), torch.no_grad():
+                for i, (func, args, kwargs, inputs, before, after, outputs) in enumerate(self.tape):
+                    name = getattr(func, "__name__", func)
+                    if any(t.grad_fn is not None and id(t) not in known for t in inputs):
+                        raise RuntimeError(f"{name} read a tensor computed from the parameters outside the recorded "
+                                           "operations (a custom autograd Function?): SharedForward cannot replay "
+                                           "this network")
+                    if not any(id(t) in tangent for t in inputs):
+                        continue
+                    # Everything the tangent reads must still hold its value; the one exception is
+                    # what the operation itself updated and nobody differentiates (BatchNorm's
+                    # running statistics, which a training-mode BatchNorm's tangent does not read).
+                    if any(t._version != v and (t.requires_grad or b == v) for t, b, v in zip(inputs, before, after)):
+                        raise RuntimeError(f"a value that {name} read in step 1's forward was changed in place "
+                                           "afterwards: SharedForward cannot replay this network")
+                    rule = TANGENT_RULES.get(func)
+                    if rule is None:
+                        results = forward_mode(func, args, kwargs, before != after, tangent)
+                    else:
+                        results = [rule(d, outputs[0], *args, **kwargs)]
+                    for out, result in zip(outputs, results):
+                        if result is not None:
+                            tangent[id(out)] = result
+                    for t in inputs:   # tangents nobody reads any more
+                        if last_use[id(t)] == i and t is not output:
+                            tangent.pop(id(t), None)
+            return d(output)
+        finally:
+            self.tape = []
 
-    def conv2d_dual(self, input, weight, bias=None, *args, **kwargs):
-        (x, dx), (w, dw), (_, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
-        y, version = next(self.replay, (None, None))
-        if y is None or y.shape[:2] != (x.shape[0], w.shape[0]) or y._version != version:
-            raise RuntimeError("the JVP's forward does not retrace step 1's convolutions, or one of their "
-                               "outputs was changed in place: use SharedForward only for such networks")
-        tangents = [F.conv2d(dx, w, None, *args, **kwargs)] if dx is not None else []
-        if dw is not None:
-            tangents.append(F.conv2d(x, dw, db, *args, **kwargs))
-        elif db is not None:   # a bias that trains under a frozen weight
-            tangents.append(torch.zeros_like(y) + db[:, None, None])
-        if not tangents:
-            return y
-        return forward_ad.make_dual(y, tangents[0] if len(tangents) == 1 else tangents[0] + tangents[1])
+
+def tensors_in(args, kwargs):
+    """The tensors among a call's arguments (and in its list arguments: torch.cat's)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(t for t in a if isinstance(t, torch.Tensor))
+    return found
 
 
-def unpack_dual(t):
-    return (None, None) if t is None else forward_ad.unpack_dual(t)
+def forward_mode(func, args, kwargs, in_place, tangent):
+    """Tangents of `func`'s outputs by PyTorch's forward-mode AD on the recorded inputs."""
+    if in_place:
+        raise RuntimeError(f"{getattr(func, '__name__', func)} changes its input in place: SharedForward has no rule for it")
+
+    def dual(a):
+        if isinstance(a, torch.Tensor):
+            return forward_ad.make_dual(a.detach(), tangent[id(a)]) if id(a) in tangent else a.detach()
+        if isinstance(a, (list, tuple)):
+            return type(a)(dual(t) for t in a)
+        return a
+
+    out = func(*dual(args), **{k: dual(v) for k, v in kwargs.items()})
+    return [forward_ad.unpack_dual(o).tangent for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def batch_norm_dual(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                    eps=1e-5):
-    """F.batch_norm on dual numbers, with fused kernels for the tangent. y = weight xhat + bias,
-    xhat = (x - mean) invstd. In training mode (batch statistics) the Jacobian in x, weight invstd
-    (I - 1/m - xhat xhat^T / m) per channel, is symmetric, so the input's part of the tangent is
-    BatchNorm's own backward kernel applied to dx (in eval mode, running statistics, it is diagonal
-    and the same kernel applies); the weight's and the bias's part, dweight xhat + dbias, is one
-    eval-mode BatchNorm with those statistics."""
-    (x, dx), (w, dw), (b, db) = unpack_dual(input), unpack_dual(weight), unpack_dual(bias)
-    y, mean, invstd = torch.native_batch_norm(x, w, b, running_mean, running_var, training, momentum, eps)
-    if dx is None and dw is None and db is None:
-        return y
-    if not training:
+def conv2d_tangent(d, out, input, weight, bias=None, *args, **kwargs):
+    """d conv(x, W, b) = conv(dx, W) + conv(x, dW) + db."""
+    dx, dw, db = d(input), d(weight), d(bias)
+    x, w = input.detach(), weight.detach()
+    parts = [F.conv2d(dx, w, None, *args, **kwargs)] if dx is not None else []
+    if dw is not None:
+        parts.append(F.conv2d(x, dw, db, *args, **kwargs))
+    elif db is not None:   # a bias that trains under a frozen weight
+        parts.append(torch.zeros_like(out) + db[:, None, None])
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def batch_norm_tangent(d, out, input, running_mean, running_var, weight=None, bias=None, training=False,
+                       momentum=0.1, eps=1e-5):
+    """d F.batch_norm, with fused kernels. Per channel, y = weight xhat + bias with
+    xhat = (x - mean) invstd, so with a = weight invstd
+        dy = a dx + dweight xhat + dbias                                   (eval mode),
+        dy = a (dx - mean(dx) - xhat mean(dx xhat)) + dweight xhat + dbias  (training mode:
+    the batch statistics move with x). Either way dy = a dx + c1 xhat + c0 with per-channel c1, c0:
+    the two means come from BatchNorm's own backward kernel (its weight and bias gradients for
+    the output gradient dx), c1 xhat + c0 is one eval-mode BatchNorm, and a dx is added in place."""
+    x = input.detach()
+    dx, dw, db = d(input), d(weight), d(bias)
+    if training:   # the batch statistics, by BatchNorm's kernel (its output is not needed)
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    else:
         mean, invstd = running_mean, (running_var + eps).rsqrt()
-    dy = torch.zeros_like(y) if dx is None else torch.ops.aten.native_batch_norm_backward(
-        dx, x, w, running_mean, running_var, mean, invstd, training, eps, [True, False, False])[0]
-    if dw is not None or db is not None:
-        zero = torch.zeros_like(mean)
-        dy += F.batch_norm(x, mean, invstd.pow(-2) - eps, zero if dw is None else dw, zero if db is None else db,
-                           False, 0.0, eps)
-    return forward_ad.make_dual(y, dy)
+    c1 = torch.zeros_like(mean) if dw is None else dw
+    c0 = torch.zeros_like(mean) if db is None else db
+    if dx is not None:
+        w = None if weight is None else weight.detach()
+        a = invstd if w is None else w * invstd
+        if training:
+            _, sum_xhat, sum_one = torch.ops.aten.native_batch_norm_backward(
+                dx, x, w, running_mean, running_var, mean, invstd, True, eps, [False, True, True])
+            m = dx.numel() // dx.shape[1]
+            c1, c0 = c1 - a * sum_xhat / m, c0 - a * sum_one / m
+    dy = F.batch_norm(x, mean, invstd.pow(-2) - eps, c1, c0, False, 0.0, eps)
+    if dx is not None:
+        dy.addcmul_(a.view(-1, *[1] * (x.dim() - 2)), dx)
+    return dy
+
+
+def relu_tangent(d, out, input, inplace=False):
+    """d relu(x) = dx where relu(x) > 0 (in place or not, `out` holds relu(x))."""
+    return torch.ops.aten.threshold_backward(d(input), out.detach(), 0)
+
+
+def cat_tangent(d, out, tensors, dim=0):
+    """d cat(xs) = cat(dxs), zeros where an input has no tangent."""
+    return torch.cat([torch.zeros_like(t) if d(t) is None else d(t) for t in tensors], dim)
+
+
+TANGENT_RULES = {F.conv2d: conv2d_tangent, F.batch_norm: batch_norm_tangent, F.relu: relu_tangent,
+                 torch.cat: cat_tangent}
 
 
 # ============================================================================

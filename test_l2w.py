@@ -570,33 +570,38 @@ class CountConvolutions(torch.overrides.TorchFunctionMode):
 
 class ToyForRules(torch.nn.Module):
     """Every case of SharedForward's rules: a frozen conv and eval-mode BN (no tangent at all), a
-    training-mode BN whose input has no tangent, a grouped, dilated, reflect-padded conv whose bias
-    alone trains, a conv with bias, an eval-mode BN with trainable weight and bias and an input
-    tangent, a strided 1x1 conv, BatchNorm1d."""
+    concatenation without tangents and one with an input without, a training-mode BN whose input
+    has no tangent, a grouped, dilated, reflect-padded conv whose bias alone trains, a conv with
+    bias, an eval-mode BN with trainable weight and bias and an input tangent, an affine-free BN,
+    ReLU in place and not, a strided 1x1 conv, operations without a rule (padding, interpolation,
+    IMTA's gradient scaling, flatten, linear), BatchNorm1d, a concatenation along the batch."""
 
     def __init__(self):
         super().__init__()
         self.frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4),
-                                          torch.nn.ReLU()).requires_grad_(False)
+                                          torch.nn.ReLU(inplace=True)).requires_grad_(False)
         self.bn_no_dx = torch.nn.BatchNorm2d(4)
         self.bias_only = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
         self.bias_only.weight.requires_grad_(False)
-        self.conv, self.bn, self.eval_bn = torch.nn.Conv2d(8, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+        self.conv, self.bn, self.eval_bn = torch.nn.Conv2d(16, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+        self.plain_bn = torch.nn.BatchNorm2d(5, affine=False)
         self.down, self.head, self.bn1d = torch.nn.Conv2d(5, 6, 1, stride=2), torch.nn.Linear(54, 7), torch.nn.BatchNorm1d(7)
 
     def forward(self, x):
         f = self.frozen(x)
-        h = torch.cat([F.relu(self.bn_no_dx(f)), self.bias_only(f)], dim=1)
-        h = self.down(self.eval_bn(F.relu(self.bn(self.conv(h)))))
-        return self.bn1d(self.head(h.flatten(1)))
+        g = torch.cat([f, f.flip(1)], dim=1)
+        h = torch.cat([g, F.relu(self.bn_no_dx(f)), self.bias_only(f)], dim=-3)
+        h = F.relu(self.plain_bn(self.eval_bn(F.relu(self.bn(self.conv(h)), inplace=True))))
+        h = F.interpolate(self.down(models.scale_gradient(h, 0.5)), size=(3, 3), mode="bilinear", align_corners=True)
+        z = self.head(h.flatten(1))
+        return torch.cat([self.bn1d(z), z], dim=0)   # (z itself: a training-mode BN hides a bias's tangent)
 
 
 @pytest.mark.parametrize("arch", ["toy", "msdnet"])
 def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolutions(arch):
-    # The JVP of --meta-grad jvp reuses step 1's convolution outputs and takes BatchNorm's tangent
-    # with fused kernels; its tangents must equal PyTorch's forward-mode AD (float64), and it must
-    # compute only the tangent convolutions: conv(dx, W) where the input has a tangent, conv(x, dW)
-    # where the weight has one.
+    # The JVP of --meta-grad jvp replays step 1's recorded forward in tangents only; its tangent
+    # must equal PyTorch's forward-mode AD (float64), and it must compute only the tangent
+    # convolutions: conv(dx, W) where the input has a tangent, conv(x, dW) where the weight has one.
     torch.manual_seed(0)
     if arch == "toy":
         net = ToyForRules().double().train()
@@ -605,52 +610,71 @@ def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolut
             bn.running_var.uniform_(0.5, 2)
             bn.eval()
         # frozen conv: no tangent; bias_only: its bias's, no convolution; conv and down: two each
-        convs, tangent_convs = 4, 4
+        tangent_convs = 4
     else:
         net = models.build_model("msdnet", 10, 3).double().train()
-        convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-        tangent_convs = 2 * convs - 1           # the first convolution's input is the images: no dx
+        tangent_convs = 2 * sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) - 1   # 1st: no dx
     images = torch.randn(6, 3, 8 if arch == "toy" else 32, 8 if arch == "toy" else 32, dtype=torch.float64)
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     tangents = {n: torch.randn_like(p) for n, p in params.items()}
     buffers = {n: b.clone() for n, b in net.named_buffers()}
 
-    def jvp(shared=None):
-        counter = CountConvolutions()
-        with forward_ad.dual_level(), torch.no_grad(), counter, shared.tangents() if shared else contextlib.nullcontext():
-            duals = {n: forward_ad.make_dual(p.detach(), tangents[n]) for n, p in params.items()}
-            out = functional_call(net, {**{n: b.clone() for n, b in buffers.items()}, **duals}, (images,))
-            out = out if isinstance(out, list) else [out]
-            return [forward_ad.unpack_dual(z) for z in out], counter.count
+    def forward(parameters):
+        out = functional_call(net, {**{n: b.clone() for n, b in buffers.items()}, **parameters}, (images,))
+        return torch.cat(out, dim=1) if isinstance(out, list) else out
 
+    with forward_ad.dual_level(), torch.no_grad():
+        want = forward_ad.unpack_dual(forward({n: forward_ad.make_dual(p.detach(), tangents[n])
+                                               for n, p in params.items()})).tangent
     shared = l2w.SharedForward()
     with shared:                                # step 1's forward, with autograd
-        primal = functional_call(net, {n: b.clone() for n, b in buffers.items()}, (images,))
-    want, computed = jvp()
-    got, reused = jvp(shared)
-    assert computed == convs and reused == tangent_convs
-    for g, w, p in zip(got, want, primal if isinstance(primal, list) else [primal]):
-        assert torch.allclose(g.primal, p.detach(), rtol=1e-12, atol=1e-12)
-        assert torch.allclose(g.tangent, w.tangent, rtol=1e-10, atol=1e-12) and w.tangent.abs().max() > 1e-3
+        out = forward({})
+    counter = CountConvolutions()
+    with counter:
+        got = shared.jvp(out, {p: tangents[n] for n, p in params.items()})
+    assert counter.count == tangent_convs and shared.tape == []
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12) and want.abs().max() > 1e-3
 
 
-def test_shared_forward_refuses_a_convolution_output_changed_in_place():
-    # (a residual `out = conv(x); out += x` would leave a stale recorded output)
+def test_shared_forward_refuses_a_value_changed_in_place():
+    # (a residual `out = conv(x); out += x` changes the convolution's output in place; a value
+    # changed after the operation that read it would be stale)
     conv = torch.nn.Conv2d(3, 3, 3, padding=1)
     x = torch.randn(2, 3, 5, 5)
+    for late in (False, True):
+        shared = l2w.SharedForward()
+        with shared:
+            out = F.conv2d(x, conv.weight, conv.bias, 1, 1)
+            if late:                            # read, then changed
+                doubled = out * 2
+                out.add_(1)
+                out = doubled
+            else:                               # changed by an operation without a rule
+                out += x
+        with pytest.raises(RuntimeError, match="changed in place afterwards" if late else "changes its input in place"):
+            shared.jvp(out, {conv.weight: torch.randn_like(conv.weight)})
+        assert shared.tape == []                # released either way
 
-    def forward(weight):
-        out = F.conv2d(x, weight, conv.bias, 1, 1)
-        out += x
-        return out
 
+class TripleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 3 * grad
+
+
+def test_shared_forward_refuses_a_custom_autograd_function():
+    # Its backward need not be the derivative of its forward's operations, so the tape cannot
+    # stand in for it: refused, not replayed with the forward's derivative.
+    conv = torch.nn.Conv2d(3, 3, 3)
     shared = l2w.SharedForward()
     with shared:
-        forward(conv.weight)
-    with pytest.raises(RuntimeError, match="changed in place"):
-        with forward_ad.dual_level(), torch.no_grad(), shared.tangents():
-            forward(forward_ad.make_dual(conv.weight.detach(), torch.randn_like(conv.weight)))
-    assert shared.outputs == []                # released either way
+        out = F.relu(TripleGradient.apply(conv(torch.randn(2, 3, 5, 5))))
+    with pytest.raises(RuntimeError, match="outside the recorded operations"):
+        shared.jvp(out, {p: torch.randn_like(p) for p in conv.parameters()})
 
 
 def test_jvp_train_step_computes_only_tangent_convolutions_in_its_jvp():
