@@ -683,8 +683,9 @@ class SharedForward(TorchFunctionMode):
     computed these values. Entered around step 1's forward, this records every torch function
     the forward calls, with its arguments and outputs: a tape. `jvp` then walks the tape once
     computing tangents only, from the recorded values: conv(dx, W) + conv(x, dW) + db for a
-    convolution, BatchNorm's with fused kernels, ReLU's and concatenation's directly, and any
-    other operation by PyTorch's forward-mode AD on the recorded inputs. Neither the network's
+    convolution, BatchNorm's with fused kernels and the batch statistics its backward saved,
+    ReLU's and concatenation's directly, and any other operation by PyTorch's forward-mode AD
+    on the recorded inputs. Neither the network's
     Python nor any value of the forward runs again. A recorded value changed in place after the
     operation that read it (a network that adds into a convolution's output) would be stale: that
     is checked, and refused."""
@@ -702,7 +703,11 @@ class SharedForward(TorchFunctionMode):
         # Only what the backward differentiates: an output that does not require grad (detached,
         # computed without grad, or from frozen parameters only) is a constant for it too.
         if all(isinstance(o, torch.Tensor) for o in outputs) and any(o.requires_grad for o in outputs):
-            self.tape.append((func, args, kwargs, inputs, before, [t._version for t in inputs], outputs))
+            rule = TANGENT_RULES.get(func)
+            if func is F.batch_norm and out.grad_fn is not None and out.grad_fn.name() == "NativeBatchNormBackward0":
+                # the batch statistics this BatchNorm normalised with, as its backward saved them
+                rule = partial(rule, statistics=(out.grad_fn._saved_result1, out.grad_fn._saved_result2))
+            self.tape.append((func, rule, args, kwargs, inputs, before, [t._version for t in inputs], outputs))
         return out
 
     def jvp(self, output, tangents):
@@ -711,10 +716,10 @@ class SharedForward(TorchFunctionMode):
         tangent = {id(p): t for p, t in tangents.items()}
         d = lambda t: tangent.get(id(t))
         known = {id(o) for entry in self.tape for o in entry[-1]}
-        last_use = {id(t): i for i, entry in enumerate(self.tape) for t in entry[3]}
+        last_use = {id(t): i for i, entry in enumerate(self.tape) for t in entry[4]}
         try:
             with forward_ad.dual_level(), torch.no_grad():
-                for i, (func, args, kwargs, inputs, before, after, outputs) in enumerate(self.tape):
+                for i, (func, rule, args, kwargs, inputs, before, after, outputs) in enumerate(self.tape):
                     name = getattr(func, "__name__", func)
                     if any(t.grad_fn is not None and id(t) not in known for t in inputs):
                         raise RuntimeError(f"{name} read a tensor computed from the parameters outside the recorded "
@@ -728,7 +733,6 @@ class SharedForward(TorchFunctionMode):
                     if any(t._version != v and (t.requires_grad or b == v) for t, b, v in zip(inputs, before, after)):
                         raise RuntimeError(f"a value that {name} read in step 1's forward was changed in place "
                                            "afterwards: SharedForward cannot replay this network")
-                    rule = TANGENT_RULES.get(func)
                     if rule is None:
                         results = forward_mode(func, args, kwargs, before != after, tangent)
                     else:
@@ -780,22 +784,24 @@ def conv2d_tangent(d, out, input, weight, bias=None, *args, **kwargs):
         parts.append(F.conv2d(x, dw, db, *args, **kwargs))
     elif db is not None:   # a bias that trains under a frozen weight
         parts.append(torch.zeros_like(out) + db[:, None, None])
-    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return parts[0] if len(parts) == 1 else parts[0].add_(parts[1])
 
 
 def batch_norm_tangent(d, out, input, running_mean, running_var, weight=None, bias=None, training=False,
-                       momentum=0.1, eps=1e-5):
+                       momentum=0.1, eps=1e-5, statistics=None):
     """d F.batch_norm, with fused kernels. Per channel, y = weight xhat + bias with
     xhat = (x - mean) invstd, so with a = weight invstd
         dy = a dx + dweight xhat + dbias                                   (eval mode),
         dy = a (dx - mean(dx) - xhat mean(dx xhat)) + dweight xhat + dbias  (training mode:
     the batch statistics move with x). Either way dy = a dx + c1 xhat + c0 with per-channel c1, c0:
     the two means come from BatchNorm's own backward kernel (its weight and bias gradients for
-    the output gradient dx), c1 xhat + c0 is one eval-mode BatchNorm, and a dx is added in place."""
+    the output gradient dx), c1 xhat + c0 is one eval-mode BatchNorm, and a dx is added in place.
+    `statistics`: (mean, invstd) of the batch, as step 1's BatchNorm saved them for its backward
+    (computed again without them)."""
     x = input.detach()
     dx, dw, db = d(input), d(weight), d(bias)
-    if training:   # the batch statistics, by BatchNorm's kernel (its output is not needed)
-        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    if training:   # the batch statistics: recorded, or by BatchNorm's kernel (its output unused)
+        mean, invstd = statistics or torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)[1:]
     else:
         mean, invstd = running_mean, (running_var + eps).rsqrt()
     c1 = torch.zeros_like(mean) if dw is None else dw

@@ -636,6 +636,33 @@ def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolut
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-12) and want.abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_tangent_with_and_without_recorded_statistics(training, affine):
+    # SharedForward takes a training-mode BatchNorm's batch statistics from step 1's graph where
+    # it can (CPU) and computes them again where it cannot (cuDNN's BatchNorm): both must give
+    # forward-mode AD's tangent of F.batch_norm (float64), for BatchNorm2d's and 1d's shapes.
+    torch.manual_seed(0)
+    for shape in ((6, 3, 4, 5), (7, 3)):
+        x, dx = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        w, dw, b, db = (torch.randn(3, dtype=torch.float64) if affine else None for _ in range(4))
+        running = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
+        with forward_ad.dual_level():
+            dual = lambda p, t: None if p is None else forward_ad.make_dual(p, t)
+            want = forward_ad.unpack_dual(F.batch_norm(dual(x, dx), *(r.clone() for r in running), dual(w, dw),
+                                                       dual(b, db), training, 0.1, 1e-5)).tangent
+        tangent = {id(x): dx, id(w): dw, id(b): db}
+        d = lambda t: tangent.get(id(t))
+        x.requires_grad_(True)
+        out = F.batch_norm(x, *(r.clone() for r in running), w, b, training, 0.1, 1e-5)
+        saved = (out.grad_fn._saved_result1, out.grad_fn._saved_result2) if training else None
+        for statistics in ([saved, None] if training else [None]):
+            got = l2w.batch_norm_tangent(d, out, x, *(r.clone() for r in running), w, b, training, 0.1, 1e-5,
+                                         statistics=statistics)
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+        x.requires_grad_(False)
+
+
 def test_shared_forward_refuses_a_value_changed_in_place():
     # (a residual `out = conv(x); out += x` changes the convolution's output in place; a value
     # changed after the operation that read it would be stale)
