@@ -685,10 +685,9 @@ class SharedForward(TorchFunctionMode):
     computing tangents only, from the recorded values: conv(dx, W) + conv(x, dW) + db for a
     convolution, BatchNorm's with fused kernels and the batch statistics its backward saved,
     ReLU's and concatenation's directly, and any other operation by PyTorch's forward-mode AD
-    on the recorded inputs. Neither the network's
-    Python nor any value of the forward runs again. A recorded value changed in place after the
-    operation that read it (a network that adds into a convolution's output) would be stale: that
-    is checked, and refused."""
+    on the recorded inputs. Neither the network's Python nor any value of the forward runs
+    again. A recorded value changed in place after the operation that read it (a network that
+    adds into a convolution's output) would be stale: that is checked, and refused."""
 
     def __init__(self):
         super().__init__()
@@ -718,11 +717,12 @@ class SharedForward(TorchFunctionMode):
         known = {id(o) for entry in self.tape for o in entry[-1]}
         last_use = {id(t): i for i, entry in enumerate(self.tape) for t in entry[4]}
         try:
+            if id(output) not in known:
+                raise RuntimeError("SharedForward.jvp: the output was not computed by the recorded forward")
             with forward_ad.dual_level(), torch.no_grad():
                 for i, (func, rule, args, kwargs, inputs, before, after, outputs) in enumerate(self.tape):
-                    name = getattr(func, "__name__", func)
                     if any(t.grad_fn is not None and id(t) not in known for t in inputs):
-                        raise RuntimeError(f"{name} read a tensor computed from the parameters outside the recorded "
+                        raise RuntimeError(f"{op_name(func)} read a tensor computed from the parameters outside the recorded "
                                            "operations (a custom autograd Function?): SharedForward cannot replay "
                                            "this network")
                     if not any(id(t) in tangent for t in inputs):
@@ -731,7 +731,7 @@ class SharedForward(TorchFunctionMode):
                     # what the operation itself updated and nobody differentiates (BatchNorm's
                     # running statistics, which a training-mode BatchNorm's tangent does not read).
                     if any(t._version != v and (t.requires_grad or b == v) for t, b, v in zip(inputs, before, after)):
-                        raise RuntimeError(f"a value that {name} read in step 1's forward was changed in place "
+                        raise RuntimeError(f"a value that {op_name(func)} read in step 1's forward was changed in place "
                                            "afterwards: SharedForward cannot replay this network")
                     if rule is None:
                         results = forward_mode(func, args, kwargs, before != after, tangent)
@@ -748,6 +748,10 @@ class SharedForward(TorchFunctionMode):
             self.tape = []
 
 
+def op_name(func):
+    return getattr(func, "__name__", str(func))
+
+
 def tensors_in(args, kwargs):
     """The tensors among a call's arguments (and in its list arguments: torch.cat's)."""
     found = []
@@ -762,7 +766,7 @@ def tensors_in(args, kwargs):
 def forward_mode(func, args, kwargs, in_place, tangent):
     """Tangents of `func`'s outputs by PyTorch's forward-mode AD on the recorded inputs."""
     if in_place:
-        raise RuntimeError(f"{getattr(func, '__name__', func)} changes its input in place: SharedForward has no rule for it")
+        raise RuntimeError(f"{op_name(func)} changes its input in place: SharedForward has no rule for it")
 
     def dual(a):
         if isinstance(a, torch.Tensor):

@@ -693,7 +693,7 @@ class TripleGradient(torch.autograd.Function):
         return 3 * grad
 
 
-def test_shared_forward_refuses_a_custom_autograd_function():
+def test_shared_forward_refuses_a_custom_autograd_function_and_an_unrecorded_output():
     # Its backward need not be the derivative of its forward's operations, so the tape cannot
     # stand in for it: refused, not replayed with the forward's derivative.
     conv = torch.nn.Conv2d(3, 3, 3)
@@ -702,6 +702,9 @@ def test_shared_forward_refuses_a_custom_autograd_function():
         out = F.relu(TripleGradient.apply(conv(torch.randn(2, 3, 5, 5))))
     with pytest.raises(RuntimeError, match="outside the recorded operations"):
         shared.jvp(out, {p: torch.randn_like(p) for p in conv.parameters()})
+    # nor is an output the tape did not compute taken for one without tangent
+    with pytest.raises(RuntimeError, match="not computed by the recorded forward"):
+        l2w.SharedForward().jvp(conv(torch.randn(2, 3, 5, 5)), {p: torch.randn_like(p) for p in conv.parameters()})
 
 
 def test_jvp_train_step_computes_only_tangent_convolutions_in_its_jvp():
