@@ -56,6 +56,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import higher
 import torch
@@ -675,19 +676,34 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 # --meta-grad jvp: the JVP replays step 1's forward, in tangents only (speed only)
 # ============================================================================
 
+class Record(NamedTuple):
+    """One operation of step 1's forward, as SharedForward records it."""
+    func: object
+    rule: object         # its tangent rule (TANGENT_RULES), None: forward-mode AD
+    args: tuple
+    kwargs: dict
+    inputs: list         # the tensors among args and kwargs
+    before: list         # their versions (in-place counters) before the operation ...
+    after: list          # ... and after it
+    outputs: tuple
+    versions: list       # the outputs' versions after it
+
+
 class SharedForward(TorchFunctionMode):
     """The train half's forward at theta, computed once for step 1 and for the JVP of
     jvp_meta_gradient.
 
     Forward-mode AD computes a forward's values next to their tangents, and step 1 has just
     computed these values. Entered around step 1's forward, this records every torch function
-    the forward calls, with its arguments and outputs: a tape. `jvp` then walks the tape once
-    computing tangents only, from the recorded values: conv(dx, W) + conv(x, dW) + db for a
-    convolution, BatchNorm's with fused kernels and the batch statistics its backward saved,
-    ReLU's and concatenation's directly, and any other operation by PyTorch's forward-mode AD
-    on the recorded inputs. Neither the network's Python nor any value of the forward runs
-    again. A recorded value changed in place after the operation that read it (a network that
-    adds into a convolution's output) would be stale: that is checked, and refused."""
+    the forward calls whose output requires grad, with its arguments and outputs: a tape. `jvp`
+    then walks the tape once, computing tangents from the recorded values: conv(dx, W) +
+    conv(x, dW) + db for a convolution, BatchNorm's with fused kernels and the batch statistics
+    its backward saved, ReLU's and concatenation's directly; any other operation (pooling, the
+    classifiers, the loss) by PyTorch's forward-mode AD on its recorded inputs, which computes
+    that operation's value again. The network's Python does not run again. What cannot be
+    replayed is refused, not replayed wrong: a value changed in place after it was recorded or
+    read (a network that adds into a convolution's output), a tensor computed from the
+    parameters outside the recorded operations (a custom autograd Function), random operations."""
 
     def __init__(self):
         super().__init__()
@@ -695,7 +711,7 @@ class SharedForward(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        inputs = tensors_in(args, kwargs)
+        inputs = tensors_in((args, kwargs))
         before = [t._version for t in inputs]
         out = func(*args, **kwargs)
         outputs = out if isinstance(out, (tuple, list)) else (out,)
@@ -706,80 +722,101 @@ class SharedForward(TorchFunctionMode):
             if func is F.batch_norm and out.grad_fn is not None and out.grad_fn.name() == "NativeBatchNormBackward0":
                 # the batch statistics this BatchNorm normalised with, as its backward saved them
                 rule = partial(rule, statistics=(out.grad_fn._saved_result1, out.grad_fn._saved_result2))
-            self.tape.append((func, rule, args, kwargs, inputs, before, [t._version for t in inputs], outputs))
+            self.tape.append(Record(func, rule, args, kwargs, inputs, before, [t._version for t in inputs],
+                                    outputs, [o._version for o in outputs]))
         return out
 
     def jvp(self, output, tangents):
         """The tangent of `output`, a tensor the recorded forward computed, when the parameters move
         along `tangents` ({parameter: tangent}); None if it does not depend on them. Releases the tape."""
         tangent = {id(p): t for p, t in tangents.items()}
-        d = lambda t: tangent.get(id(t))
-        known = {id(o) for entry in self.tape for o in entry[-1]}
-        last_use = {id(t): i for i, entry in enumerate(self.tape) for t in entry[4]}
+
+        def tangent_of(t):
+            return tangent.get(id(t))
+
+        produced = {id(o) for record in self.tape for o in record.outputs}
+        last_use = {id(t): i for i, record in enumerate(self.tape) for t in record.inputs}
+        version = {}   # the version of each tensor as the tape last left it
         try:
-            if id(output) not in known:
+            if id(output) not in produced:
                 raise RuntimeError("SharedForward.jvp: the output was not computed by the recorded forward")
             with forward_ad.dual_level(), torch.no_grad():
-                for i, (func, rule, args, kwargs, inputs, before, after, outputs) in enumerate(self.tape):
-                    if any(t.grad_fn is not None and id(t) not in known for t in inputs):
-                        raise RuntimeError(f"{op_name(func)} read a tensor computed from the parameters outside the recorded "
-                                           "operations (a custom autograd Function?): SharedForward cannot replay "
-                                           "this network")
-                    if not any(id(t) in tangent for t in inputs):
+                for i, op in enumerate(self.tape):
+                    check_replayable(op, tangent, produced, version)
+                    version.update({id(t): v for t, v in zip(op.inputs, op.after)})
+                    version.update({id(o): v for o, v in zip(op.outputs, op.versions)})
+                    if not any(id(t) in tangent for t in op.inputs):
                         continue
-                    # Everything the tangent reads must still hold its value; the one exception is
-                    # what the operation itself updated and nobody differentiates (BatchNorm's
-                    # running statistics, which a training-mode BatchNorm's tangent does not read).
-                    if any(t._version != v and (t.requires_grad or b == v) for t, b, v in zip(inputs, before, after)):
-                        raise RuntimeError(f"a value that {op_name(func)} read in step 1's forward was changed in place "
-                                           "afterwards: SharedForward cannot replay this network")
-                    if rule is None:
-                        results = forward_mode(func, args, kwargs, before != after, tangent)
+                    if op.rule is None:
+                        results = forward_mode(op, tangent)
                     else:
-                        results = [rule(d, outputs[0], *args, **kwargs)]
-                    for out, result in zip(outputs, results):
+                        results = [op.rule(tangent_of, op.outputs[0], *op.args, **op.kwargs)]
+                    for out, result in zip(op.outputs, results):
                         if result is not None:
                             tangent[id(out)] = result
-                    for t in inputs:   # tangents nobody reads any more
+                    for t in op.inputs:   # tangents nobody reads any more
                         if last_use[id(t)] == i and t is not output:
                             tangent.pop(id(t), None)
-            return d(output)
+            return tangent_of(output)
         finally:
             self.tape = []
 
 
-def op_name(func):
-    return getattr(func, "__name__", str(func))
+def check_replayable(op, tangent, produced, version):
+    """Refuse to replay `op` if its tangent would be computed from values it did not see."""
+    name = getattr(op.func, "__name__", str(op.func))
+    for t, before, after in zip(op.inputs, op.before, op.after):
+        if t.grad_fn is not None and id(t) not in produced:
+            raise RuntimeError(f"{name} read a tensor computed from the parameters outside the recorded operations "
+                               "(a custom autograd Function?): SharedForward cannot replay this network")
+        if id(t) in tangent and version.get(id(t), before) != before:
+            raise RuntimeError(f"{name} read a tensor changed in place by an operation the tape did not record "
+                               "(an assignment into it?): SharedForward cannot replay this network")
+        # Everything the tangent reads must still hold the value the operation read; the one
+        # exception is what the operation itself updated and nobody differentiates (BatchNorm's
+        # running statistics, which a training-mode BatchNorm's tangent does not read).
+        if t._version != after and (t.requires_grad or before == after):
+            raise RuntimeError(f"a value that {name} read in step 1's forward was changed in place afterwards: "
+                               "SharedForward cannot replay this network")
 
 
-def tensors_in(args, kwargs):
-    """The tensors among a call's arguments (and in its list arguments: torch.cat's)."""
-    found = []
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            found.extend(t for t in a if isinstance(t, torch.Tensor))
-    return found
+def tensors_in(args):
+    """The tensors in a call's arguments: `args` and the lists, tuples and dicts in it, at any depth."""
+    if isinstance(args, torch.Tensor):
+        return [args]
+    if isinstance(args, (list, tuple)):
+        return [t for a in args for t in tensors_in(a)]
+    if isinstance(args, dict):
+        return tensors_in(list(args.values()))
+    return []
 
 
-def forward_mode(func, args, kwargs, in_place, tangent):
-    """Tangents of `func`'s outputs by PyTorch's forward-mode AD on the recorded inputs."""
-    if in_place:
-        raise RuntimeError(f"{op_name(func)} changes its input in place: SharedForward has no rule for it")
+# Their outputs cannot be computed again: the draw would differ from step 1's.
+RANDOM = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu}
+
+
+def forward_mode(op, tangent):
+    """Tangents of an operation's outputs by PyTorch's forward-mode AD on its recorded inputs."""
+    name = getattr(op.func, "__name__", str(op.func))
+    if op.before != op.after:
+        raise RuntimeError(f"{name} changes its input in place: SharedForward has no rule for it")
+    if op.func in RANDOM:
+        raise RuntimeError(f"{name} is random: SharedForward cannot replay it")
 
     def dual(a):
         if isinstance(a, torch.Tensor):
             return forward_ad.make_dual(a.detach(), tangent[id(a)]) if id(a) in tangent else a.detach()
         if isinstance(a, (list, tuple)):
             return type(a)(dual(t) for t in a)
+        if isinstance(a, dict):
+            return {k: dual(v) for k, v in a.items()}
         return a
 
-    out = func(*dual(args), **{k: dual(v) for k, v in kwargs.items()})
+    out = op.func(*dual(op.args), **dual(op.kwargs))
     return [forward_ad.unpack_dual(o).tangent for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def conv2d_tangent(d, out, input, weight, bias=None, *args, **kwargs):
+def conv2d_tangent(d, result, input, weight, bias=None, *args, **kwargs):
     """d conv(x, W, b) = conv(dx, W) + conv(x, dW) + db."""
     dx, dw, db = d(input), d(weight), d(bias)
     x, w = input.detach(), weight.detach()
@@ -787,11 +824,11 @@ def conv2d_tangent(d, out, input, weight, bias=None, *args, **kwargs):
     if dw is not None:
         parts.append(F.conv2d(x, dw, db, *args, **kwargs))
     elif db is not None:   # a bias that trains under a frozen weight
-        parts.append(torch.zeros_like(out) + db[:, None, None])
+        parts.append(torch.zeros_like(result) + db[:, None, None])
     return parts[0] if len(parts) == 1 else parts[0].add_(parts[1])
 
 
-def batch_norm_tangent(d, out, input, running_mean, running_var, weight=None, bias=None, training=False,
+def batch_norm_tangent(d, result, input, running_mean, running_var, weight=None, bias=None, training=False,
                        momentum=0.1, eps=1e-5, statistics=None):
     """d F.batch_norm, with fused kernels. Per channel, y = weight xhat + bias with
     xhat = (x - mean) invstd, so with a = weight invstd
@@ -824,14 +861,14 @@ def batch_norm_tangent(d, out, input, running_mean, running_var, weight=None, bi
     return dy
 
 
-def relu_tangent(d, out, input, inplace=False):
-    """d relu(x) = dx where relu(x) > 0 (in place or not, `out` holds relu(x))."""
-    return torch.ops.aten.threshold_backward(d(input), out.detach(), 0)
+def relu_tangent(d, result, input, inplace=False):
+    """d relu(x) = dx where relu(x) > 0 (in place or not, `result` holds relu(x))."""
+    return torch.ops.aten.threshold_backward(d(input), result.detach(), 0)
 
 
-def cat_tangent(d, out, tensors, dim=0):
+def cat_tangent(d, result, tensors, dim=0, axis=None):
     """d cat(xs) = cat(dxs), zeros where an input has no tangent."""
-    return torch.cat([torch.zeros_like(t) if d(t) is None else d(t) for t in tensors], dim)
+    return torch.cat([torch.zeros_like(t) if d(t) is None else d(t) for t in tensors], dim if axis is None else axis)
 
 
 TANGENT_RULES = {F.conv2d: conv2d_tangent, F.batch_norm: batch_norm_tangent, F.relu: relu_tangent,

@@ -573,8 +573,9 @@ class ToyForRules(torch.nn.Module):
     concatenation without tangents and one with an input without, a training-mode BN whose input
     has no tangent, a grouped, dilated, reflect-padded conv whose bias alone trains, a conv with
     bias, an eval-mode BN with trainable weight and bias and an input tangent, an affine-free BN,
-    ReLU in place and not, a strided 1x1 conv, operations without a rule (padding, interpolation,
-    IMTA's gradient scaling, flatten, linear), BatchNorm1d, a concatenation along the batch."""
+    ReLU in place and not, a strided 1x1 conv, operations without a rule (padding, a split into
+    two outputs, interpolation, IMTA's gradient scaling, flatten, linear), BatchNorm1d, a
+    concatenation along the batch."""
 
     def __init__(self):
         super().__init__()
@@ -592,6 +593,8 @@ class ToyForRules(torch.nn.Module):
         g = torch.cat([f, f.flip(1)], dim=1)
         h = torch.cat([g, F.relu(self.bn_no_dx(f)), self.bias_only(f)], dim=-3)
         h = F.relu(self.plain_bn(self.eval_bn(F.relu(self.bn(self.conv(h)), inplace=True))))
+        first, rest = h.split([2, 3], dim=1)            # an operation with two outputs
+        h = torch.cat([rest, first], dim=1)
         h = F.interpolate(self.down(models.scale_gradient(h, 0.5)), size=(3, 3), mode="bilinear", align_corners=True)
         z = self.head(h.flatten(1))
         return torch.cat([self.bn1d(z), z], dim=0)   # (z itself: a training-mode BN hides a bias's tangent)
@@ -663,24 +666,40 @@ def test_batch_norm_tangent_with_and_without_recorded_statistics(training, affin
         x.requires_grad_(False)
 
 
-def test_shared_forward_refuses_a_value_changed_in_place():
-    # (a residual `out = conv(x); out += x` changes the convolution's output in place; a value
-    # changed after the operation that read it would be stale)
-    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+def test_shared_forward_refuses_what_it_cannot_replay():
+    # A value changed in place after the tape recorded or read it would be stale, and a random
+    # operation's draw cannot be repeated: refused, the tape released either way.
+    conv, bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3).eval()
     x = torch.randn(2, 3, 5, 5)
-    for late in (False, True):
+
+    def residual(out):                          # changed by an operation without a rule
+        out += x
+        return out
+
+    def read_then_changed(out):
+        doubled = out * 2
+        out.add_(1)
+        return doubled
+
+    def assigned_into(out):                     # changed by an operation the tape does not record
+        out[:, 0] = 0
+        return out * 2
+
+    def running_statistics_changed(out):        # an eval-mode BatchNorm reads them
+        out = bn(out)
+        bn.running_mean += 1
+        return out
+
+    cases = {residual: "changes its input in place", read_then_changed: "changed in place afterwards",
+             assigned_into: "an operation the tape did not record", running_statistics_changed: "changed in place afterwards",
+             lambda out: F.dropout(out, 0.5, True): "random"}
+    for forward, error in cases.items():
         shared = l2w.SharedForward()
         with shared:
-            out = F.conv2d(x, conv.weight, conv.bias, 1, 1)
-            if late:                            # read, then changed
-                doubled = out * 2
-                out.add_(1)
-                out = doubled
-            else:                               # changed by an operation without a rule
-                out += x
-        with pytest.raises(RuntimeError, match="changed in place afterwards" if late else "changes its input in place"):
-            shared.jvp(out, {conv.weight: torch.randn_like(conv.weight)})
-        assert shared.tape == []                # released either way
+            out = forward(F.conv2d(x, conv.weight, conv.bias, 1, 1))
+        with pytest.raises(RuntimeError, match=error):
+            shared.jvp(out, {p: torch.randn_like(p) for p in conv.parameters()})
+        assert shared.tape == []
 
 
 class TripleGradient(torch.autograd.Function):
