@@ -688,6 +688,10 @@ class Record(NamedTuple):
     outputs: tuple
     versions: list       # the outputs' versions after it
 
+    @property
+    def name(self):
+        return getattr(self.func, "__name__", str(self.func))
+
 
 class SharedForward(TorchFunctionMode):
     """The train half's forward at theta, computed once for step 1 and for the JVP of
@@ -764,19 +768,18 @@ class SharedForward(TorchFunctionMode):
 
 def check_replayable(op, tangent, produced, version):
     """Refuse to replay `op` if its tangent would be computed from values it did not see."""
-    name = getattr(op.func, "__name__", str(op.func))
     for t, before, after in zip(op.inputs, op.before, op.after):
         if t.grad_fn is not None and id(t) not in produced:
-            raise RuntimeError(f"{name} read a tensor computed from the parameters outside the recorded operations "
+            raise RuntimeError(f"{op.name} read a tensor computed from the parameters outside the recorded operations "
                                "(a custom autograd Function?): SharedForward cannot replay this network")
         if id(t) in tangent and version.get(id(t), before) != before:
-            raise RuntimeError(f"{name} read a tensor changed in place by an operation the tape did not record "
+            raise RuntimeError(f"{op.name} read a tensor changed in place by an operation the tape did not record "
                                "(an assignment into it?): SharedForward cannot replay this network")
         # Everything the tangent reads must still hold the value the operation read; the one
         # exception is what the operation itself updated and nobody differentiates (BatchNorm's
         # running statistics, which a training-mode BatchNorm's tangent does not read).
         if t._version != after and (t.requires_grad or before == after):
-            raise RuntimeError(f"a value that {name} read in step 1's forward was changed in place afterwards: "
+            raise RuntimeError(f"a value that {op.name} read in step 1's forward was changed in place afterwards: "
                                "SharedForward cannot replay this network")
 
 
@@ -797,11 +800,10 @@ RANDOM = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.f
 
 def forward_mode(op, tangent):
     """Tangents of an operation's outputs by PyTorch's forward-mode AD on its recorded inputs."""
-    name = getattr(op.func, "__name__", str(op.func))
     if op.before != op.after:
-        raise RuntimeError(f"{name} changes its input in place: SharedForward has no rule for it")
+        raise RuntimeError(f"{op.name} changes its input in place: SharedForward has no rule for it")
     if op.func in RANDOM:
-        raise RuntimeError(f"{name} is random: SharedForward cannot replay it")
+        raise RuntimeError(f"{op.name} is random: SharedForward cannot replay it")
 
     def dual(a):
         if isinstance(a, torch.Tensor):
