@@ -403,33 +403,6 @@ def confidences(logits):
     return torch.stack([z.softmax(dim=1).amax(dim=1) for z in logits])
 
 
-def fit_thresholds(confidence, fractions):
-    """Per-exit confidence thresholds that send the share f_k of `confidence`'s samples to exit k
-    (MSDNet's dynamic_eval_find_threshold). confidence: (K, n).
-
-    Walking the exits in order, exit k's threshold is the confidence of the floor(n * f_k)-th
-    most confident sample among those that have not exited; if that count is 0 or is not
-    reached, nobody exits there (threshold +inf). The last exit takes everything (-inf).
-    """
-    exits, n = confidence.shape
-    thresholds = torch.full((exits,), math.inf, dtype=confidence.dtype, device=confidence.device)
-    exited = torch.zeros(n, dtype=torch.bool, device=confidence.device)
-    for k in range(exits - 1):
-        take = math.floor(n * fractions[k].item())
-        remaining = confidence[k][~exited]
-        if 1 <= take <= remaining.numel():
-            thresholds[k] = remaining.topk(take).values[-1]
-        exited |= confidence[k] >= thresholds[k]
-    thresholds[-1] = -math.inf
-    return thresholds
-
-
-def exit_with_thresholds(confidence, thresholds):
-    """Index of the first exit whose threshold each sample reaches, shape (n,)."""
-    reached = confidence >= thresholds[:, None]
-    return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
-
-
 def meta_exit_assignment(confidence, fractions):
     """Exit of every meta sample (step 4), as the released code assigns them: walking the exits in
     order, exit k takes exactly floor(n f_k) of the samples not yet assigned, the most confident
@@ -915,6 +888,33 @@ def anytime_evaluate(logits, targets, flops, params):
     """Anytime protocol: top-1/top-5 of every exit with its cumulative Mul-Adds and params."""
     return [{"exit": k + 1, "acc1": topk_accuracy(z, targets, 1), "acc5": topk_accuracy(z, targets, 5),
              "flops": flops[k], "params": params[k]} for k, z in enumerate(logits)]
+
+
+def fit_thresholds(confidence, fractions):
+    """Per-exit confidence thresholds that send the share f_k of `confidence`'s samples to exit k
+    (MSDNet's dynamic_eval_find_threshold). confidence: (K, n).
+
+    Walking the exits in order, exit k's threshold is the confidence of the floor(n * f_k)-th
+    most confident sample among those that have not exited; if that count is 0 or is not
+    reached, nobody exits there (threshold +inf). The last exit takes everything (-inf).
+    """
+    exits, n = confidence.shape
+    thresholds = torch.full((exits,), math.inf, dtype=confidence.dtype, device=confidence.device)
+    exited = torch.zeros(n, dtype=torch.bool, device=confidence.device)
+    for k in range(exits - 1):
+        take = math.floor(n * fractions[k].item())
+        remaining = confidence[k][~exited]
+        if 1 <= take <= remaining.numel():
+            thresholds[k] = remaining.topk(take).values[-1]
+        exited |= confidence[k] >= thresholds[k]
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def exit_with_thresholds(confidence, thresholds):
+    """Index of the first exit whose threshold each sample reaches, shape (n,)."""
+    reached = confidence >= thresholds[:, None]
+    return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
 
 
 def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
