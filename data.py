@@ -24,7 +24,11 @@ DATASETS = {"cifar10": 10, "cifar100": 100, "cifar10-lt": 10, "cifar100-lt": 100
 
 
 class DataError(Exception):
-    """A problem with the user's data, reported as one line."""
+    """A problem with the user's data, reported as one line. Raised in a DataLoader worker, it
+    reaches the main process rebuilt from the worker's whole traceback, which ends in its line."""
+
+    def __init__(self, message):
+        super().__init__(message.strip().rpartition("\n")[2].removeprefix(f"{__name__}.DataError: "))
 
 
 @dataclass
@@ -173,13 +177,27 @@ def image_folders(name, data_dir, expected_classes=None):
         missing = sorted(set(classes[other[split]]) - set(classes[split]))[0]
         raise DataError(f"{name}: the class folders of train ({len(classes['train'])}) and val "
                         f"({len(classes['val'])}) differ: '{missing}' has no folder in {split}")
+    if len(classes["train"]) < 2:
+        raise DataError(f"{name}: '{data_dir}/train' holds one class folder; classification needs at least two")
     if expected_classes and len(classes["train"]) != expected_classes:
         raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
                         f"found {len(classes['train'])}")
     try:
-        return tuple(torchvision.datasets.ImageFolder(os.path.join(data_dir, s)) for s in ("train", "val"))
+        return tuple(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
+                     for s in ("train", "val"))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{name}: {str(e).splitlines()[0]}") from None
+
+
+def read_image(path):
+    """ImageFolder's loader, naming the file it cannot read (it may be found only mid-epoch)."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except Exception as e:
+        detail = (str(e).splitlines() or [""])[0]
+        raise DataError(f"cannot read the image '{path}' ({type(e).__name__}: {detail})") from None
 
 
 def synthetic(size, seed, num_classes=10):

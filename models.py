@@ -509,6 +509,9 @@ def load_released(model, path, wpn=None):
     state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
     ours = model.state_dict()
     translated = {released_name(k): v for k, v in state.items()}
+    for k, v in ours.items():   # PyTorch before 0.4.1 saved no BatchNorm counters; evaluation never reads them
+        if k.endswith(".num_batches_tracked"):
+            translated.setdefault(k, torch.zeros_like(v))
     if set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
         imagenet = model.stem.scales[0][0].kernel_size[0] == 7
         step = model.steps[1] if len(model.steps) > 1 else None
