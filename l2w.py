@@ -150,6 +150,12 @@ IMTA_PRESETS = {"imagenet": dict(kd_temperature=1.0, kd_gamma=0.1)}
 # data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
 PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
                      "image_size")
+# --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
+# long-tailed sets), the hold-out split and the networks the checkpoint holds.
+RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")
+# Far beyond the papers' networks (5 to 8 exits, a WPN of 1 hidden layer of 500 units), and below
+# the sizes that hang or exhaust memory (a CIFAR MSDNet of 32 exits has 528 layers, 324M parameters).
+LIMITS = {"exits": 32, "wpn_depth": 8, "wpn_width": 4096}
 
 
 class UsageError(Exception):
@@ -178,10 +184,16 @@ def check_config(cfg):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("epochs", "wpn_depth", "holdout", "workers", "seed", "save_every"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name, most in LIMITS.items():
+        need(getattr(cfg, name) <= most, f"--{name.replace('_', '-')} must be at most {most}, got "
+             f"{getattr(cfg, name)} (the papers' networks: 5 to 8 exits, a WPN of 1 hidden layer of 500 units)")
     need(cfg.seed < 2 ** 32, f"--seed must be below 2^32, got {cfg.seed}")
     need(cfg.batch_size % (2 * cfg.world_size) == 0,
          f"--batch-size must be even (it is split into two halves) and divisible by 2 x {cfg.world_size} ranks, "
          f"got {cfg.batch_size}")
+    need(cfg.imta != "finetune" or cfg.eval_only or cfg.batch_size >= 4 * cfg.world_size,
+         f"--imta finetune needs --batch-size >= 4 x {cfg.world_size} ranks (ISC's BatchNorm1d needs 2 samples "
+         f"in each half-batch), got {cfg.batch_size}")
     finite("lr", 0, low_ok=False)
     finite("wpn_lr", 0)
     finite("weight_decay", 0)
@@ -214,32 +226,68 @@ def check_config(cfg):
          "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
     need(not (cfg.early_exit and cfg.world_size > 1),
          "--early-exit times inference in one process; run it without torchrun")
-    need(not cfg.weights or os.path.isfile(cfg.weights), f"--weights '{cfg.weights}' does not exist")
+    if cfg.weights and not cfg.resume:   # read once, when the run starts
+        check_file(cfg.weights, "--weights")
     need(not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined")
     need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
          f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)")
-    if cfg.device.startswith("cuda"):
-        need(torch.cuda.is_available(), f"--device {cfg.device} asked for, but CUDA is not available here")
-        index = int(cfg.device.partition(":")[2] or 0)
-        need(index < torch.cuda.device_count(),
-             f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
     uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
          "--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
     need(not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)")
-    if not (cfg.resume or cfg.bench) and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
-        raise UsageError(f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume "
-                         f"{os.path.join(cfg.out, 'checkpoint.pt')}, or start a new run with another --out")
-    try:   # shapes only: the network is built and run on the meta device, computing nothing
+    checkpoint = os.path.join(cfg.out, "checkpoint.pt")
+    if (not (cfg.bench or cfg.eval_only) and os.path.isfile(checkpoint)
+            and not (cfg.resume and os.path.samefile(checkpoint, cfg.resume))):
+        raise UsageError(f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume {checkpoint}, "
+                         f"or give another --out")
+    if not cfg.bench:
+        check_writable(cfg.out)
+    # Shapes only: the network is built and run on the meta device, computing nothing. Every
+    # MSDNet exit reads the same coarsest scale, so one exit tells whether the image size fits,
+    # and the check takes no longer with more exits.
+    try:
         with torch.device("meta"):
-            model = build_model(cfg.arch, 10, cfg.exits, cfg.image_size, cfg.step, base=cfg.base,
-                                gradient_equilibrium=cfg.imta == "pretrain").eval()
+            model = build_model(cfg.arch, 10, cfg.exits if cfg.arch == "ranet" else 1, cfg.image_size, cfg.step,
+                                base=cfg.base, gradient_equilibrium=cfg.imta == "pretrain").eval()
             model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
     except ValueError as e:
         raise UsageError(str(e)) from None
     except RuntimeError:
         raise UsageError(f"{cfg.arch} cannot reduce {cfg.image_size}x{cfg.image_size} images to its exits; "
                          f"use --image-size 32 (CIFAR-style network) or 224 (ImageNet-style)") from None
+
+
+def check_file(path, what):
+    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        raise UsageError(f"{what} '{path}' is a folder, not a file"
+                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} '{path}' does not exist")
+
+
+def check_writable(folder):
+    """`folder` exists or can be made, and files can be written in it; makes and leaves nothing."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as e:
+        raise UsageError(f"--out '{folder}' cannot be written: {e.strerror} in '{existing}'") from None
+
+
+def missing_device(device):
+    """Why this machine cannot run on `device` (cuda, cuda:1, ...), or '' when it can."""
+    if not device.startswith("cuda"):
+        return ""
+    if not torch.cuda.is_available():
+        return "CUDA is not available here"
+    if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA devices"
+    return ""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -261,8 +309,10 @@ def default_out(cfg):
 def parse_config(argv=None):
     """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...), each with its
     comment as help. Returns (config, checkpoint state or None): with --resume the run continues
-    with the config stored in the checkpoint, and flags given now still win. --eval-only writes
-    into <checkpoint's folder>/eval unless --out is given, never over the training run's files."""
+    beside the checkpoint, with the config stored in it; flags given now win, except those that
+    would change its data, split or network (RESUME_FIELDS). --eval-only writes into
+    <checkpoint's folder>/eval (or runs/eval_<weights file>) unless --out is given, never over a
+    training run or an earlier evaluation (eval-2, eval-3, ... then)."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                            epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs")
@@ -281,16 +331,23 @@ def parse_config(argv=None):
     known = {f.name for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in state["config"].items() if k in known} if state else {}
     saved.pop("eval_only", None)
+    if state:
+        kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
+                    "a resumed run keeps the data, hold-out split and network it started with")
+        if missing_device(saved.get("device", "auto")):   # trained on a device this machine lacks
+            saved["device"] = "auto"
     imta = flags.get("imta", saved.get("imta", Config.imta))
     if imta == "finetune" and not state and flags.get("pretrained"):
         saved = pretrained_fields(flags)
     dataset = flags.get("dataset", saved.get("dataset", Config.dataset))
     imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
     cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
-    cfg.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    cfg.world_size = torchrun_world_size()
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
-        cfg.out = (os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
-                   os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
+        cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
+                                os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
+    elif state and "out" not in flags:   # where the checkpoint is now, wherever the run was moved or copied
+        cfg.out = os.path.dirname(os.path.abspath(cfg.resume))
     elif not cfg.out:
         cfg.out = default_out(cfg)
     check_config(cfg)
@@ -299,19 +356,48 @@ def parse_config(argv=None):
     return cfg, state
 
 
-def pretrained_fields(flags):
-    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config; a flag that contradicts
-    one of them is an error (the frozen network cannot change)."""
-    config = load_checkpoint(flags["pretrained"])["config"]
-    if config.get("imta") == "finetune":
-        raise UsageError(f"--pretrained '{flags['pretrained']}' is an --imta finetune checkpoint; "
-                         "give the --imta pretrain one")
-    fields = {k: config.get(k, getattr(Config, k)) for k in PRETRAINED_FIELDS}
-    for k, v in fields.items():
+def kept_fields(flags, config, fields, whose, why):
+    """The `fields` of a checkpoint's config (Config's default where an older one lacks one); a
+    flag that contradicts one of them is an error."""
+    kept = {k: config.get(k, getattr(Config, k)) for k in fields}
+    for k, v in kept.items():
         if k in flags and flags[k] != v:
-            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match the pretrained network's {v} "
-                             "(--imta finetune takes it from --pretrained)")
-    return fields
+            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match {whose} "
+                             f"{repr(v) if isinstance(v, str) else v} ({why})")
+    return kept
+
+
+def pretrained_fields(flags):
+    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config, which must be a finished
+    phase-1 run; a flag that contradicts one of them is an error (the frozen network cannot change)."""
+    path = flags["pretrained"]
+    state = load_checkpoint(path)
+    config = state["config"]
+    if config.get("imta") == "finetune":
+        raise UsageError(f"--pretrained '{path}' is an --imta finetune checkpoint; give the --imta pretrain one")
+    if state["batch"] or state["epoch"] < config.get("epochs", 0):
+        raise UsageError(f"--pretrained '{path}' is unfinished ({state['epoch']} of {config.get('epochs')} epochs "
+                         f"done) and phase 2 would freeze it as it is; finish it first with --resume {path}")
+    return kept_fields(flags, config, PRETRAINED_FIELDS, "the pretrained network's",
+                       "--imta finetune takes it from --pretrained")
+
+
+def torchrun_world_size():
+    """WORLD_SIZE as torchrun sets it, with the variables its rendezvous reads (1 without torchrun)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not (world.isdigit() and int(world) >= 1):
+        raise UsageError(f"WORLD_SIZE={world!r} in the environment; torchrun sets it to the number of processes")
+    unset = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if int(world) > 1 and unset:
+        raise UsageError(f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start the processes "
+                         "with torchrun (which sets them all), or unset WORLD_SIZE")
+    return int(world)
+
+
+def unused_folder(folder):
+    """`folder`, or the first of folder-2, folder-3, ... that holds no results and no checkpoint."""
+    taken = lambda f: any(os.path.exists(os.path.join(f, name)) for name in ("results.json", "checkpoint.pt"))
+    return next(f for f in itertools.chain([folder], (f"{folder}-{i}" for i in itertools.count(2))) if not taken(f))
 
 
 # ============================================================================
@@ -912,9 +998,12 @@ def fit_thresholds(confidence, fractions):
 
 
 def exit_with_thresholds(confidence, thresholds):
-    """Index of the first exit whose threshold each sample reaches, shape (n,)."""
+    """Index of the first exit whose threshold each sample reaches, shape (n,). A sample that
+    reaches none (a NaN confidence or threshold reaches nothing) runs to the last exit, as in
+    `early_exit_predict`."""
     reached = confidence >= thresholds[:, None]
-    return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
+    reached[-1] = True
+    return reached.to(torch.uint8).argmax(dim=0)   # the first True
 
 
 def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
@@ -1005,8 +1094,7 @@ CHECKPOINT_KEYS = ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoc
 def load_checkpoint(path):
     """A checkpoint written by `train`. Loaded with weights_only=True: tensors, numbers, strings
     and containers only, so a file from elsewhere cannot run code."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint '{path}' does not exist")
+    check_file(path, "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -1198,6 +1286,9 @@ def train(cfg, state=None, stop_after_epoch=None):
     # IMTA's second phase starts from the phase-1 network and its hold-out split; a phase-2
     # checkpoint holds both, so a resumed run does not read the phase-1 file.
     pretrained = load_checkpoint(cfg.pretrained) if cfg.imta == "finetune" and not state else None
+    if pretrained and pretrained["config"].get("imta") != "pretrain":
+        log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
+            "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
     splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices")))
     model, wpn, optimizer, wpn_optimizer, scalers = build(cfg, splits.num_classes, device)
     if pretrained:
@@ -1216,7 +1307,9 @@ def train(cfg, state=None, stop_after_epoch=None):
                 if (state.get("scalers") or {}).get(name):
                     scaler.load_state_dict(state["scalers"][name])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise UsageError(f"checkpoint '{cfg.resume}' does not fit this model ({str(e).splitlines()[0]})") from None
+            detail = re.search(r'(Missing|Unexpected) key\(s\) in state_dict: "[^"]+"|size mismatch for [\w.]+', str(e))
+            raise UsageError(f"checkpoint '{cfg.resume}' does not fit the {cfg.arch} with {cfg.exits} exits that its "
+                             f"config describes ({detail.group(0) if detail else str(e).splitlines()[0]})") from None
         start_epoch, start_batch = state["epoch"], state["batch"]
         set_rng_state(state["rng"], device)
         log(f"resumed from {cfg.resume} at epoch {start_epoch}" + (f", iteration {start_batch}" if start_batch else ""))
@@ -1226,19 +1319,8 @@ def train(cfg, state=None, stop_after_epoch=None):
     n_batches = len(train_loader.batch_sampler)
     if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
-    elif cfg.weights:   # a resumed run already holds them in its checkpoint
-        try:
-            info = load_released(unwrap(model), cfg.weights, unwrap(wpn))
-        except ValueError as e:
-            hint = ""
-            if "does not fit this" in str(e):   # name the flags that choose the network
-                hint = (" (--exits, --step, --base, --image-size and the data set choose the network; "
-                        "--wpn-depth and --wpn-width the WPN)")
-            raise UsageError(f"{e}{hint}") from None
-        except Exception as e:   # not a file torch.load(weights_only=True) can read
-            raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
-        log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
-            f"{', and its WPN' if info['wpn'] else ''})")
+    if cfg.weights and not state:   # the run's starting point; once it has a checkpoint, never read again
+        load_weights(cfg, unwrap(model), unwrap(wpn))
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
@@ -1311,6 +1393,33 @@ def train(cfg, state=None, stop_after_epoch=None):
     if not trained_here:
         val = predict(model, val_loader, device, cfg)
     return evaluate(cfg, model, wpn, splits, device, val, flops, params)
+
+
+def load_weights(cfg, model, wpn):
+    """--weights: a released MSDNet-PyTorch / L2W-DEN checkpoint into `model` (and its WPN, if it
+    has one, into `wpn`)."""
+    try:
+        info = load_released(model, cfg.weights, wpn)
+    except ValueError as e:
+        try:   # one of l2w.py's own checkpoints? say what it is for
+            config = load_checkpoint(cfg.weights)["config"]
+        except UsageError:
+            config = None
+        if config is not None:
+            raise UsageError(f"--weights '{cfg.weights}' is a checkpoint of l2w.py"
+                             + (f" (--imta {config['imta']})" if config.get("imta") else "")
+                             + ", not a released one: evaluate or continue it with --resume"
+                             + ("; phase 2 starts from it with --imta finetune --pretrained"
+                                if config.get("imta") == "pretrain" else "")) from None
+        hint = ""
+        if "does not fit this" in str(e):   # name the flags that choose the network
+            hint = (" (--exits, --step, --base, --image-size and the data set choose the network; "
+                    "--wpn-depth and --wpn-width the WPN)")
+        raise UsageError(f"{e}{hint}") from None
+    except Exception as e:   # not a file torch.load(weights_only=True) can read
+        raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
+    log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
+        f"{', and its WPN' if info['wpn'] else ''})")
 
 
 def evaluate(cfg, model, wpn, splits, device, val, flops, params):
@@ -1466,8 +1575,12 @@ def plot_curves(paths, out_png):
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_png, dpi=100)
-    plt.close(figure)
+    try:   # in the format its name says, PNG if it says none, and always to exactly that path
+        figure.savefig(out_png, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--out '{out_png}' cannot be written ({str(e).splitlines()[0]})") from None
+    finally:
+        plt.close(figure)
     return labels
 
 
@@ -1533,8 +1646,9 @@ def main(argv=None):
                                 help="run directories or results.json files")
             parser.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
             args = parser.parse_args(argv)
-            plot_curves(args.plot, args.out)
-            print(f"wrote {args.out}")
+            out = os.path.join(args.out, "curves.png") if os.path.isdir(args.out) else args.out
+            plot_curves(args.plot, out)
+            print(f"wrote {out}")
             return
         cfg, state = parse_config(argv)
         if cfg.bench:
