@@ -12,9 +12,11 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -1966,6 +1968,268 @@ def test_phase2_resume_is_exact(imta_phase1, tmp_path):
     ra = json.loads((tmp_path / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "split" / "results.json").read_text())
     assert ra["anytime"] == rb["anytime"] and ra["dynamic"] == rb["dynamic"]
+
+
+# ----------------------------------------------------------------------------
+# Reliability: resume, --weights, bad input (issue 17)
+# ----------------------------------------------------------------------------
+
+TINY = ["--dataset", "synthetic", "--exits", "2", "--synthetic-size", "60", "--holdout", "12", "--batch-size", "8",
+        "--lr", "0.1", "--workers", "0", "--device", "cpu"]
+
+
+def folder_hashes(folder):
+    """SHA-256 of every file under `folder`, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fails_in_one_line(argv, capsys):
+    """main(argv) must exit with code 2 and one `error:` line; returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        l2w.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def edited_checkpoint(run, path, **config):
+    """A copy of `run`'s checkpoint at `path` with some of its config changed."""
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["config"].update(config)
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def weights_run(tmp_path_factory):
+    """A tiny run started from a released file (network and WPN), one epoch through the CLI in
+    this process; the released file is moved away afterwards, as a user may do. Its folder."""
+    root = tmp_path_factory.mktemp("weights_run")
+    torch.manual_seed(0)
+    source = models.build_model("msdnet", 10, 2)
+    randomise_bn_statistics(source, 0)
+    released_checkpoint(source, root / "model_best.pth.tar", imagenet=False, wpn=l2w.WPN(2, 1, 500))
+    l2w.main([*TINY, "--epochs", "1", "--weights", str(root / "model_best.pth.tar"), "--out", str(root / "run")])
+    (root / "model_best.pth.tar").rename(root / "moved.pth.tar")
+    return root / "run"
+
+
+def test_eval_only_resume_of_a_run_from_weights_reproduces_its_results(weights_run, tmp_path, capsys):
+    trained = json.loads((weights_run / "results.json").read_text())
+    assert trained["config"]["weights"].endswith("model_best.pth.tar")   # where the run started, recorded
+    l2w.main(["--eval-only", "--resume", str(weights_run / "checkpoint.pt"), "--out", str(tmp_path / "eval"),
+              "--print-every", "7", "--holdout", "12"])   # one flag that may change, one that does not
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert evaluated["anytime"] == trained["anytime"] and evaluated["dynamic"] == trained["dynamic"]
+    assert evaluated["config"]["print_every"] == 7 and "loaded the released" not in capsys.readouterr().out
+
+
+def test_a_moved_run_from_weights_resumes_beside_its_checkpoint_without_the_released_file(weights_run, tmp_path,
+                                                                                         capsys):
+    # weights_run's folder stands for a new run started where this one was: the config in the
+    # moved checkpoint still names that folder, and the released file is gone
+    moved = tmp_path / "backup" / "run"
+    shutil.copytree(weights_run, moved)
+    before = folder_hashes(weights_run)
+    l2w.main(["--resume", str(moved / "checkpoint.pt"), "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "loaded the released" not in out
+    assert torch.load(moved / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert json.loads((moved / "results.json").read_text())["config"]["out"] == str(moved)
+    assert folder_hashes(weights_run) == before
+
+
+def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(weights_run, capsys):
+    changed = {"dataset": "cifar10", "imbalance": "50", "synthetic_size": "300", "holdout": "40", "arch": "ranet",
+               "exits": "3", "step": "6", "base": "7", "image_size": "224", "seed": "1", "imta": "pretrain",
+               "wpn_depth": "2", "wpn_width": "100"}
+    assert set(changed) == set(l2w.RESUME_FIELDS)
+    saved = torch.load(weights_run / "checkpoint.pt", weights_only=True)["config"]
+    before = folder_hashes(weights_run)
+    for field, value in changed.items():
+        flag = "--" + field.replace("_", "-")
+        line = fails_in_one_line(["--resume", str(weights_run / "checkpoint.pt"), flag, value], capsys)
+        old = repr(saved[field]) if isinstance(saved[field], str) else saved[field]
+        assert line.startswith(f"error: {flag} {float(value) if field == 'imbalance' else value} does not match "
+                               f"the checkpoint's {old} (a resumed run keeps"), line
+    assert folder_hashes(weights_run) == before
+
+
+def test_resume_never_writes_into_another_runs_folder(weights_run, tmp_path, capsys):
+    other = tmp_path / "other"   # another run's folder (a copy's files are another run's)
+    shutil.copytree(weights_run, other)
+    before, ours = folder_hashes(other), folder_hashes(weights_run)
+    line = fails_in_one_line(["--resume", str(weights_run / "checkpoint.pt"), "--out", str(other)], capsys)
+    assert f"'{other}' already holds a run's checkpoint" in line
+    assert folder_hashes(other) == before and folder_hashes(weights_run) == ours
+
+
+def test_evaluations_never_replace_each_others_results(weights_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for seed, folder in ((0, "a"), (1, "b")):   # MSDNet-PyTorch names every file model_best.pth.tar
+        torch.manual_seed(seed)
+        (tmp_path / folder).mkdir()
+        released_checkpoint(models.build_model("msdnet", 10, 2), tmp_path / folder / "model_best.pth.tar",
+                            imagenet=False)
+    l2w.main([*TINY, "--eval-only", "--weights", "a/model_best.pth.tar"])
+    first = folder_hashes(tmp_path / "runs" / "eval_model_best")
+    l2w.main([*TINY, "--eval-only", "--weights", "b/model_best.pth.tar"])
+    assert folder_hashes(tmp_path / "runs" / "eval_model_best") == first
+    second = json.loads((tmp_path / "runs" / "eval_model_best-2" / "results.json").read_text())
+    assert second["config"]["weights"] == "b/model_best.pth.tar"
+    # a checkpoint evaluated twice: eval, then eval-2
+    (tmp_path / "run").mkdir()
+    shutil.copy(weights_run / "checkpoint.pt", tmp_path / "run")
+    l2w.main(["--eval-only", "--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    first = folder_hashes(tmp_path / "run" / "eval")
+    l2w.main(["--eval-only", "--resume", str(tmp_path / "run" / "checkpoint.pt")])
+    assert folder_hashes(tmp_path / "run" / "eval") == first and (tmp_path / "run" / "eval-2" / "results.json").exists()
+    assert "eval-2/results.json" in capsys.readouterr().out
+
+
+def test_a_sample_that_reaches_no_threshold_runs_to_the_last_exit_in_both_protocols():
+    torch.manual_seed(0)
+    model = models.build_model("msdnet", 10, 3).eval()
+    images = torch.randn(6, 3, 32, 32)
+    images[0] = math.nan   # every confidence of sample 0 is NaN
+    with torch.no_grad():
+        confidence = l2w.confidences(model(images))
+    assert confidence[:, 0].isnan().all() and not confidence[:, 1:].isnan().any()
+    inf, nan = math.inf, math.nan
+    for thresholds, expected in [([0.0, 0.0, -inf], [2, 0, 0, 0, 0, 0]), ([nan, inf, -inf], [2] * 6),
+                                 ([0.0, nan, nan], [2, 0, 0, 0, 0, 0]), ([inf, inf, inf], [2] * 6)]:
+        thresholds = torch.tensor(thresholds)
+        simulated = l2w.exit_with_thresholds(confidence, thresholds)
+        _, exit_of = l2w.early_exit_predict(model, images, thresholds)
+        assert simulated.tolist() == exit_of.tolist() == expected
+    # the budgeted protocol on all-NaN logits charges the whole network
+    logits, targets = [torch.full((4, 10), nan)] * 3, torch.zeros(4, dtype=torch.long)
+    curve = l2w.dynamic_evaluate(logits, targets, logits, targets, [1.0, 2.0, 3.0])
+    assert {point["flops"] for point in curve} == {3.0}
+
+
+def test_released_files_without_batchnorm_counters_load_bit_identically(tmp_path):
+    torch.manual_seed(0)
+    source = models.build_model("msdnet", 10, 2)
+    randomise_bn_statistics(source, 0)
+    released_checkpoint(source, tmp_path / "new.pth.tar", imagenet=False)
+    checkpoint = torch.load(tmp_path / "new.pth.tar", weights_only=True)
+    counters = [k for k in checkpoint["state_dict"] if k.endswith("num_batches_tracked")]
+    assert len(counters) == 32
+    for k in counters:   # as PyTorch before 0.4.1 (MSDNet's original checkpoints) saved them
+        del checkpoint["state_dict"][k]
+    torch.save(checkpoint, tmp_path / "old.pth.tar")
+    target = models.build_model("msdnet", 10, 2)
+    models.load_released(target, tmp_path / "old.pth.tar")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(source.eval()(x), target.eval()(x), strict=True))
+
+
+def test_bad_paths_and_environments_give_one_line_before_anything_is_written(weights_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    phase1 = tmp_path / "phase1.pt"
+    write_config_checkpoint(phase1, imta="pretrain")
+    unfinished = tmp_path / "unfinished.pt"
+    write_config_checkpoint(unfinished, imta="pretrain", epochs=3)   # 1 epoch of 3 done
+    phase2 = tmp_path / "phase2.pt"
+    write_config_checkpoint(phase2, imta="finetune")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    (tmp_path / "one_class" / "train" / "ant").mkdir(parents=True)
+    (tmp_path / "one_class" / "val" / "ant").mkdir(parents=True)
+    out, run = tmp_path / "o", str(weights_run)
+    cases = {
+        f"checkpoint '{run}' is a folder, not a file; the run's checkpoint in it is '{run}/checkpoint.pt'":
+            ["--resume", run],
+        f"--weights '{run}' is a folder, not a file": ["--weights", run],
+        f"checkpoint '{tmp_path}' is a folder, not a file": ["--imta", "finetune", "--pretrained", str(tmp_path)],
+        f"--pretrained '{unfinished}' is unfinished (1 of 3 epochs done)": ["--imta", "finetune", "--pretrained",
+                                                                            str(unfinished)],
+        "--imta finetune needs --batch-size >= 4 x 1 ranks": ["--imta", "finetune", "--pretrained", str(phase1),
+                                                              "--batch-size", "2"],
+        "--exits must be at most 32, got 100": ["--exits", "100"],
+        "--exits must be at most 32, got 1000": ["--exits", "1000"],
+        "--wpn-depth must be at most 8, got 100000": ["--wpn-depth", "100000"],
+        "--wpn-width must be at most 4096, got 1000000": ["--wpn-width", "1000000"],
+        "--out '/proc/l2w_issue17/run' cannot be written": ["--out", "/proc/l2w_issue17/run", "--dataset", "cifar10",
+                                                  "--data-dir", str(tmp_path / "empty")],
+        f"--out '{a_file}/run' cannot be written: Not a directory": ["--out", f"{a_file}/run"],
+        f"'{tmp_path / 'one_class'}/train' holds one class folder; classification needs at least two": [
+            "--dataset", "folder", "--data-dir", str(tmp_path / "one_class")],
+    }
+    for message, args in cases.items():
+        line = fails_in_one_line(["--out", str(out), *args], capsys)
+        assert message in line, (message, line)
+    # l2w.py's own checkpoints given to --weights say what they are for
+    for path, message in [(weights_run / "checkpoint.pt", "is a checkpoint of l2w.py, not a released one: evaluate "
+                                                          "or continue it with --resume"),
+                          (phase2, "is a checkpoint of l2w.py (--imta finetune), not a released one")]:
+        assert message in fails_in_one_line([*TINY, "--eval-only", "--weights", str(path), "--out", str(out)], capsys)
+    # --plot: a folder that does not exist; a name without extension is written as given (PNG)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(fake_results("l2w", 3)))
+    line = fails_in_one_line(["--plot", str(results), "--out", str(tmp_path / "missing" / "c.png")], capsys)
+    assert f"--out '{tmp_path / 'missing' / 'c.png'}' cannot be written (" in line
+    # WORLD_SIZE without torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert "WORLD_SIZE=2 in the environment without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: start the " \
+           "processes with torchrun" in fails_in_one_line(["--out", str(out)], capsys)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert "WORLD_SIZE='two'" in fails_in_one_line(["--out", str(out)], capsys)
+    assert not out.exists() and not os.path.exists("/proc/l2w_issue17")
+
+
+def test_plot_says_the_path_it_wrote(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps(fake_results("l2w", 3)))
+    (tmp_path / "figures").mkdir()
+    for out, written in [(tmp_path / "figures", tmp_path / "figures" / "curves.png"), (tmp_path / "c", tmp_path / "c")]:
+        l2w.main(["--plot", str(tmp_path / "results.json"), "--out", str(out)])
+        assert capsys.readouterr().out.strip() == f"wrote {written}"
+        assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_start_up_checks_take_no_longer_with_more_exits(tmp_path):
+    l2w.parse_config(["--dataset", "synthetic", "--exits", "2", "--out", str(tmp_path)])   # the first is slower
+    started = time.perf_counter()
+    l2w.parse_config(["--dataset", "synthetic", "--exits", "32", "--out", str(tmp_path)])   # 528 layers
+    assert time.perf_counter() - started < 3
+
+
+def test_checkpoint_that_does_not_fit_its_config_device_fallback_and_a_pretrained_run_without_ge(
+        weights_run, tmp_path, capsys):
+    # a config that does not describe the network in the file names both
+    wrong = edited_checkpoint(weights_run, tmp_path / "wrong.pt", exits=3)
+    line = fails_in_one_line(["--eval-only", "--resume", wrong, "--out", str(tmp_path / "o")], capsys)
+    assert "does not fit the msdnet with 3 exits that its config describes (Missing key(s) in state_dict: " in line
+    # trained on a GPU this machine lacks: evaluated on what it has, unless --device asks
+    gpu = edited_checkpoint(weights_run, tmp_path / "gpu.pt", device="cuda:99")
+    l2w.main(["--eval-only", "--resume", gpu, "--out", str(tmp_path / "gpu")])
+    assert json.loads((tmp_path / "gpu" / "results.json").read_text())["config"]["device"] == "auto"
+    assert "--device cuda:99 asked for" in fails_in_one_line(["--eval-only", "--resume", gpu, "--device", "cuda:99",
+                                                              "--out", str(tmp_path / "o")], capsys)
+    # phase 2 on a network trained without gradient equilibrium: a warning, then it runs
+    l2w.main(["--imta", "finetune", "--pretrained", str(weights_run / "checkpoint.pt"), "--epochs", "0",
+              "--out", str(tmp_path / "phase2")])
+    assert (f"warning: --pretrained '{weights_run / 'checkpoint.pt'}' was trained without gradient equilibrium"
+            in capsys.readouterr().out)
+
+
+def test_an_unreadable_image_is_named_and_the_last_checkpoint_stays(tmp_path, capsys):
+    write_image_tree(str(tmp_path / "data"), ["ant", "bee"], per_class=5)
+    out = tmp_path / "run"
+    l2w.main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--exits", "2",
+              "--batch-size", "4", "--holdout", "2", "--method", "baseline", "--epochs", "1", "--workers", "0",
+              "--device", "cpu", "--out", str(out)])   # 8 training images: every one is read each epoch
+    before = folder_hashes(out)
+    broken = tmp_path / "data" / "train" / "bee" / "3.png"
+    broken.write_bytes(broken.read_bytes()[:60])   # cut short, as an interrupted copy leaves it
+    line = fails_in_one_line(["--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--workers", "1"], capsys)
+    assert line == f"error: cannot read the image '{broken}' (OSError: image file is truncated)"
+    assert folder_hashes(out) == before
 
 
 # ----------------------------------------------------------------------------
