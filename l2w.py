@@ -23,6 +23,7 @@ evaluation (anytime, budgeted, real early exit), the training loop, curves, benc
     python l2w.py --dataset cifar10 --arch msdnet --exits 7     # the paper's setting
     python l2w.py --dataset synthetic --exits 3                 # one-minute offline demo
     python l2w.py --eval-only --resume runs/.../checkpoint.pt   # evaluate a checkpoint
+    python l2w.py --select-q RUN RUN ...                        # q chosen on the hold-out
     python l2w.py --help                                        # every option; README.md for more
 """
 import argparse
@@ -60,6 +61,16 @@ from models import IMTANet, build_model, count_cost, load_released
 # ============================================================================
 # Config: one dataclass; per-dataset presets hold the paper's values
 # ============================================================================
+
+def mul_adds(text):
+    """--budget's value: Mul-Adds per image as 20e6, 20M or 1.5G."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Mul-Adds per image such as 20e6, 20M or 1.5G, "
+                                         f"not '{text}'") from None
+
 
 @dataclass
 class Config:
@@ -101,6 +112,7 @@ class Config:
     weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
     eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
     early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
+    budget: float = dataclasses.field(default=0.0, metadata={"type": mul_adds})  # --eval-only: mean Mul-Adds/image (20M)
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     imta: str = ""                 # IMTA (Li et al. 2019) phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
@@ -198,6 +210,11 @@ def check_config(cfg):
          f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
     need(not cfg.eval_only or cfg.resume or cfg.weights,
          "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
+    finite("budget", 0)
+    need(not cfg.budget or cfg.eval_only,
+         "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT")
+    need(not cfg.budget or cfg.holdout > 0,
+         "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)")
     need(not (cfg.early_exit and cfg.world_size > 1),
          "--early-exit times inference in one process; run it without torchrun")
     need(not cfg.weights or os.path.isfile(cfg.weights), f"--weights '{cfg.weights}' does not exist")
@@ -233,15 +250,52 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Fields that do not change what a run trains (where it runs, what it reports): they name no run
+# folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
+# and those that only IMTA's distillation reads.
+NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
+                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
+META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
+               "meta_grad")
+KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
+
+
+def number(value):
+    """A number as a folder name shows it: short, and never the same text for two values."""
+    text = f"{value:g}"
+    return text if isinstance(value, int) or float(text) == value else repr(value)
+
+
 def default_out(cfg):
-    """runs/<what keeps the paper's runs apart>: data (and imbalance), network (and ImageNet step and base),
-    method (and q, which only L2W-DEN's meta objective reads; and the IMTA phase), seed."""
+    """runs/<data>_<network>_<method>_seed<seed>, the short names of the paper's runs, then
+    _<field><value> for every other field that changes training and differs from the data set's
+    preset (e.g. _wpn-width10, _meta-grad-jvp), so that runs that train differently never share a
+    folder. A run started from a checkpoint (--pretrained, --weights) adds _from-<its run or file>."""
     data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
+    if cfg.dataset == "folder":   # the data are the folder
+        data_name += "-" + os.path.basename(os.path.abspath(cfg.data_dir))
     imagenet_msdnet = cfg.arch == "msdnet" and cfg.image_size >= 64
     network = (f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if imagenet_msdnet else "")
                + (f"_b{cfg.base}" if imagenet_msdnet and cfg.base != 4 else ""))
-    method = cfg.method + (f"_q{cfg.q:g}" if cfg.method == "l2w" else "") + (f"_imta-{cfg.imta}" if cfg.imta else "")
-    return os.path.join("runs", f"{data_name}_{network}_{method}_seed{cfg.seed}")
+    method = (cfg.method + (f"_q{number(cfg.q)}" if cfg.method == "l2w" else "")
+              + (f"_imta-{cfg.imta}" if cfg.imta else ""))
+    name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
+    finetune = cfg.imta == "finetune"
+    preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
+    skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
+            *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
+            *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
+        if f.name in skip or value == getattr(preset, f.name):
+            continue
+        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
+            path = os.path.abspath(value)
+            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
+                                else os.path.basename(path).split(".")[0])
+        else:
+            name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
+    return os.path.join("runs", name)
 
 
 def parse_config(argv=None):
@@ -251,7 +305,8 @@ def parse_config(argv=None):
     into <checkpoint's folder>/eval unless --out is given, never over the training run's files."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs")
+                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
+                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves")
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -259,7 +314,7 @@ def parse_config(argv=None):
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=help)
         else:
-            parser.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
+            parser.add_argument(flag, type=f.metadata.get("type", f.type), metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
     if flags.get("resume") and flags.get("weights"):
         raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
@@ -726,23 +781,86 @@ def exit_with_thresholds(confidence, thresholds):
     return reached.to(torch.uint8).argmax(dim=0)   # first True; the last exit always reaches
 
 
-def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
-    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39, fit thresholds on
-    the hold-out split, apply them to the test set, and report accuracy and expected Mul-Adds
-    sum_k share_k * flops_k. Thresholds work as in the meta objective (`fit_thresholds`)."""
+def budgeted_point(thresholds, confidence, correct, flops):
+    """Accuracy (%) and mean Mul-Adds per image when each sample leaves at the first exit whose
+    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64."""
+    exit_of = exit_with_thresholds(confidence, thresholds)
+    n = confidence.shape[1]
+    share = torch.bincount(exit_of, minlength=len(flops)).double() / n
+    return 100.0 * correct[exit_of, torch.arange(n)].float().mean().item(), float((share * flops).sum())
+
+
+def correctness(logits, targets):
+    """(K, n): whether each exit's prediction of each sample is right."""
+    return torch.stack([z.argmax(dim=1) == targets for z in logits])
+
+
+def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
+                     qs=tuple(p / 20 for p in range(1, 40))):
+    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39 (or `qs`), fit
+    thresholds on the hold-out split, apply them to the test set, and report accuracy and
+    expected Mul-Adds sum_k share_k * flops_k. Thresholds work as in the meta objective
+    (`fit_thresholds`)."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
-    correct = torch.stack([z.argmax(dim=1) == test_targets for z in test_logits])   # (K, n)
-    n, exits = test_targets.numel(), len(test_logits)
-    flops = torch.tensor(flops, dtype=torch.float64)
+    correct, flops = correctness(test_logits, test_targets), torch.tensor(flops, dtype=torch.float64)
     curve = []
-    for p in range(1, 40):
-        q = p / 20
-        thresholds = fit_thresholds(val_conf, exit_fractions(q, exits))
-        exit_of = exit_with_thresholds(test_conf, thresholds)
-        share = torch.bincount(exit_of, minlength=exits).double() / n
-        acc = 100.0 * correct[exit_of, torch.arange(n)].float().mean().item()
-        curve.append({"q": q, "acc": acc, "flops": float((share * flops).sum())})
+    for q in qs:
+        thresholds = fit_thresholds(val_conf, exit_fractions(q, len(test_logits)))
+        acc, cost = budgeted_point(thresholds, test_conf, correct, flops)
+        curve.append({"q": q, "acc": acc, "flops": cost})
     return curve
+
+
+def holdout_halves(logits, targets):
+    """The hold-out split as two fixed halves, its even and odd positions: ((logits, targets), ...).
+    Choosing q (--select-q) or thresholds (--budget) must not look at the test set, so it looks at
+    the hold-out, as the test protocol would: thresholds fitted on the first half are scored on
+    the second. Scored on the images they were fitted on, thresholds would meet every q's exit
+    fractions exactly, and the cost would be more certain than it is on images never seen."""
+    return tuple(([z[half::2] for z in logits], targets[half::2]) for half in (0, 1))
+
+
+def holdout_curve(val_logits, val_targets, flops):
+    """The budgeted curve measured on the hold-out split alone (`holdout_halves`)."""
+    (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(val_logits, val_targets)
+    return dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops)
+
+
+# --budget tries every q of this grid: steps of 0.001 up to 2 (it holds the budgeted protocol's 39
+# values and every coarser decimal grid), then steps of 1 % up to 1000 (the last exit takes nearly all).
+BUDGET_QS = [p / 1000 for p in range(1, 2001)] + [2 * 1.01 ** j for j in range(1, 625)]
+
+
+def budget_evaluate(budget, val, test, flops):
+    """--budget: of the thresholds fitted at each q of BUDGET_QS on the first half of the hold-out,
+    those whose mean Mul-Adds per image on the second half is at most `budget`, the most accurate
+    there (then the cheapest). All of BUDGET_QS is tried, so no q of it that fits does better on
+    the hold-out. Returns the record for results.json: q, the thresholds (for `early_exit_predict`),
+    hold-out and test accuracy and Mul-Adds. The test set is scored, never looked at to choose."""
+    (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(*val)
+    exits = len(flops)
+    if budget >= flops[-1]:
+        log(f"--budget {budget / 1e6:.2f}M is at least the whole network's {flops[-1] / 1e6:.2f}M Mul-Adds "
+            "per image: the whole network is used")
+        q, thresholds = None, torch.tensor([math.inf] * (exits - 1) + [-math.inf])
+    else:
+        curve = dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops, BUDGET_QS)
+        fitting = [row for row in curve if row["flops"] <= budget]
+        if not fitting:
+            raise UsageError(f"--budget {budget / 1e6:.2f}M: no thresholds meet it on the hold-out (the cheapest: "
+                             f"{min(row['flops'] for row in curve) / 1e6:.2f}M Mul-Adds per image)")
+        q = max(fitting, key=lambda row: (row["acc"], -row["flops"]))["q"]
+        thresholds = fit_thresholds(confidences(fit_logits), exit_fractions(q, exits))
+    flops = torch.tensor(flops, dtype=torch.float64)
+    holdout_acc, holdout_flops = budgeted_point(thresholds, confidences(score_logits),
+                                                correctness(score_logits, score_targets), flops)
+    test_acc, test_flops = budgeted_point(thresholds, confidences(test[0]), correctness(*test), flops)
+    log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: q {q if q is None else f'{q:.4g}'}, thresholds "
+        f"{' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit_targets)} images, "
+        f"scored on {len(score_targets)}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per image\n"
+        f" test set ({len(test[1])} images): top-1 {test_acc:.2f}, {test_flops / 1e6:.2f}M Mul-Adds per image")
+    return {"budget": budget, "q": q, "thresholds": thresholds.tolist(), "holdout_acc": holdout_acc,
+            "holdout_flops": holdout_flops, "test_acc": test_acc, "test_flops": test_flops}
 
 
 @torch.inference_mode()
@@ -1076,6 +1194,9 @@ def train(cfg, state=None, stop_after_epoch=None):
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
     flops, params = count_cost(unwrap(model), cfg.image_size)
+    if cfg.budget and cfg.budget < flops[0]:   # said before any image is predicted
+        raise UsageError(f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's {flops[0] / 1e6:.2f}M "
+                         "Mul-Adds per image: no thresholds can meet it")
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
         f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
@@ -1160,18 +1281,23 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     (test_logits, test_targets), (val_logits, val_targets) = test, val
     anytime = anytime_evaluate(test_logits, test_targets, flops, params)
     dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
+    holdout = holdout_curve(val_logits, val_targets, flops) if splits.threshold_source == "holdout" else None
     log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
     for row in anytime:
         log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
             f"{row['params'] / 1e6:12.3f}")
-    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images)"
-        "\n    q   top-1   Mul-Adds (M)")
-    for row in dynamic:
-        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
-    results.update(anytime=anytime, dynamic=dynamic)
+    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images"
+        + ("; hold-out columns: thresholds fitted on one half of it, scored on the other)" if holdout else ")")
+        + "\n    q   top-1   Mul-Adds (M)" + ("   hold-out top-1   Mul-Adds (M)" if holdout else ""))
+    for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
+        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}"
+            + (f" {own['acc']:16.2f} {own['flops'] / 1e6:14.2f}" if own else ""))
+    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout)
+    if cfg.budget:
+        results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
     if cfg.early_exit:
         results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, (test_logits, test_targets),
-                                                    flops)
+                                                    flops, results.get("budget"))
     path = os.path.join(cfg.out, "results.json")
     write_json(path, results)
     log(f"\nwrote {path}")
@@ -1191,15 +1317,18 @@ def timed(step, images, device):
 
 
 @torch.inference_mode()
-def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
+def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
     """--early-exit: the budgeted protocol at q = cfg.q, for real. Thresholds are fitted on the
-    hold-out split as in `dynamic_evaluate`; then every test batch runs through the whole network
-    and through `early_exit_predict`, in turn and in alternating order (so that load on the
-    machine and warm caches favour neither), at batch size 1 and at --batch-size. Reports time per
-    image, images/s, the average Mul-Adds of the exits taken and the accuracy, which must be the
-    budgeted protocol's at q (`same_as_budgeted` counts the images whose exit and prediction are)."""
+    hold-out split as in `dynamic_evaluate` (or are `budget`'s, the record of --budget); then
+    every test batch runs through the whole network and through `early_exit_predict`, in turn and
+    in alternating order (so that load on the machine and warm caches favour neither), at batch
+    size 1 and at --batch-size. Reports time per image, images/s, the average Mul-Adds of the
+    exits taken and the accuracy, which must be the budgeted protocol's at those thresholds
+    (`same_as_budgeted` counts the images whose exit and prediction are)."""
     net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
-    thresholds = fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits))
+    q = budget["q"] if budget else cfg.q
+    thresholds = (torch.tensor(budget["thresholds"]) if budget else
+                  fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits)))
     simulated = exit_with_thresholds(confidences(test[0]), thresholds)
     simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
     on_device = thresholds.to(device)
@@ -1230,11 +1359,12 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
     average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
-    result = {"q": cfg.q, "accuracy": runs[0]["accuracy"],
+    result = {"q": q, "accuracy": runs[0]["accuracy"],
               "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
               "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
               "runs": runs}
-    log(f"\nearly exit at q {cfg.q:.2f} (test set, {n} images, run exit by exit and through the whole network)\n"
+    at = f"q {q:.4g}" if q is not None else "the last exit"
+    log(f"\nearly exit at {at} (test set, {n} images, run exit by exit and through the whole network)\n"
         f" top-1 {result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), "
         f"{average_flops / 1e6:.2f}M Mul-Adds per image (whole network {flops[-1] / 1e6:.2f}M: "
         f"{result['flops_speedup']:.2f}x), exit shares {' '.join(f'{s:.3f}' for s in shares)}\n"
@@ -1248,10 +1378,10 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
 
 
 # ============================================================================
-# Curves: accuracy against Mul-Adds, the figure of the paper's experiments
+# Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them
 # ============================================================================
 
-def read_results(path):
+def read_results(path, command="--plot"):
     """results.json of a run directory, or the file itself."""
     file = os.path.join(path, "results.json") if os.path.isdir(path) else path
     try:
@@ -1259,14 +1389,15 @@ def read_results(path):
             results = json.load(f)
         results["config"], results["anytime"], results["dynamic"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--plot: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
+        raise UsageError(f"{command}: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
     return results
 
 
 def plot_curves(paths, out_png):
     """One figure of every run in `paths` (run directories or results.json files): the budgeted
     curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each exit at
-    its Mul-Adds, and, for --early-exit runs, the measured point with its time per image.
+    its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
+    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds.
     Returns the curves' labels (method, arch, exits, dataset of each run's config)."""
     try:
         import matplotlib
@@ -1289,11 +1420,17 @@ def plot_curves(paths, out_png):
                   color=curve.get_color(), label=f"{label}: each exit")
         if "early_exit" in results:
             e, run = results["early_exit"], results["early_exit"]["runs"][0]
+            at = "the last exit" if e["q"] is None else f"q {e['q']:g}"
             axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=curve.get_color(),
-                      label=f"{label}: early exit at q {e['q']:g}, measured")
+                      label=f"{label}: early exit at {at}, measured")
             axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
                           f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
                           textcoords="offset points", xytext=(8, -24), fontsize=8)
+        if "budget" in results:
+            b = results["budget"]
+            axes.axvline(b["budget"] / scale, color=curve.get_color(), linestyle=":", linewidth=1)
+            axes.plot(b["test_flops"] / scale, b["test_acc"], "D", color=curve.get_color(),
+                      label=f"{label}: --budget {b['budget'] / scale:g}{unit} (dotted), test set")
     axes.set_xlabel(f"Mul-Adds per image ({unit})")
     axes.set_ylabel("top-1 accuracy (%)")
     axes.grid(alpha=0.3)
@@ -1302,6 +1439,47 @@ def plot_curves(paths, out_png):
     figure.savefig(out_png, dpi=100)
     plt.close(figure)
     return labels
+
+
+def select_q(paths, out_json, points=5):
+    """--select-q (supplementary Sec. 1.3: q is tuned on a split held out of the training data):
+    the runs of one q sweep compared on their hold-out curves (`holdout_curve`), never on the test
+    set. At a budget b, a run scores the best hold-out accuracy of its curve's points that cost at
+    most b (what a deployer could choose); its summary is the mean of that over 101 budgets evenly
+    spread over the range of Mul-Adds that every run's curve covers. The best summary wins.
+    Prints the table (at `points` of those budgets), writes it with the choice to `out_json`."""
+    runs = [read_results(p, "--select-q") for p in paths]
+    first = runs[0]["config"]
+    same = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "q")]
+    for path, results in zip(paths, runs):
+        if not results.get("holdout_dynamic"):
+            raise UsageError(f"--select-q: '{path}' has no hold-out curve (its run held out no images: --holdout 0)")
+        differ = next((k for k in same if results["config"].get(k) != first.get(k)), None)
+        if differ:
+            raise UsageError(f"--select-q: '{path}' is not of the sweep of '{paths[0]}' (--{differ.replace('_', '-')}"
+                             f" {results['config'].get(differ)}, not {first.get(differ)}); give runs that differ in "
+                             "--q only")
+    qs = [r["config"]["q"] for r in runs]
+    if first["method"] != "l2w" or len(set(qs)) < len(qs):
+        raise UsageError("--select-q compares L2W-DEN runs (--method l2w), each with another --q")
+    curves = [r["holdout_dynamic"] for r in runs]
+    low, high = max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+    budgets = [low + (high - low) * i / 100 for i in range(101)]
+    rows = []
+    for q, path, curve in sorted(zip(qs, paths, curves)):
+        best = [max(p["acc"] for p in curve if p["flops"] <= b) for b in budgets]   # the cheapest point fits every b
+        rows.append({"q": q, "run": path, "mean_acc": statistics.fmean(best),
+                     "acc": [best[i * 100 // (points - 1)] for i in range(points)]})
+    chosen = max(rows, key=lambda row: row["mean_acc"])
+    shown = [budgets[i * 100 // (points - 1)] for i in range(points)]
+    print(f"hold-out top-1 (%) at each budget (Mul-Adds per image): the best point of the run's hold-out curve "
+          "within it\n    q " + "".join(f"{b / 1e6:9.2f}M" for b in shown) + "   mean over the range")
+    for row in rows:
+        print(f"{row['q']:5g} " + "".join(f"{a:10.2f}" for a in row["acc"]) + f"   {row['mean_acc']:.2f}")
+    print(f"chosen: q {chosen['q']:g} ({chosen['run']})")
+    write_json(out_json, {"budgets": shown, "range": [low, high], "rows": rows, "chosen_q": chosen["q"],
+                          "chosen_run": chosen["run"]})
+    return chosen["q"]
 
 
 # ============================================================================
@@ -1354,13 +1532,17 @@ def bench(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if "--plot" in argv:   # the one command that takes several values; not a training config
-            parser = OneLineParser(prog="l2w.py --plot", description="accuracy against Mul-Adds of finished runs")
-            parser.add_argument("--plot", nargs="+", required=True, metavar="PATH",
+        commands = {"--plot": (plot_curves, "curves.png", "accuracy against Mul-Adds of finished runs"),
+                    "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep")}
+        command = next((c for c in commands if c in argv), None)
+        if command:   # the commands that take several runs; not a training config
+            run, out, description = commands[command]
+            parser = OneLineParser(prog=f"l2w.py {command}", description=description)
+            parser.add_argument(command, nargs="+", required=True, metavar="PATH",
                                 help="run directories or results.json files")
-            parser.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+            parser.add_argument("--out", default=out, help=f"the file to write (default: {out})")
             args = parser.parse_args(argv)
-            plot_curves(args.plot, args.out)
+            run(getattr(args, command[2:].replace("-", "_")), args.out)
             print(f"wrote {args.out}")
             return
         cfg, state = parse_config(argv)

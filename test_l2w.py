@@ -13,6 +13,8 @@ import math
 import os
 import pickle
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1850,7 +1852,8 @@ def test_imta_presets_and_architecture_from_pretrained(tmp_path):
     cfg, _ = l2w.parse_config(["--imta", "finetune", "--pretrained", str(tmp_path / "cifar.pt")])
     assert (cfg.dataset, cfg.exits, cfg.batch_size, cfg.lr, cfg.q) == ("cifar100", 5, 1024, 0.8, 0.75)
     assert (cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction) == (3.0, 0.9, "mean")
-    assert cfg.out == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_imta-finetune_seed0")
+    # the folder names the phase-1 checkpoint and its 60-image hold-out (the preset holds out 5000)
+    assert cfg.out == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_imta-finetune_seed0_holdout60_from-cifar")
     write_config_checkpoint(tmp_path / "imagenet.pt", dataset="imagenet", exits=5, step=4, image_size=224,
                             holdout=50000, imta="pretrain")
     cfg, _ = l2w.parse_config(["--imta", "finetune", "--pretrained", str(tmp_path / "imagenet.pt"), "--method", "baseline"])
@@ -1929,6 +1932,285 @@ def test_phase2_resume_is_exact(imta_phase1, tmp_path):
     ra = json.loads((tmp_path / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "split" / "results.json").read_text())
     assert ra["anytime"] == rb["anytime"] and ra["dynamic"] == rb["dynamic"]
+
+
+# ----------------------------------------------------------------------------
+# Tuning q on the hold-out, --budget, run folders (issue 16)
+# ----------------------------------------------------------------------------
+
+# A q sweep small enough for the suite: 2 exits, one meta-iteration, a hold-out of 80 (halves of 40)
+SWEEP = ["--dataset", "synthetic", "--exits", "2", "--synthetic-size", "300", "--holdout", "80", "--epochs", "1",
+         "--batch-size", "16", "--meta-interval", "100", "--print-every", "100", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def q_sweep(tmp_path_factory):
+    """{q: run folder} of three L2W-DEN runs that differ in --q only."""
+    root = tmp_path_factory.mktemp("q_sweep")
+    for q in ("0.25", "0.75", "1.5"):
+        l2w.main([*SWEEP, "--q", q, "--out", str(root / q)])
+    return {float(q): root / q for q in ("0.25", "0.75", "1.5")}
+
+
+def recording_predict(monkeypatch):
+    """Every (logits, targets) that l2w.predict returns from now on, in order."""
+    recorded = []
+
+    def record(*args, predict=l2w.predict):
+        recorded.append(predict(*args))
+        return recorded[-1]
+
+    monkeypatch.setattr(l2w, "predict", record)
+    return recorded
+
+
+def one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        l2w.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def hand_selection(curves):
+    """--select-q's rule written out: at 101 budgets evenly spread over the Mul-Adds that every
+    curve covers, a curve scores its best accuracy within the budget; the best mean wins."""
+    low = max(min(p["flops"] for p in c) for c in curves.values())
+    high = min(max(p["flops"] for p in c) for c in curves.values())
+    budgets = [low + (high - low) * i / 100 for i in range(101)]
+    means = {q: math.fsum(max(p["acc"] for p in c if p["flops"] <= b) for b in budgets) / 101
+             for q, c in curves.items()}
+    return max(sorted(means), key=means.get), means
+
+
+def test_select_q_picks_what_the_hold_out_curves_say_and_reads_no_test_label(q_sweep, tmp_path, monkeypatch, capsys):
+    results = {q: json.loads((folder / "results.json").read_text()) for q, folder in q_sweep.items()}
+    chosen, means = hand_selection({q: r["holdout_dynamic"] for q, r in results.items()})
+    assert len(set(means.values())) > 1   # the runs differ on the hold-out: the pick is no tie of all
+    l2w.main(["--select-q", *(str(q_sweep[q]) for q in sorted(q_sweep)), "--out", str(tmp_path / "select.json")])
+    selection = json.loads((tmp_path / "select.json").read_text())
+    assert selection["chosen_q"] == chosen and f"chosen: q {chosen:g}" in capsys.readouterr().out
+    assert {row["q"]: row["mean_acc"] for row in selection["rows"]} == pytest.approx(means)
+
+    # The same checkpoints evaluated with every test label changed: the hold-out curves and the
+    # choice stay, the test-set numbers do not.
+    def other_test_labels(cfg, holdout_indices=None, load=data.load):
+        splits = load(cfg, holdout_indices)
+        images, labels = splits.test.base.tensors
+        splits.test.base = torch.utils.data.TensorDataset(images, (labels + 1) % 10)
+        return splits
+
+    monkeypatch.setattr(data, "load", other_test_labels)
+    recorded = recording_predict(monkeypatch)
+    relabelled = {}
+    for q, folder in sorted(q_sweep.items()):
+        l2w.main(["--eval-only", "--resume", str(folder / "checkpoint.pt"), "--out", str(tmp_path / str(q))])
+        relabelled[q] = json.loads((tmp_path / str(q) / "results.json").read_text())
+        assert relabelled[q]["holdout_dynamic"] == results[q]["holdout_dynamic"]
+    assert any(relabelled[q]["anytime"] != results[q]["anytime"] for q in results)
+    l2w.main(["--select-q", *(str(tmp_path / str(q)) for q in sorted(q_sweep)), "--out", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["chosen_q"] == chosen
+    assert [(r["q"], r["acc"], r["mean_acc"]) for r in again["rows"]] == [
+        (r["q"], r["acc"], r["mean_acc"]) for r in selection["rows"]]
+
+    # the hold-out curve: thresholds fitted on the hold-out's even positions, scored on its odd
+    # ones, as MSDNet's loop would score them on a test set
+    (val_logits, val_targets), flops = recorded[0], [row["flops"] for row in results[0.25]["anytime"]]
+    assert len(val_targets) == 80
+    expected = msdnet_dynamic_eval_loop([z[0::2] for z in val_logits], val_targets[0::2],
+                                        [z[1::2] for z in val_logits], val_targets[1::2], flops)
+    curve = results[0.25]["holdout_dynamic"]
+    assert [row["acc"] for row in curve] == pytest.approx([acc for acc, _ in expected])
+    assert [row["flops"] for row in curve] == pytest.approx([cost for _, cost in expected])
+
+
+def fake_sweep_run(folder, q, curve, **config):
+    results = fake_results("l2w", 3)
+    results["config"].update(q=q, **config)
+    results["holdout_dynamic"] = curve and [{"q": 0.05 * i, "acc": acc, "flops": flops}
+                                            for i, (flops, acc) in enumerate(curve)]
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return str(folder)
+
+
+def test_select_q_worked_by_hand_and_what_it_refuses(tmp_path, capsys):
+    # Every run covers 5M..15M. q 0.5: 70 % at any budget. q 1: 60 % below 10M, 79.5 % from 10M
+    # (and 90 % beyond the common range, which must not count): over 101 budgets it averages
+    # (50 x 60 + 51 x 79.5) / 101 = 69.85 %, so q 0.5 wins (joined by lines, q 1 would average
+    # about 74.6 % and win).
+    flat = fake_sweep_run(tmp_path / "flat", 0.5, [(4e6, 10.0), (5e6, 70.0), (15e6, 70.0)])
+    step = fake_sweep_run(tmp_path / "step", 1.0, [(5e6, 60.0), (10e6, 79.5), (15e6, 79.5), (16e6, 90.0)])
+    l2w.main(["--select-q", step, flat, "--out", str(tmp_path / "s.json")])
+    selection = json.loads((tmp_path / "s.json").read_text())
+    assert selection["budgets"] == [5e6, 7.5e6, 10e6, 12.5e6, 15e6] and selection["chosen_q"] == 0.5
+    assert [(r["q"], r["acc"]) for r in selection["rows"]] == [(0.5, [70.0] * 5), (1.0, [60.0, 60.0] + [79.5] * 3)]
+    assert [r["mean_acc"] for r in selection["rows"]] == pytest.approx([70.0, (50 * 60 + 51 * 79.5) / 101])
+    assert "chosen: q 0.5" in capsys.readouterr().out
+
+    other = fake_sweep_run(tmp_path / "other", 0.25, [(5e6, 50.0), (15e6, 50.0)], exits=5)
+    assert f"'{other}' is not of the sweep of '{flat}' (--exits 5, not 3)" in one_line_error(
+        ["--select-q", flat, other], capsys)
+    twice = fake_sweep_run(tmp_path / "twice", 0.5, [(5e6, 50.0), (15e6, 50.0)])
+    assert "each with another --q" in one_line_error(["--select-q", flat, twice], capsys)
+    none = fake_sweep_run(tmp_path / "none", 0.25, None)
+    assert "has no hold-out curve" in one_line_error(["--select-q", flat, none], capsys)
+    assert "--select-q: " in one_line_error(["--select-q", flat, str(tmp_path / "missing")], capsys)
+
+
+def cost_and_accuracy(thresholds, logits, targets, flops):
+    """The budgeted protocol sample by sample: each leaves at the first exit whose threshold its
+    confidence reaches. Returns (mean Mul-Adds, accuracy %)."""
+    confidence = l2w.confidences(logits).tolist()
+    predictions = [z.argmax(dim=1).tolist() for z in logits]
+    thresholds, n = thresholds.tolist(), len(targets)
+    exit_of = [next(k for k in range(len(flops)) if confidence[k][i] >= thresholds[k]) for i in range(n)]
+    return (sum(flops[k] for k in exit_of) / n,
+            100 * sum(predictions[k][i] == targets[i].item() for i, k in enumerate(exit_of)) / n)
+
+
+def assert_best_on_a_fine_grid(record, val_logits, val_targets, flops):
+    """The thresholds of `record` (--budget's) cost at most the budget on the hold-out's odd
+    positions (after fitting on its even ones), and no q of a grid of steps of 0.004 does better
+    there within the budget (BUDGET_QS holds every q of that grid: the choice is best by
+    construction)."""
+    fit, score = [z[0::2] for z in val_logits], ([z[1::2] for z in val_logits], val_targets[1::2])
+    cost, acc = cost_and_accuracy(torch.tensor(record["thresholds"]), *score, flops)
+    assert cost <= record["budget"] and (cost, acc) == pytest.approx((record["holdout_flops"], record["holdout_acc"]))
+    fitting = 0
+    for q in [p / 250 for p in range(1, 501)]:
+        c, a = cost_and_accuracy(l2w.fit_thresholds(l2w.confidences(fit), l2w.exit_fractions(q, len(flops))),
+                                 *score, flops)
+        assert c > record["budget"] or a <= acc, q
+        fitting += c <= record["budget"]
+    assert 0 < fitting < 500   # the budget cuts the grid
+
+
+def test_budget_on_a_trained_run_fits_on_the_hold_out_and_runs_for_real(q_sweep, tmp_path, monkeypatch, capsys):
+    run = q_sweep[0.75]
+    anytime = json.loads((run / "results.json").read_text())["anytime"]
+    flops = [row["flops"] for row in anytime]
+    budget = round((flops[0] + flops[1]) / 2e6, 3)   # in M
+    recorded = recording_predict(monkeypatch)
+    evaluate = ["--eval-only", "--resume", str(run / "checkpoint.pt"), "--out", str(tmp_path / "b")]
+    l2w.main([*evaluate, "--budget", f"{budget}M", "--early-exit"])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    record, ((val_logits, val_targets), (test_logits, test_targets)) = results["budget"], recorded
+    assert record["budget"] == pytest.approx(budget * 1e6) and record["q"] in l2w.BUDGET_QS
+    assert_best_on_a_fine_grid(record, val_logits, val_targets, flops)
+    # the test set's realised cost and accuracy at those thresholds, reported
+    test_cost, test_acc = cost_and_accuracy(torch.tensor(record["thresholds"]), test_logits, test_targets, flops)
+    assert (record["test_flops"], record["test_acc"]) == pytest.approx((test_cost, test_acc))
+    assert f"test set ({len(test_targets)} images): top-1 {test_acc:.2f}, {test_cost / 1e6:.2f}M Mul-Adds" in printed
+    # --early-exit runs them for real: every image leaves where the simulated protocol said
+    early = results["early_exit"]
+    assert early["q"] == record["q"] and early["accuracy"] == pytest.approx(test_acc)
+    assert early["flops"] == pytest.approx(test_cost)
+    assert all(run["same_as_budgeted"] == len(test_targets) for run in early["runs"])
+
+    # out of range: below the first exit, an error; the whole network's cost or more, a line
+    assert "below the first exit's" in one_line_error([*evaluate, "--budget", str(flops[0] * 0.9)], capsys)
+    l2w.main([*evaluate, "--budget", str(flops[-1])])
+    assert len([line for line in capsys.readouterr().out.splitlines() if "the whole network is used" in line]) == 1
+    whole = json.loads((tmp_path / "b" / "results.json").read_text())["budget"]
+    assert whole["thresholds"] == [math.inf, -math.inf] and whole["test_flops"] == flops[-1]
+    assert whole["test_acc"] == pytest.approx(anytime[-1]["acc1"])
+
+
+def test_budget_search_with_three_exits_is_best_on_a_fine_grid():
+    torch.manual_seed(0)
+    scale = torch.tensor([0.5, 1.5, 3.0])   # later exits more confident, and right more often
+    targets = torch.randint(5, (300,))
+    logits = [torch.randn(300, 5) * s + 2 * s * F.one_hot(targets, 5) * (torch.rand(300, 1) < 0.4 + 0.2 * k)
+              for k, s in enumerate(scale)]
+    val, test = ([z[:200] for z in logits], targets[:200]), ([z[200:] for z in logits], targets[200:])
+    record = l2w.budget_evaluate(2.2e6, val, test, [1e6, 2.5e6, 4e6])
+    assert_best_on_a_fine_grid(record, *val, [1e6, 2.5e6, 4e6])
+
+
+def test_budget_takes_mul_adds_as_users_write_them(capsys):
+    assert l2w.mul_adds("20e6") == l2w.mul_adds("20M") == l2w.mul_adds("20000000") == 20e6
+    assert l2w.mul_adds("1.5G") == 1.5e9 and l2w.mul_adds("500k") == 5e5
+    assert "such as 20e6, 20M or 1.5G, not '20X'" in one_line_error(["--budget", "20X"], capsys)
+    assert "give it with --eval-only" in one_line_error(["--dataset", "synthetic", "--budget", "20M"], capsys)
+
+
+def test_plot_marks_a_budget_runs_point(tmp_path, monkeypatch):
+    results = fake_results("l2w", 3)
+    results["budget"] = {"budget": 12e6, "q": 0.4, "thresholds": [0.9, 0.8, -math.inf], "test_acc": 81.0,
+                         "test_flops": 11.5e6}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    import matplotlib.figure
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.extend(
+        (line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in figure.axes[0].lines))
+    l2w.plot_curves([str(tmp_path)], tmp_path / "curves.png")
+    assert ("l2w msdnet3 synthetic: --budget 12M (dotted), test set", [11.5], [81.0]) in drawn
+    assert any(x == [12.0, 12.0] for _, x, _ in drawn)   # the budget, a vertical line
+
+
+def test_run_sh_names_the_q_sweep_its_selection_and_table_4_each_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    shutil.copy(os.path.join(HERE, "run.sh"), tmp_path)   # a folder without runs: every run would start
+    env = {k: v for k, v in os.environ.items() if k != "IMAGENET"}
+    dry = subprocess.run(["bash", str(tmp_path / "run.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert os.listdir(tmp_path) == ["run.sh"]   # a dry run writes nothing
+    commands = [shlex.split(line)[2:] for line in dry.stdout.splitlines() if line.startswith("  python l2w.py ")]
+    selections = [args for args in commands if "--select-q" in args]
+    runs = [args for args in commands if "--select-q" not in args]
+    folders = [args[args.index("--out") + 1] for args in runs]
+    assert len(runs) > 30 and len(set(folders)) == len(folders)   # no two runs write into one folder
+
+    # the CIFAR-100 MSDNet-5 runs (where the sweep and Table 4 must be) as l2w.py reads their flags
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only (its checks take 1 s a run)
+    configs = {}
+    for args in runs:
+        if " ".join(args).startswith("--dataset cifar100 --arch msdnet --exits 5 "):
+            config = dataclasses.asdict(l2w.parse_config(args)[0])
+            configs[config.pop("out")] = config
+    assert len({json.dumps(c, sort_keys=True) for c in configs.values()}) == len(configs)   # none made twice
+    preset = dataclasses.asdict(l2w.parse_config(["--dataset", "cifar100", "--arch", "msdnet", "--exits", "5"])[0])
+    del preset["out"]
+
+    def folder_of(**changes):   # the one run that is the preset, but for `changes`
+        [folder] = [f for f, c in configs.items() if c == {**preset, **changes}]
+        return folder
+
+    sweep = [folder_of(q=q) for q in (0.25, 0.5, 0.75, 1.0)]
+    assert selections == [["--select-q", *sweep, "--out", "runs/cifar100_msdnet5_select_q.json"]]
+    table4 = [folder_of(method="baseline")] + [folder_of(wpn_depth=d, wpn_width=w) for d, w in
+                                               ((1, 10), (1, 100), (1, 500), (1, 1000), (2, 500), (4, 500))]
+    assert len(set(table4)) == 7
+
+
+def test_default_run_folders_differ_in_every_field_that_changes_training(monkeypatch):
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only (its checks take 1 s a run)
+    # two CLI runs that differ in --wpn-width only; the paper's run keeps its short name
+    preset = l2w.parse_config(["--dataset", "cifar100"])[0]
+    assert preset.out == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_seed0")
+    assert (l2w.parse_config(["--dataset", "cifar100", "--wpn-width", "10"])[0].out
+            == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_seed0_wpn-width10"))
+
+    def out(**changes):
+        return l2w.default_out(dataclasses.replace(preset, **changes))
+
+    changed = [{}, dict(wpn_width=10), dict(wpn_width=100), dict(wpn_depth=2), dict(delta=0.3), dict(constraint="mat"),
+               dict(meta_interval=100), dict(meta_grad="jvp"), dict(lr=0.1), dict(lr=0.1000001), dict(epochs=200),
+               dict(batch_size=512), dict(momentum=0.5), dict(weight_decay=5e-4), dict(wpn_lr=1e-3),
+               dict(holdout=1000), dict(amp=True), dict(seed=1), dict(q=0.5), dict(method="baseline"),
+               dict(method="baseline", lr=0.1), dict(exits=7), dict(imta="pretrain")]
+    outs = [out(**c) for c in changed]
+    assert len(set(outs)) == len(outs)
+    # a preset's value, or a field that does not change what is trained, adds nothing; nor does a
+    # WPN field to a baseline, which trains no WPN
+    for same in (dict(wpn_width=500), dict(delta=0.8), dict(workers=2), dict(print_every=5), dict(device="cpu"),
+                 dict(data_dir="/elsewhere"), dict(save_every=100)):
+        assert out(**same) == outs[0], same
+    assert out(method="baseline", wpn_width=10) == out(method="baseline")
 
 
 # ----------------------------------------------------------------------------
