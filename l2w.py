@@ -1472,7 +1472,7 @@ def select_q(paths, out_json, points=5):
                      "acc": [best[i * 100 // (points - 1)] for i in range(points)]})
     chosen = max(rows, key=lambda row: row["mean_acc"])
     shown = [budgets[i * 100 // (points - 1)] for i in range(points)]
-    print(f"hold-out top-1 (%) at each budget (Mul-Adds per image): the best point of the run's hold-out curve "
+    print("hold-out top-1 (%) at each budget (Mul-Adds per image): the best point of the run's hold-out curve "
           "within it\n    q " + "".join(f"{b / 1e6:9.2f}M" for b in shown) + "   mean over the range")
     for row in rows:
         print(f"{row['q']:5g} " + "".join(f"{a:10.2f}" for a in row["acc"]) + f"   {row['mean_acc']:.2f}")
