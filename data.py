@@ -1,7 +1,7 @@
 """Data for L2W-DEN: CIFAR-10/100 (balanced or long-tailed) through torchvision, ImageNet and any
 image folder, a synthetic CIFAR-shaped set, and the seeded hold-out split used for per-epoch
-validation and for fitting the budgeted-inference thresholds (never the test set; PAPER.md,
-"Evaluation protocols").
+validation and for fitting the budgeted-inference thresholds (never the test set; README,
+"Configuration and data").
 
 Random augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the
 number of loader workers or ranks, and a resumed run sees exactly the batches it would have.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
-# The authors' normalisation (PAPER.md, "Data conventions"); ImageNet's for ImageNet and folders.
+# The authors' normalisation (their released code); ImageNet's for ImageNet and folders.
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
@@ -122,7 +122,7 @@ def long_tailed_indices(targets, imbalance, seed=0):
 
 
 def transforms(name, image_size):
-    """(train, test) transforms: the authors' for CIFAR and ImageNet (PAPER.md); folders get
+    """(train, test) transforms: the authors' for CIFAR and ImageNet (their release); folders get
     ImageNet's at 224 and CIFAR-style crops at small sizes."""
     import torchvision.transforms as T
 

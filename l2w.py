@@ -5,36 +5,26 @@ Han, Pu, Lai, Wang, Song, Cao, Huang, Deng, Huang. ECCV 2022. https://arxiv.org/
 A multi-exit network answers at K depths; at test time a sample stops at the first exit that
 is confident enough. L2W-DEN trains a small weight prediction network (WPN) by meta-learning
 so that each training sample gets a weight at each exit, and the weighted training makes the
-network do well under that early-exit regime. This file is the whole method: config, the
-meta-learning iteration, anytime and budgeted evaluation (MSDNet's protocols), the training
-loop with exact resume, and the CLI.
+network do well under that early-exit regime.
 
 One iteration, as the authors released it ("step n" in the comments): the batch is split into
 halves A and B, and for (train, meta) in ((A, B), (B, A)):
-  1. L[i, k] = cross-entropy of train sample i at exit k;
+  1. L[i, k] = loss of train sample i at exit k;
   2. g = WPN(L), weights w = 1 + delta * (g - mean g);
   3. virtual step: theta' = SGD step on sum_k mean_i w[i,k] L[i,k], differentiable in the WPN;
   4. meta loss of theta' on the meta half, with samples assigned to exits as budgeted
      inference with exit fractions ~ q^k would assign them;
-  5. Adam step of the WPN on the meta loss (its gradient: second-order through step 3, or the
-     same numbers from one backward at theta' and one forward-mode JVP, --meta-grad jvp);
+  5. Adam step of the WPN on the meta loss;
   6. real SGD step of the backbone, weighted by the updated WPN.
 
-    pip install -r requirements.txt
-    python l2w.py --dataset cifar10 --arch msdnet --exits 7          # the paper's setting
-    python l2w.py --dataset synthetic --exits 3                      # one-minute offline demo
-    python l2w.py --dataset cifar100 --method baseline               # plain multi-exit training
-    python l2w.py --eval-only --resume runs/.../checkpoint.pt        # evaluate a checkpoint
-    python l2w.py --dataset cifar10 --meta-grad jvp                  # same method, first-order meta-gradient
-    python l2w.py --eval-only --resume runs/.../checkpoint.pt --early-exit --q 0.5   # real early exiting, timed
-    python l2w.py --dataset imagenet --data-dir DIR --step 4 --eval-only --weights msdnet_step4.pth.tar
-    python l2w.py --plot runs/synthetic_msdnet3_l2w runs/.../results.json --out curves.png
-    python l2w.py --bench --dataset cifar100 --exits 5 --batch-size 64
-    python l2w.py --dataset cifar100 --imta pretrain --out runs/imta1          # IMTA, phase 1 (GE)
-    python l2w.py --imta finetune --pretrained runs/imta1/checkpoint.pt       # phase 2 (ISC + OFA)
-    torchrun --nproc_per_node 8 l2w.py --dataset imagenet --data-dir DIR --step 4
+The file reads in that order: config, the method (self-contained: copy it into your project),
+evaluation (anytime, budgeted, real early exit), the training loop, curves, benchmark, main().
 
-Tested with torch 2.14 on CPU (see README.md for what has been verified and what has not).
+    python l2w.py --dataset cifar10 --arch msdnet --exits 7     # the paper's setting
+    python l2w.py --dataset synthetic --exits 3                 # one-minute offline demo
+    python l2w.py --eval-only --resume runs/.../checkpoint.pt   # evaluate a checkpoint
+    python l2w.py --select-q RUN RUN ...                        # q chosen on the hold-out
+    python l2w.py --help                                        # every option; README.md for more
 """
 import argparse
 import contextlib
@@ -56,16 +46,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
-import higher
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd import forward_ad
-from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -74,8 +59,18 @@ from models import IMTANet, build_model, count_cost, load_released
 
 
 # ============================================================================
-# Config: one dataclass; per-dataset presets hold the paper's values (PAPER.md)
+# Config: one dataclass; per-dataset presets hold the paper's values
 # ============================================================================
+
+def mul_adds(text):
+    """--budget's value: Mul-Adds per image as 20e6, 20M or 1.5G."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Mul-Adds per image such as 20e6, 20M or 1.5G, "
+                                         f"not '{text}'") from None
+
 
 @dataclass
 class Config:
@@ -117,6 +112,7 @@ class Config:
     weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
     eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
     early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
+    budget: float = dataclasses.field(default=0.0, metadata={"type": mul_adds})  # --eval-only: mean Mul-Adds/image (20M)
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     imta: str = ""                 # IMTA (Li et al. 2019) phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
@@ -126,8 +122,12 @@ class Config:
     kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
+    def __post_init__(self):   # an unknown method, meta_grad or constraint must not train something else
+        check_knobs(self)
 
-# The released settings (PAPER.md, "Hyperparameters"). Precedence: defaults < preset < flags.
+
+# The released settings (the paper's implementation details and the authors' commands; README,
+# "The paper's experiments"). Precedence: defaults < preset < flags.
 CIFAR = dict(epochs=300, batch_size=1024, lr=0.8, q=0.75, delta=0.8, constraint="col",
              meta_interval=1, holdout=5000, image_size=32)
 PRESETS = {
@@ -174,9 +174,7 @@ def check_config(cfg):
         need(math.isfinite(value) and (value >= low if low_ok else value > low),
              f"--{name.replace('_', '-')} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
 
-    choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "method": ("l2w", "baseline"),
-               "constraint": ("col", "row", "mat"),
-               "meta_grad": ("higher", "jvp"), "kd_reduction": ("mean", "batchmean")}
+    choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "kd_reduction": ("mean", "batchmean")}
     for name, allowed in choices.items():
         need(getattr(cfg, name) in allowed,
              f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
@@ -224,6 +222,11 @@ def check_config(cfg):
          f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
     need(not cfg.eval_only or cfg.resume or cfg.weights,
          "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
+    finite("budget", 0)
+    need(not cfg.budget or cfg.eval_only,
+         "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT")
+    need(not cfg.budget or cfg.holdout > 0,
+         "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)")
     need(not (cfg.early_exit and cfg.world_size > 1),
          "--early-exit times inference in one process; run it without torchrun")
     if cfg.weights and not cfg.resume:   # read once, when the run starts
@@ -295,15 +298,52 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# Fields that do not change what a run trains (where it runs, what it reports): they name no run
+# folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
+# and those that only IMTA's distillation reads.
+NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
+                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
+META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
+               "meta_grad")
+KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
+
+
+def number(value):
+    """A number as a folder name shows it: short, and never the same text for two values."""
+    text = f"{value:g}"
+    return text if isinstance(value, int) or float(text) == value else repr(value)
+
+
 def default_out(cfg):
-    """runs/<what keeps the paper's runs apart>: data (and imbalance), network (and ImageNet step and base),
-    method (and q, which only L2W-DEN's meta objective reads; and the IMTA phase), seed."""
+    """runs/<data>_<network>_<method>_seed<seed>, the short names of the paper's runs, then
+    _<field><value> for every other field that changes training and differs from the data set's
+    preset (e.g. _wpn-width10, _meta-grad-jvp), so that runs that train differently never share a
+    folder. A run started from a checkpoint (--pretrained, --weights) adds _from-<its run or file>."""
     data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
+    if cfg.dataset == "folder":   # the data are the folder
+        data_name += "-" + os.path.basename(os.path.abspath(cfg.data_dir))
     imagenet_msdnet = cfg.arch == "msdnet" and cfg.image_size >= 64
     network = (f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if imagenet_msdnet else "")
                + (f"_b{cfg.base}" if imagenet_msdnet and cfg.base != 4 else ""))
-    method = cfg.method + (f"_q{cfg.q:g}" if cfg.method == "l2w" else "") + (f"_imta-{cfg.imta}" if cfg.imta else "")
-    return os.path.join("runs", f"{data_name}_{network}_{method}_seed{cfg.seed}")
+    method = (cfg.method + (f"_q{number(cfg.q)}" if cfg.method == "l2w" else "")
+              + (f"_imta-{cfg.imta}" if cfg.imta else ""))
+    name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
+    finetune = cfg.imta == "finetune"
+    preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
+    skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
+            *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
+            *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
+        if f.name in skip or value == getattr(preset, f.name):
+            continue
+        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
+            path = os.path.abspath(value)
+            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
+                                else os.path.basename(path).split(".")[0])
+        else:
+            name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
+    return os.path.join("runs", name)
 
 
 def parse_config(argv=None):
@@ -315,7 +355,8 @@ def parse_config(argv=None):
     training run or an earlier evaluation (eval-2, eval-3, ... then)."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs")
+                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
+                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves")
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -323,7 +364,7 @@ def parse_config(argv=None):
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=help)
         else:
-            parser.add_argument(flag, type=f.type, metavar=f.name.upper(), help=help)
+            parser.add_argument(flag, type=f.metadata.get("type", f.type), metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
     if flags.get("resume") and flags.get("weights"):
         raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
@@ -341,7 +382,10 @@ def parse_config(argv=None):
         saved = pretrained_fields(flags)
     dataset = flags.get("dataset", saved.get("dataset", Config.dataset))
     imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
-    cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
+    try:
+        cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
+    except ValueError as e:   # the method's knobs (check_knobs)
+        raise UsageError(str(e)) from None
     cfg.world_size = torchrun_world_size()
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
@@ -401,14 +445,35 @@ def unused_folder(folder):
 
 
 # ============================================================================
-# The method: WPN, sample weights, meta objective, one iteration
+# The method (arXiv:2209.08310, Sec. 3): WPN, sample weights, meta objective, one iteration.
+# Self-contained: copy from this banner to the next into your project; it needs only the
+# imports below (repeated from the top for that). README, "Using the method in your own project".
 # ============================================================================
+import contextlib
+import math
+from functools import partial
+
+import higher
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import forward_ad
+from torch.func import functional_call
+
+CHOICES = {"method": ("l2w", "baseline"), "meta_grad": ("higher", "jvp"), "constraint": ("col", "row", "mat")}
+
+
+def check_knobs(cfg):
+    """The method reads its knobs from any object with the attributes method, delta, constraint,
+    q and meta_grad: a misspelt choice must fail, not silently train something else."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
+
 
 class WPN(nn.Module):
     """Weight prediction network (step 2): the K per-exit losses of a sample -> K values in (-1, 1).
-
-    An MLP with `depth` hidden ReLU layers of `width` units and a tanh output.
-    """
+    An MLP with `depth` hidden ReLU layers of `width` units and a tanh output."""
 
     def __init__(self, exits, depth=1, width=500):
         super().__init__()
@@ -430,52 +495,28 @@ def sample_weights(g, delta, constraint):
     return 1 + delta * (g - g.mean(dim=dims, keepdim=True))
 
 
-def per_exit_losses(logits, targets):
-    """L[i, k] = cross-entropy of sample i at exit k, shape (n, K)."""
-    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
-
-
-def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
-    """IMTA's one-for-all knowledge distillation (Sec. 3.3) per sample and exit, shape (n, K): the
-    last exit learns from the labels, every other exit k from the labels and the last exit alike,
-    (1 - gamma) CE + gamma T^2 KL(softmax(teacher / T) || softmax(z_k / T)).
-
-    reduction 'mean' reproduces IMTA's nn.KLDivLoss() (the old default reduction, a mean over
-    batch x classes): each sample's KL, summed over the classes, is divided by the number of
-    classes; 'batchmean' keeps the true per-sample KL. Averaged over the batch, each column is
-    IMTA's loss of that exit.
-    """
-    soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
-    columns = []
-    for z in logits[:-1]:
-        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), soft_teacher, reduction="none", log_target=True).sum(1)
-        if reduction == "mean":
-            kl = kl / z.shape[1]
-        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * temperature ** 2 * kl)
-    columns.append(F.cross_entropy(logits[-1], targets, reduction="none"))
-    return torch.stack(columns, dim=1)
-
-
-def exit_losses(model, images, targets, cfg):
-    """Step 1: L[i, k] of a train half. Cross-entropy, except in IMTA's second phase (--imta
-    finetune), where it is the one-for-all distillation loss of the new heads against the frozen
-    network's last exit; the WPN weights whichever it is."""
-    if cfg.imta == "finetune":
-        logits, teacher = model(images, with_teacher=True)
-        return distillation_losses(logits, teacher, targets, cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction)
-    return per_exit_losses(model(images), targets)
-
-
-def trainable_parameters(net):
-    """{name: parameter} of what the virtual and the real step move (and the optimizer holds):
-    every parameter, except in IMTA's second phase, where the phase-1 network is frozen and only
-    the new heads and ISC modules train."""
-    return {name: p for name, p in net.named_parameters() if p.requires_grad}
-
-
 def weighted_loss(losses, weights):
     """sum_k mean_i w[i,k] L[i,k]: the training objective of one half-batch (steps 3 and 6)."""
     return (weights * losses).mean(dim=0).sum()
+
+
+def check_exit_logits(logits):
+    """The model contract: forward returns per-exit logits, cheapest exit first."""
+    stacked = isinstance(logits, torch.Tensor) and logits.dim() == 3
+    listed = isinstance(logits, (list, tuple)) and len(logits) > 0 and all(
+        isinstance(z, torch.Tensor) and z.dim() == 2 for z in logits)
+    if stacked or listed:
+        return logits
+    got = f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+    raise TypeError("the model's forward must return per-exit logits: a list or tuple of (n, classes) tensors "
+                    f"or a stacked (exits, n, classes) tensor; got {got}")
+
+
+def cross_entropy_losses(model, images, targets):
+    """Step 1: L[i, k] = cross-entropy of sample i at exit k, shape (n, K). The default per-exit
+    loss; `model` is anything callable on the images (a module or a functional forward)."""
+    logits = check_exit_logits(model(images))
+    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
 
 
 def exit_fractions(q, exits):
@@ -509,8 +550,8 @@ def meta_exit_assignment(confidence, fractions):
 def meta_loss_fn(logits, targets, q):
     """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
     budgeted inference would, then sum over exits the mean CE of the samples that leave there."""
-    confidence = confidences([z.detach() for z in logits])
-    exit_of = meta_exit_assignment(confidence, exit_fractions(q, len(logits)))
+    logits = check_exit_logits(logits)
+    exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
     total = 0.0
     for k, z in enumerate(logits):
         mine = exit_of == k
@@ -520,47 +561,56 @@ def meta_loss_fn(logits, targets, q):
 
 
 def functional_forward(net, params, images, **kwargs):
-    """The network's training forward with `params` (name -> tensor) in place of some of its own
-    parameters. A train-mode BatchNorm normalises with the batch statistics, as in any training
-    forward (under --sync-bn, this rank's batch: the virtual step is per rank), and updates
-    throw-away copies of its buffers, so the real running statistics stay untouched; the
-    eval-mode frozen network of IMTA's second phase reads its running statistics."""
-    with per_rank_batchnorm(net):
-        return functional_call(net, {**throwaway_buffers(net), **params}, (images,), kwargs)
+    """The network's forward with `params` ({name: tensor}) in place of its own parameters. The
+    buffers are copies: a train-mode BatchNorm normalises with the batch statistics, as in any
+    training forward, but its running statistics stay untouched (the virtual step never touches
+    the real model)."""
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    return functional_call(net, {**buffers, **params}, (images,), kwargs)
 
 
-def meta_backward(meta_loss, inputs, scaler=None):
-    """Backward of the meta loss into `inputs` (their .grad), multiplied by the WPN's fp16 loss
-    scale where there is one (the meta forward runs under autocast); the WPN's optimizer step
-    divides it out again (`optimizer_step`). Both meta-gradient paths scale here."""
-    (meta_loss if scaler is None else scaler.scale(meta_loss)).backward(inputs=inputs)
+def trainable_parameters(net):
+    """{name: parameter} of what the virtual and the real step move: those that require grad (in
+    IMTA's second phase the new heads only; the frozen network does not)."""
+    return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
-def higher_meta_gradient(net, wpn, optimizer, params, losses, meta_images, meta_targets, cfg, scaler=None):
+def scaled(loss, scaler):
+    """The loss times an fp16 loss scaler's scale, where there is one."""
+    return loss if scaler is None else scaler.scale(loss)
+
+
+def optimizer_step(optimizer, scaler=None):
+    """optimizer.step(), through an fp16 loss scaler where there is one (it unscales, skips the
+    step if the gradients overflowed and lowers its scale). Returns whether it skipped."""
+    if scaler is None:
+        optimizer.step()
+        return False
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale
+
+
+def higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler):
     """Steps 3-5 as the method is taught: a differentiable virtual step and the second-order
-    backward of the meta loss through it. `params`: {name: parameter} the virtual step moves.
-    Leaves the WPN's gradient in its .grad; returns the meta loss."""
-    # Step 3, the virtual step: theta' = SGD step on the WPN-weighted loss, with the real
-    # optimizer's lr, momentum buffers and weight decay, differentiable in the WPN. higher's
-    # differentiable SGD works on a copy of the optimizer state, so the real optimizer is left
-    # exactly as it was. Its forward is fp32 under --amp too: no loss scaling.
+    backward of the meta loss through it. Leaves the WPN's gradient in its .grad."""
+    # Step 3: theta' = SGD step on the weighted loss with the real optimizer's lr, momentum
+    # buffers and weight decay, differentiable in the WPN. higher steps a copy of the
+    # optimizer's state: the real optimizer is left exactly as it was.
     virtual_sgd = higher.get_diff_optim(optimizer, list(params.values()))
-    weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
     theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=list(params.values()))
-    # Step 4: meta objective on the meta half with theta'; step 5's gradient reaches the WPN
-    # through theta' (a second-order backward through the virtual step's gradient).
-    with autocast(cfg, meta_images.device):
-        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(params, theta_virtual)), meta_images),
-                                 meta_targets, cfg.q)
-    meta_backward(meta_loss, list(wpn.parameters()), scaler)
-    return meta_loss
+    # Steps 4-5: the meta loss at theta', back-propagated through theta' into the WPN.
+    m = meta_loss(dict(zip(params, theta_virtual)))
+    scaled(m, scaler).backward(inputs=list(wpn.parameters()))
+    return m
 
 
 def virtual_sgd_step(optimizer, params, grads):
-    """theta' = theta - lr (mu buf + g + wd theta) for each of `params`, with lr, momentum,
-    dampening, Nesterov and weight decay from its param group and the optimizer's momentum
-    buffer (torch.optim.SGD's formula; without a buffer yet, buf = the step itself). theta' is
-    affine in g: returns (theta', a) with d theta'_p / d g_p = -a_p."""
+    """theta' = theta - lr (mu buf + g + wd theta), torch.optim.SGD's formula with each
+    parameter's group (lr, momentum, dampening, Nesterov, weight decay) and momentum buffer
+    (without a buffer yet, buf = the step itself). theta' is affine in g: returns (theta', a)
+    with d theta'_p / d g_p = -a_p."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
     theta_virtual, slopes = [], []
     for p, g in zip(params, grads):
@@ -576,95 +626,96 @@ def virtual_sgd_step(optimizer, params, grads):
     return theta_virtual, slopes
 
 
-def jvp_meta_gradient(net, wpn, optimizer, params, images, targets, losses, meta_images, meta_targets, cfg,
-                      scaler=None, shared=None):
-    """Steps 3-5 with the exact meta-gradient and no second-order backward (README, "The
-    meta-gradient without the second-order backward"). `params`: {name: parameter} the virtual
-    step moves. Leaves the WPN's gradient in its .grad; returns the meta loss.
+def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler, train_losses, draws):
+    """Steps 3-5 with the same meta-gradient and no second-order backward (README, "The
+    meta-gradient without the second-order backward"). Leaves the WPN's gradient in its .grad.
 
     The WPN sees the losses detached, so theta' = theta - a (g(w) + const), with
     g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in the weights w, and
         dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >:
     one backward of M at theta' (v) and one forward-mode Jacobian-vector product of
-    theta -> L in the direction a * v give all n x K of them. `shared`: the SharedForward that
-    recorded the forward of `losses` (without it, forward-mode AD computes that forward again;
-    the numbers are the same).
-    """
-    weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)
-    # Step 3, the virtual step, as plain numbers: the graph of `losses` is kept for the real step.
+    theta -> L (`train_losses`, whose random draws were `draws`) in the direction a * v give all
+    n x K of them."""
+    # Step 3 as plain numbers (SGD's formula); the graph of `losses` stays for the real step.
     grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), list(params.values()), retain_graph=True)
     with torch.no_grad():
         theta_virtual, slopes = virtual_sgd_step(optimizer, params.values(), grads)
     theta_virtual = [t.requires_grad_() for t in theta_virtual]
-    # Step 4: meta objective on the meta half with theta', and v = grad_theta' M.
-    with autocast(cfg, meta_images.device):
-        meta_loss = meta_loss_fn(functional_forward(net, dict(zip(params, theta_virtual)), meta_images),
-                                 meta_targets, cfg.q)
-    meta_backward(meta_loss, theta_virtual, scaler)
-    # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: the batched training
-    # forward itself (BatchNorm couples the samples), in fp32 like the losses it differentiates.
-    # (A parameter the meta loss does not reach, e.g. the classifier of an exit that no meta
-    # sample leaves at, has v = 0.)
-    direction = {p: torch.zeros_like(p) if t.grad is None else a * t.grad
-                 for p, a, t in zip(params.values(), slopes, theta_virtual)}
-    if shared:
-        u = shared.jvp(losses, direction)
-        u = torch.zeros_like(losses) if u is None else u
-    else:   # eager forward-mode AD (dual numbers): torch.func.jvp's product without its wrappers
-        with forward_ad.dual_level(), torch.no_grad():
-            duals = {name: forward_ad.make_dual(p.detach(), direction[p]) for name, p in params.items()}
-            u = forward_ad.unpack_dual(exit_losses(partial(functional_forward, net, duals), images, targets,
-                                                   cfg)).tangent
+    # Step 4, and v = grad_theta' M.
+    m = meta_loss(dict(zip(params, theta_virtual)))
+    scaled(m, scaler).backward(inputs=theta_virtual)
+    # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: forward-mode AD
+    # through the batched training forward (BatchNorm couples the samples), with the random
+    # draws (dropout) of the forward it differentiates. A parameter the meta loss does not
+    # reach (an exit no meta sample leaves at) has v = 0.
+    direction = {name: torch.zeros_like(p) if t.grad is None else a * t.grad
+                 for (name, p), a, t in zip(params.items(), slopes, theta_virtual)}
+    with replayed(draws), forward_ad.dual_level(), torch.no_grad():
+        u = forward_ad.unpack_dual(train_losses({name: forward_ad.make_dual(p.detach(), direction[name])
+                                                 for name, p in params.items()})).tangent
     # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
-    weights.backward(-u / len(targets), inputs=list(wpn.parameters()))
-    return meta_loss
+    weights.backward(-u / len(u), inputs=list(wpn.parameters()))
+    return m
+
+
+def random_state(device):
+    """What the random draws of a forward on `device` start from."""
+    return device, torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed(state):
+    """Draw again from `state` (of `random_state`); afterwards the global stream goes on as if
+    nothing had been drawn here, as with `higher`, which takes no such forward."""
+    device, cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
 
 
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
-              scalers=None):
-    """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, WPN step
-    skipped by fp16 overflow).
-
-    The virtual step and the real step start from the same parameters and the same images, so
-    one forward pass (and its graph) serves both: this changes no number the algorithm computes.
-    Under torchrun, `model` and `wpn` are DistributedDataParallel: each rank takes its virtual
-    step and meta objective on its own shard, and the real and the WPN gradients are averaged.
-    `scalers` holds fp16's two loss scalers ("real" for the backbone, "meta" for the WPN), or None.
-    """
-    net = unwrap(model)
+              loss_fn, autocast, scalers, virtual_context):
+    """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, whether the
+    fp16 loss scaler skipped the WPN's step). Arguments as in `train_step`."""
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
-    # SyncBatchNorm's backward cannot be differentiated again, nor its forward forward-mode; the
-    # virtual step is per rank anyway, so under --sync-bn it takes a forward of its own (below)
-    # that normalises with this rank's batch statistics.
-    own_forward = meta_step and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())
-    # --meta-grad jvp differentiates the virtual step's forward again, forward-mode: it records
-    # that forward's values to reuse them.
-    shared = SharedForward() if meta_step and cfg.meta_grad == "jvp" else None
-    recorded = lambda virtual: shared if shared and virtual else contextlib.nullcontext()
-    # Under --amp, the forward pass whose derivative the meta-gradient takes stays in fp32: in
-    # bf16 that gradient is mostly rounding error (measured in test_l2w.py).
-    with autocast(cfg, images.device, enabled=not meta_step), recorded(not own_forward):
-        losses = exit_losses(model, images, targets, cfg)           # step 1: L[i, k]
+    meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
+    draws = random_state(images.device) if meta_step and cfg.meta_grad == "jvp" else None
+    # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
+    # fp32: in bf16 that gradient is mostly rounding error. This forward and its graph serve both
+    # the virtual step and the real step, which start from the same parameters and images.
+    with contextlib.nullcontext() if meta_step else autocast():
+        losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
-        virtual_losses = losses
-        if own_forward:
-            with recorded(True):
-                virtual_losses = exit_losses(partial(functional_forward, net, {}), images, targets, cfg)
-        # Steps 3-5. The virtual step moves the trainable parameters (in IMTA's second phase the
-        # new heads only); the real optimizer, the parameters and the BatchNorm statistics are
-        # left untouched. Only the WPN gets gradients.
+        # Steps 2-5 move the WPN only: the real parameters, the optimizer and the BatchNorm
+        # statistics stay untouched. The virtual step moves what the real step moves.
         params = trainable_parameters(net)
-        meta_scaler = scalers and scalers["meta"]
+
+        def train_losses(theta):   # the train half's losses at `theta`
+            return loss_fn(partial(functional_forward, net, theta), images, targets)
+
+        def meta_loss_at(theta_virtual):   # step 4: the meta objective on the meta half
+            with autocast():
+                return meta_loss_fn(functional_forward(net, theta_virtual, meta_images), meta_targets, cfg.q)
+
         wpn_optimizer.zero_grad(set_to_none=True)
-        if cfg.meta_grad == "jvp":
-            meta_loss = jvp_meta_gradient(net, wpn, optimizer, params, images, targets, virtual_losses,
-                                          meta_images, meta_targets, cfg, meta_scaler, shared)
-        else:
-            meta_loss = higher_meta_gradient(net, wpn, optimizer, params, virtual_losses, meta_images,
-                                             meta_targets, cfg, meta_scaler)
-        skipped = optimizer_step(wpn_optimizer, meta_scaler)
-        meta_loss = meta_loss.item()
+        with (virtual_context or contextlib.nullcontext)():
+            virtual_losses = losses
+            if virtual_context:   # e.g. SyncBatchNorm, whose synchronised graph cannot be differentiated again
+                draws = random_state(images.device) if meta_step and cfg.meta_grad == "jvp" else None
+                virtual_losses = train_losses({})
+            # Step 2: weights from the WPN on the detached losses.
+            weights = sample_weights(wpn(virtual_losses.detach()), cfg.delta, cfg.constraint)
+            if cfg.meta_grad == "jvp":
+                m = jvp_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler,
+                                      train_losses, draws)
+            else:
+                m = higher_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler)
+        skipped = optimizer_step(wpn_optimizer, meta_scaler)   # step 5: Adam step of the WPN
+        meta_loss = m.item()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
     if cfg.method == "l2w":
@@ -673,271 +724,84 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     else:  # the paper's baseline: every sample weighs 1 at every exit
         weights = torch.ones_like(losses)
     loss = weighted_loss(losses, weights)
-    sgd_step(loss, optimizer, scalers and scalers["real"])
+    optimizer.zero_grad(set_to_none=True)
+    scaled(loss, real_scaler).backward()
+    optimizer_step(optimizer, real_scaler)
     return loss.item(), meta_loss, skipped
 
 
-def throwaway_buffers(net):
-    """Copies of the BatchNorm buffers for a forward pass whose statistics updates must be lost."""
-    return {name: b.clone() for name, b in net.named_buffers()}
+def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
+               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
+    """One iteration (Alg. 1 as released): the batch is split into halves A and B; A trains with B
+    as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a meta step),
+    "wpn_skipped"}.
 
-
-@contextlib.contextmanager
-def per_rank_batchnorm(net):
-    """SyncBatchNorm layers normalise with this rank's batch only (a one-rank process group)."""
-    layers = [m for m in net.modules() if isinstance(m, nn.SyncBatchNorm)] if dist.is_initialized() else []
-    saved = [m.process_group for m in layers]
-    for m in layers:
-        m.process_group = m.own_rank_group
-    try:
-        yield
-    finally:
-        for m, group in zip(layers, saved):
-            m.process_group = group
-
-
-def optimizer_step(optimizer, scaler=None):
-    """optimizer.step(), through an fp16 loss scaler where there is one: the scaler divides the
-    gradients by its scale, skips the step if they overflowed, and then lowers its scale.
-    Returns whether the step was skipped."""
-    if scaler is None:
-        optimizer.step()
-        return False
-    scale = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    return scaler.get_scale() < scale
-
-
-def sgd_step(loss, optimizer, scaler=None):
-    """Backward and an optimizer step, through the fp16 loss scaler where there is one."""
-    optimizer.zero_grad(set_to_none=True)
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    return optimizer_step(optimizer, scaler)
-
-
-def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True, scalers=None):
-    """One iteration: the batch is split into halves A and B; A trains with B as the meta set,
-    then B with A. `meta=False` weights with the current WPN without updating it."""
+    model: its forward returns per-exit logits, cheapest exit first (may be DDP-wrapped).
+    optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).
+    cfg: any object with method, delta, constraint, q, meta_grad.
+    meta: False weights with the current WPN without updating it (the meta interval).
+    loss_fn(model, images, targets) -> (n, K) per-exit losses, the ones the WPN weights.
+    autocast: a context factory for the forwards that may run in low precision.
+    scalers: fp16 loss scalers {"real": backbone's, "meta": WPN's}, or None.
+    virtual_context: a context factory for steps 3-5; when given, they take a forward of
+    their own in it instead of reusing step 1's graph.
+    """
+    check_knobs(cfg)
+    if cfg.method == "l2w" and meta:
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in trainable_parameters(model).items() if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(f"the virtual step moves every parameter that requires grad, but the optimizer does not "
+                             f"hold {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
+            raise ValueError(f"meta_grad 'jvp' takes the virtual step with SGD's formula and needs a torch.optim.SGD "
+                             f"optimizer, got {type(optimizer).__name__} (use meta_grad 'higher')")
     model.train()
     wpn.train()
     a, b = images.chunk(2), targets.chunk(2)
-    if a[0].shape[0] != a[1].shape[0]:
-        raise ValueError(f"batch of {images.shape[0]} cannot be split into two equal halves")
-    halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta, scalers)
-              for i in (0, 1)]
+    if len(a) != 2 or a[0].shape[0] != a[1].shape[0]:
+        raise ValueError(f"a batch of {images.shape[0]} cannot be split into two equal halves")
+    halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta,
+                        loss_fn, autocast, scalers, virtual_context) for i in (0, 1)]
     metas = [h[1] for h in halves if h[1] is not None]
     return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
             "wpn_skipped": sum(h[2] for h in halves)}
 
 
 # ============================================================================
-# --meta-grad jvp: the JVP replays step 1's forward, in tangents only (speed only)
+# IMTA (Li et al., ICCV 2019) phase 2: its distillation loss is the per-exit loss the WPN weighs
 # ============================================================================
 
-class Record(NamedTuple):
-    """One operation of step 1's forward, as SharedForward records it."""
-    func: object
-    rule: object         # its tangent rule (TANGENT_RULES), None: forward-mode AD
-    args: tuple
-    kwargs: dict
-    inputs: list         # the tensors among args and kwargs
-    before: list         # their versions (in-place counters) before the operation ...
-    after: list          # ... and after it
-    outputs: tuple
-    versions: list       # the outputs' versions after it
+def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
+    """IMTA's one-for-all knowledge distillation (Sec. 3.3) per sample and exit, shape (n, K): the
+    last exit learns from the labels, every other exit k from the labels and the last exit alike,
+    (1 - gamma) CE + gamma T^2 KL(softmax(teacher / T) || softmax(z_k / T)).
 
-    @property
-    def name(self):
-        return getattr(self.func, "__name__", str(self.func))
-
-
-class SharedForward(TorchFunctionMode):
-    """The train half's forward at theta, computed once for step 1 and for the JVP of
-    jvp_meta_gradient.
-
-    Forward-mode AD computes a forward's values next to their tangents, and step 1 has just
-    computed these values. Entered around step 1's forward, this records every torch function
-    the forward calls whose output requires grad, with its arguments and outputs: a tape. `jvp`
-    then walks the tape once, computing tangents from the recorded values: conv(dx, W) +
-    conv(x, dW) + db for a convolution, BatchNorm's with fused kernels and the batch statistics
-    its backward saved, ReLU's and concatenation's directly; any other operation (pooling, the
-    classifiers, the loss) by PyTorch's forward-mode AD on its recorded inputs, which computes
-    that operation's value again. The network's Python does not run again. What cannot be
-    replayed is refused, not replayed wrong: a value changed in place after it was recorded or
-    read (a network that adds into a convolution's output), a tensor computed from the
-    parameters outside the recorded operations (a custom autograd Function), random operations."""
-
-    def __init__(self):
-        super().__init__()
-        self.tape = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = tensors_in((args, kwargs))
-        before = [t._version for t in inputs]
-        out = func(*args, **kwargs)
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        # Only what the backward differentiates: an output that does not require grad (detached,
-        # computed without grad, or from frozen parameters only) is a constant for it too.
-        if all(isinstance(o, torch.Tensor) for o in outputs) and any(o.requires_grad for o in outputs):
-            rule = TANGENT_RULES.get(func)
-            if func is F.batch_norm and out.grad_fn is not None and out.grad_fn.name() == "NativeBatchNormBackward0":
-                # the batch statistics this BatchNorm normalised with, as its backward saved them
-                rule = partial(rule, statistics=(out.grad_fn._saved_result1, out.grad_fn._saved_result2))
-            self.tape.append(Record(func, rule, args, kwargs, inputs, before, [t._version for t in inputs],
-                                    outputs, [o._version for o in outputs]))
-        return out
-
-    def jvp(self, output, tangents):
-        """The tangent of `output`, a tensor the recorded forward computed, when the parameters move
-        along `tangents` ({parameter: tangent}); None if it does not depend on them. Releases the tape."""
-        tangent = {id(p): t for p, t in tangents.items()}
-
-        def tangent_of(t):
-            return tangent.get(id(t))
-
-        produced = {id(o) for record in self.tape for o in record.outputs}
-        last_use = {id(t): i for i, record in enumerate(self.tape) for t in record.inputs}
-        version = {}   # the version of each tensor as the tape last left it
-        try:
-            if id(output) not in produced:
-                raise RuntimeError("SharedForward.jvp: the output was not computed by the recorded forward")
-            with forward_ad.dual_level(), torch.no_grad():
-                for i, op in enumerate(self.tape):
-                    check_replayable(op, tangent, produced, version)
-                    version.update({id(t): v for t, v in zip(op.inputs, op.after)})
-                    version.update({id(o): v for o, v in zip(op.outputs, op.versions)})
-                    if not any(id(t) in tangent for t in op.inputs):
-                        continue
-                    if op.rule is None:
-                        results = forward_mode(op, tangent)
-                    else:
-                        results = [op.rule(tangent_of, op.outputs[0], *op.args, **op.kwargs)]
-                    for out, result in zip(op.outputs, results):
-                        if result is not None:
-                            tangent[id(out)] = result
-                    for t in op.inputs:   # tangents nobody reads any more
-                        if last_use[id(t)] == i and t is not output:
-                            tangent.pop(id(t), None)
-            return tangent_of(output)
-        finally:
-            self.tape = []
+    reduction 'mean' reproduces IMTA's nn.KLDivLoss() (the old default reduction, a mean over
+    batch x classes): each sample's KL, summed over the classes, is divided by the number of
+    classes; 'batchmean' keeps the true per-sample KL. Averaged over the batch, each column is
+    IMTA's loss of that exit.
+    """
+    soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
+    columns = []
+    for z in logits[:-1]:
+        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), soft_teacher, reduction="none", log_target=True).sum(1)
+        if reduction == "mean":
+            kl = kl / z.shape[1]
+        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * temperature ** 2 * kl)
+    columns.append(F.cross_entropy(logits[-1], targets, reduction="none"))
+    return torch.stack(columns, dim=1)
 
 
-def check_replayable(op, tangent, produced, version):
-    """Refuse to replay `op` if its tangent would be computed from values it did not see."""
-    for t, before, after in zip(op.inputs, op.before, op.after):
-        if t.grad_fn is not None and id(t) not in produced:
-            raise RuntimeError(f"{op.name} read a tensor computed from the parameters outside the recorded operations "
-                               "(a custom autograd Function?): SharedForward cannot replay this network")
-        if id(t) in tangent and version.get(id(t), before) != before:
-            raise RuntimeError(f"{op.name} read a tensor changed in place by an operation the tape did not record "
-                               "(an assignment into it?): SharedForward cannot replay this network")
-        # Everything the tangent reads must still hold the value the operation read; the one
-        # exception is what the operation itself updated and nobody differentiates (BatchNorm's
-        # running statistics, which a training-mode BatchNorm's tangent does not read).
-        if t._version != after and (t.requires_grad or before == after):
-            raise RuntimeError(f"a value that {op.name} read in step 1's forward was changed in place afterwards: "
-                               "SharedForward cannot replay this network")
-
-
-def tensors_in(args):
-    """The tensors in a call's arguments: `args` and the lists, tuples and dicts in it, at any depth."""
-    if isinstance(args, torch.Tensor):
-        return [args]
-    if isinstance(args, (list, tuple)):
-        return [t for a in args for t in tensors_in(a)]
-    if isinstance(args, dict):
-        return tensors_in(list(args.values()))
-    return []
-
-
-# Their outputs cannot be computed again: the draw would differ from step 1's.
-RANDOM = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu}
-
-
-def forward_mode(op, tangent):
-    """Tangents of an operation's outputs by PyTorch's forward-mode AD on its recorded inputs."""
-    if op.before != op.after:
-        raise RuntimeError(f"{op.name} changes its input in place: SharedForward has no rule for it")
-    if op.func in RANDOM:
-        raise RuntimeError(f"{op.name} is random: SharedForward cannot replay it")
-
-    def dual(a):
-        if isinstance(a, torch.Tensor):
-            return forward_ad.make_dual(a.detach(), tangent[id(a)]) if id(a) in tangent else a.detach()
-        if isinstance(a, (list, tuple)):
-            return type(a)(dual(t) for t in a)
-        if isinstance(a, dict):
-            return {k: dual(v) for k, v in a.items()}
-        return a
-
-    out = op.func(*dual(op.args), **dual(op.kwargs))
-    return [forward_ad.unpack_dual(o).tangent for o in (out if isinstance(out, (tuple, list)) else (out,))]
-
-
-def conv2d_tangent(d, result, input, weight, bias=None, *args, **kwargs):
-    """d conv(x, W, b) = conv(dx, W) + conv(x, dW) + db."""
-    dx, dw, db = d(input), d(weight), d(bias)
-    x, w = input.detach(), weight.detach()
-    parts = [F.conv2d(dx, w, None, *args, **kwargs)] if dx is not None else []
-    if dw is not None:
-        parts.append(F.conv2d(x, dw, db, *args, **kwargs))
-    elif db is not None:   # a bias that trains under a frozen weight
-        parts.append(torch.zeros_like(result) + db[:, None, None])
-    return parts[0] if len(parts) == 1 else parts[0].add_(parts[1])
-
-
-def batch_norm_tangent(d, result, input, running_mean, running_var, weight=None, bias=None, training=False,
-                       momentum=0.1, eps=1e-5, statistics=None):
-    """d F.batch_norm, with fused kernels. Per channel, y = weight xhat + bias with
-    xhat = (x - mean) invstd, so with a = weight invstd
-        dy = a dx + dweight xhat + dbias                                   (eval mode),
-        dy = a (dx - mean(dx) - xhat mean(dx xhat)) + dweight xhat + dbias  (training mode:
-    the batch statistics move with x). Either way dy = a dx + c1 xhat + c0 with per-channel c1, c0:
-    the two means come from BatchNorm's own backward kernel (its weight and bias gradients for
-    the output gradient dx), c1 xhat + c0 is one eval-mode BatchNorm, and a dx is added in place.
-    `statistics`: (mean, invstd) of the batch, as step 1's BatchNorm saved them for its backward
-    (computed again without them)."""
-    x = input.detach()
-    dx, dw, db = d(input), d(weight), d(bias)
-    if training:   # the batch statistics: recorded, or by BatchNorm's kernel (its output unused)
-        mean, invstd = statistics or torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)[1:]
-    else:
-        mean, invstd = running_mean, (running_var + eps).rsqrt()
-    c1 = torch.zeros_like(mean) if dw is None else dw
-    c0 = torch.zeros_like(mean) if db is None else db
-    if dx is not None:
-        w = None if weight is None else weight.detach()
-        a = invstd if w is None else w * invstd
-        if training:
-            _, sum_xhat, sum_one = torch.ops.aten.native_batch_norm_backward(
-                dx, x, w, running_mean, running_var, mean, invstd, True, eps, [False, True, True])
-            m = dx.numel() // dx.shape[1]
-            c1, c0 = c1 - a * sum_xhat / m, c0 - a * sum_one / m
-    dy = F.batch_norm(x, mean, invstd.pow(-2) - eps, c1, c0, False, 0.0, eps)
-    if dx is not None:
-        dy.addcmul_(a.view(-1, *[1] * (x.dim() - 2)), dx)
-    return dy
-
-
-def relu_tangent(d, result, input, inplace=False):
-    """d relu(x) = dx where relu(x) > 0 (in place or not, `result` holds relu(x))."""
-    return torch.ops.aten.threshold_backward(d(input), result.detach(), 0)
-
-
-def cat_tangent(d, result, tensors, dim=0, axis=None):
-    """d cat(xs) = cat(dxs), zeros where an input has no tangent."""
-    return torch.cat([torch.zeros_like(t) if d(t) is None else d(t) for t in tensors], dim if axis is None else axis)
-
-
-TANGENT_RULES = {F.conv2d: conv2d_tangent, F.batch_norm: batch_norm_tangent, F.relu: relu_tangent,
-                 torch.cat: cat_tangent}
+def imta_exit_losses(model, images, targets, temperature, gamma, reduction="mean"):
+    """`train_step`'s loss_fn in IMTA's second phase: the new heads' distillation losses against
+    the frozen network's last exit."""
+    logits, teacher = model(images, with_teacher=True)
+    return distillation_losses(logits, teacher, targets, temperature, gamma, reduction)
 
 
 # ============================================================================
-# Evaluation: anytime and budgeted (MSDNet's protocols, PAPER.md)
+# Evaluation: anytime and budgeted (MSDNet's protocols, Huang et al. ICLR 2018)
 # ============================================================================
 
 @torch.no_grad()
@@ -1006,23 +870,86 @@ def exit_with_thresholds(confidence, thresholds):
     return reached.to(torch.uint8).argmax(dim=0)   # the first True
 
 
-def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops):
-    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39, fit thresholds on
-    the hold-out split, apply them to the test set, and report accuracy and expected Mul-Adds
-    sum_k share_k * flops_k. Thresholds work as in the meta objective (`fit_thresholds`)."""
+def budgeted_point(thresholds, confidence, correct, flops):
+    """Accuracy (%) and mean Mul-Adds per image when each sample leaves at the first exit whose
+    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64."""
+    exit_of = exit_with_thresholds(confidence, thresholds)
+    n = confidence.shape[1]
+    share = torch.bincount(exit_of, minlength=len(flops)).double() / n
+    return 100.0 * correct[exit_of, torch.arange(n)].float().mean().item(), float((share * flops).sum())
+
+
+def correctness(logits, targets):
+    """(K, n): whether each exit's prediction of each sample is right."""
+    return torch.stack([z.argmax(dim=1) == targets for z in logits])
+
+
+def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
+                     qs=tuple(p / 20 for p in range(1, 40))):
+    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39 (or `qs`), fit
+    thresholds on the hold-out split, apply them to the test set, and report accuracy and
+    expected Mul-Adds sum_k share_k * flops_k. Thresholds work as in the meta objective
+    (`fit_thresholds`)."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
-    correct = torch.stack([z.argmax(dim=1) == test_targets for z in test_logits])   # (K, n)
-    n, exits = test_targets.numel(), len(test_logits)
-    flops = torch.tensor(flops, dtype=torch.float64)
+    correct, flops = correctness(test_logits, test_targets), torch.tensor(flops, dtype=torch.float64)
     curve = []
-    for p in range(1, 40):
-        q = p / 20
-        thresholds = fit_thresholds(val_conf, exit_fractions(q, exits))
-        exit_of = exit_with_thresholds(test_conf, thresholds)
-        share = torch.bincount(exit_of, minlength=exits).double() / n
-        acc = 100.0 * correct[exit_of, torch.arange(n)].float().mean().item()
-        curve.append({"q": q, "acc": acc, "flops": float((share * flops).sum())})
+    for q in qs:
+        thresholds = fit_thresholds(val_conf, exit_fractions(q, len(test_logits)))
+        acc, cost = budgeted_point(thresholds, test_conf, correct, flops)
+        curve.append({"q": q, "acc": acc, "flops": cost})
     return curve
+
+
+def holdout_halves(logits, targets):
+    """The hold-out split as two fixed halves, its even and odd positions: ((logits, targets), ...).
+    Choosing q (--select-q) or thresholds (--budget) must not look at the test set, so it looks at
+    the hold-out, as the test protocol would: thresholds fitted on the first half are scored on
+    the second. Scored on the images they were fitted on, thresholds would meet every q's exit
+    fractions exactly, and the cost would be more certain than it is on images never seen."""
+    return tuple(([z[half::2] for z in logits], targets[half::2]) for half in (0, 1))
+
+
+def holdout_curve(val_logits, val_targets, flops):
+    """The budgeted curve measured on the hold-out split alone (`holdout_halves`)."""
+    (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(val_logits, val_targets)
+    return dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops)
+
+
+# --budget tries every q of this grid: steps of 0.001 up to 2 (it holds the budgeted protocol's 39
+# values and every coarser decimal grid), then steps of 1 % up to 1000 (the last exit takes nearly all).
+BUDGET_QS = [p / 1000 for p in range(1, 2001)] + [2 * 1.01 ** j for j in range(1, 625)]
+
+
+def budget_evaluate(budget, val, test, flops):
+    """--budget: of the thresholds fitted at each q of BUDGET_QS on the first half of the hold-out,
+    those whose mean Mul-Adds per image on the second half is at most `budget`, the most accurate
+    there (then the cheapest). All of BUDGET_QS is tried, so no q of it that fits does better on
+    the hold-out. Returns the record for results.json: q, the thresholds (for `early_exit_predict`),
+    hold-out and test accuracy and Mul-Adds. The test set is scored, never looked at to choose."""
+    (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(*val)
+    exits = len(flops)
+    if budget >= flops[-1]:
+        log(f"--budget {budget / 1e6:.2f}M is at least the whole network's {flops[-1] / 1e6:.2f}M Mul-Adds "
+            "per image: the whole network is used")
+        q, thresholds = None, torch.tensor([math.inf] * (exits - 1) + [-math.inf])
+    else:
+        curve = dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops, BUDGET_QS)
+        fitting = [row for row in curve if row["flops"] <= budget]
+        if not fitting:
+            raise UsageError(f"--budget {budget / 1e6:.2f}M: no thresholds meet it on the hold-out (the cheapest: "
+                             f"{min(row['flops'] for row in curve) / 1e6:.2f}M Mul-Adds per image)")
+        q = max(fitting, key=lambda row: (row["acc"], -row["flops"]))["q"]
+        thresholds = fit_thresholds(confidences(fit_logits), exit_fractions(q, exits))
+    flops = torch.tensor(flops, dtype=torch.float64)
+    holdout_acc, holdout_flops = budgeted_point(thresholds, confidences(score_logits),
+                                                correctness(score_logits, score_targets), flops)
+    test_acc, test_flops = budgeted_point(thresholds, confidences(test[0]), correctness(*test), flops)
+    log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: q {q if q is None else f'{q:.4g}'}, thresholds "
+        f"{' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit_targets)} images, "
+        f"scored on {len(score_targets)}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per image\n"
+        f" test set ({len(test[1])} images): top-1 {test_acc:.2f}, {test_flops / 1e6:.2f}M Mul-Adds per image")
+    return {"budget": budget, "q": q, "thresholds": thresholds.tolist(), "holdout_acc": holdout_acc,
+            "holdout_flops": holdout_flops, "test_acc": test_acc, "test_flops": test_flops}
 
 
 @torch.inference_mode()
@@ -1172,6 +1099,21 @@ def unwrap(model):
     return model.module if isinstance(model, DDP) else model
 
 
+@contextlib.contextmanager
+def per_rank_batchnorm(net):
+    """--sync-bn's virtual step: SyncBatchNorm layers normalise with this rank's batch only (a
+    one-rank process group), a forward whose graph can be differentiated again."""
+    layers = [m for m in net.modules() if isinstance(m, nn.SyncBatchNorm)]
+    saved = [m.process_group for m in layers]
+    for m in layers:
+        m.process_group = m.own_rank_group
+    try:
+        yield
+    finally:
+        for m, group in zip(layers, saved):
+            m.process_group = group
+
+
 def amp_dtype(device):
     """bf16 where the device computes it natively (CPUs, Ampere and newer GPUs), else fp16.
     (`torch.cuda.is_bf16_supported()` also counts emulated bf16 on older GPUs: too slow.)"""
@@ -1180,15 +1122,10 @@ def amp_dtype(device):
     return torch.bfloat16
 
 
-def autocast(cfg, device, enabled=True):
-    return torch.autocast(device.type, dtype=amp_dtype(device), enabled=cfg.amp and enabled)
-
-
 def build(cfg, num_classes, device):
-    """Backbone, WPN and their optimizers as configured (PAPER.md, "Hyperparameters"), wrapped in
-    DistributedDataParallel under torchrun, and fp16's loss scalers where they are needed: one
-    for the backbone's step and one for the WPN's meta step, whose gradients come through a
-    different (fp32) graph and overflow at other scales."""
+    """Backbone, WPN and their optimizers as configured (README, "The paper's experiments"),
+    wrapped in DistributedDataParallel under torchrun, and `train_step`'s optional arguments
+    (`method_options`)."""
     model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, base=cfg.base,
                         gradient_equilibrium=cfg.imta == "pretrain")
     if cfg.imta == "finetune":   # IMTA's second phase: the network above frozen, new heads on it
@@ -1209,10 +1146,23 @@ def build(cfg, num_classes, device):
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
         model, wpn = DDP(model, device_ids=ids), DDP(wpn, device_ids=ids)
-    scalers = None
+    return model, wpn, optimizer, wpn_optimizer, method_options(cfg, unwrap(model), device)
+
+
+def method_options(cfg, net, device):
+    """The engineering, plugged into the method through `train_step`'s optional arguments: IMTA's
+    distillation loss, the autocast context of --amp, fp16's two loss scalers (the WPN's meta
+    gradients come through a different, fp32 graph and overflow at other scales than the
+    backbone's), and per-rank BatchNorm for the virtual step under --sync-bn."""
+    options = {"autocast": partial(torch.autocast, device.type, dtype=amp_dtype(device), enabled=cfg.amp)}
+    if cfg.imta == "finetune":
+        options["loss_fn"] = partial(imta_exit_losses, temperature=cfg.kd_temperature, gamma=cfg.kd_gamma,
+                                     reduction=cfg.kd_reduction)
     if cfg.amp and amp_dtype(device) == torch.float16:
-        scalers = {"real": torch.amp.GradScaler(device.type), "meta": torch.amp.GradScaler(device.type)}
-    return model, wpn, optimizer, wpn_optimizer, scalers
+        options["scalers"] = {"real": torch.amp.GradScaler(device.type), "meta": torch.amp.GradScaler(device.type)}
+    if dist.is_initialized() and cfg.sync_bn:
+        options["virtual_context"] = partial(per_rank_batchnorm, net)
+    return options
 
 
 def format_time(seconds):
@@ -1290,7 +1240,8 @@ def train(cfg, state=None, stop_after_epoch=None):
         log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
             "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
     splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices")))
-    model, wpn, optimizer, wpn_optimizer, scalers = build(cfg, splits.num_classes, device)
+    model, wpn, optimizer, wpn_optimizer, options = build(cfg, splits.num_classes, device)
+    scalers = options.get("scalers")
     if pretrained:
         try:
             unwrap(model).backbone.load_state_dict(pretrained["model"])
@@ -1325,6 +1276,9 @@ def train(cfg, state=None, stop_after_epoch=None):
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
     flops, params = count_cost(unwrap(model), cfg.image_size)
+    if cfg.budget and cfg.budget < flops[0]:   # said before any image is predicted
+        raise UsageError(f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's {flops[0] / 1e6:.2f}M "
+                         "Mul-Adds per image: no thresholds can meet it")
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
         f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
@@ -1362,7 +1316,7 @@ def train(cfg, state=None, stop_after_epoch=None):
                     group["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
                 images, targets = to_device(images, targets, device, cfg)
                 out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
-                                 meta=iteration % cfg.meta_interval == 0, scalers=scalers)
+                                 meta=iteration % cfg.meta_interval == 0, **options)
                 done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
                 if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
                     elapsed = time.time() - started
@@ -1436,18 +1390,23 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     (test_logits, test_targets), (val_logits, val_targets) = test, val
     anytime = anytime_evaluate(test_logits, test_targets, flops, params)
     dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
+    holdout = holdout_curve(val_logits, val_targets, flops) if splits.threshold_source == "holdout" else None
     log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
     for row in anytime:
         log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
             f"{row['params'] / 1e6:12.3f}")
-    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images)"
-        "\n    q   top-1   Mul-Adds (M)")
-    for row in dynamic:
-        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}")
-    results.update(anytime=anytime, dynamic=dynamic)
+    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images"
+        + ("; hold-out columns: thresholds fitted on one half of it, scored on the other)" if holdout else ")")
+        + "\n    q   top-1   Mul-Adds (M)" + ("   hold-out top-1   Mul-Adds (M)" if holdout else ""))
+    for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
+        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}"
+            + (f" {own['acc']:16.2f} {own['flops'] / 1e6:14.2f}" if own else ""))
+    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout)
+    if cfg.budget:
+        results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
     if cfg.early_exit:
         results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, (test_logits, test_targets),
-                                                    flops)
+                                                    flops, results.get("budget"))
     path = os.path.join(cfg.out, "results.json")
     write_json(path, results)
     log(f"\nwrote {path}")
@@ -1467,15 +1426,18 @@ def timed(step, images, device):
 
 
 @torch.inference_mode()
-def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
+def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
     """--early-exit: the budgeted protocol at q = cfg.q, for real. Thresholds are fitted on the
-    hold-out split as in `dynamic_evaluate`; then every test batch runs through the whole network
-    and through `early_exit_predict`, in turn and in alternating order (so that load on the
-    machine and warm caches favour neither), at batch size 1 and at --batch-size. Reports time per
-    image, images/s, the average Mul-Adds of the exits taken and the accuracy, which must be the
-    budgeted protocol's at q (`same_as_budgeted` counts the images whose exit and prediction are)."""
+    hold-out split as in `dynamic_evaluate` (or are `budget`'s, the record of --budget); then
+    every test batch runs through the whole network and through `early_exit_predict`, in turn and
+    in alternating order (so that load on the machine and warm caches favour neither), at batch
+    size 1 and at --batch-size. Reports time per image, images/s, the average Mul-Adds of the
+    exits taken and the accuracy, which must be the budgeted protocol's at those thresholds
+    (`same_as_budgeted` counts the images whose exit and prediction are)."""
     net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
-    thresholds = fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits))
+    q = budget["q"] if budget else cfg.q
+    thresholds = (torch.tensor(budget["thresholds"]) if budget else
+                  fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits)))
     simulated = exit_with_thresholds(confidences(test[0]), thresholds)
     simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
     on_device = thresholds.to(device)
@@ -1506,11 +1468,12 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
     average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
-    result = {"q": cfg.q, "accuracy": runs[0]["accuracy"],
+    result = {"q": q, "accuracy": runs[0]["accuracy"],
               "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
               "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
               "runs": runs}
-    log(f"\nearly exit at q {cfg.q:.2f} (test set, {n} images, run exit by exit and through the whole network)\n"
+    at = f"q {q:.4g}" if q is not None else "the last exit"
+    log(f"\nearly exit at {at} (test set, {n} images, run exit by exit and through the whole network)\n"
         f" top-1 {result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), "
         f"{average_flops / 1e6:.2f}M Mul-Adds per image (whole network {flops[-1] / 1e6:.2f}M: "
         f"{result['flops_speedup']:.2f}x), exit shares {' '.join(f'{s:.3f}' for s in shares)}\n"
@@ -1524,10 +1487,10 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops):
 
 
 # ============================================================================
-# Curves: accuracy against Mul-Adds, the figure of the paper's experiments
+# Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them
 # ============================================================================
 
-def read_results(path):
+def read_results(path, command="--plot"):
     """results.json of a run directory, or the file itself."""
     file = os.path.join(path, "results.json") if os.path.isdir(path) else path
     try:
@@ -1535,14 +1498,15 @@ def read_results(path):
             results = json.load(f)
         results["config"], results["anytime"], results["dynamic"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--plot: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
+        raise UsageError(f"{command}: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
     return results
 
 
 def plot_curves(paths, out_png):
     """One figure of every run in `paths` (run directories or results.json files): the budgeted
     curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each exit at
-    its Mul-Adds, and, for --early-exit runs, the measured point with its time per image.
+    its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
+    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds.
     Returns the curves' labels (method, arch, exits, dataset of each run's config)."""
     try:
         import matplotlib
@@ -1565,11 +1529,17 @@ def plot_curves(paths, out_png):
                   color=curve.get_color(), label=f"{label}: each exit")
         if "early_exit" in results:
             e, run = results["early_exit"], results["early_exit"]["runs"][0]
+            at = "the last exit" if e["q"] is None else f"q {e['q']:g}"
             axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=curve.get_color(),
-                      label=f"{label}: early exit at q {e['q']:g}, measured")
+                      label=f"{label}: early exit at {at}, measured")
             axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
                           f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
                           textcoords="offset points", xytext=(8, -24), fontsize=8)
+        if "budget" in results:
+            b = results["budget"]
+            axes.axvline(b["budget"] / scale, color=curve.get_color(), linestyle=":", linewidth=1)
+            axes.plot(b["test_flops"] / scale, b["test_acc"], "D", color=curve.get_color(),
+                      label=f"{label}: --budget {b['budget'] / scale:g}{unit} (dotted), test set")
     axes.set_xlabel(f"Mul-Adds per image ({unit})")
     axes.set_ylabel("top-1 accuracy (%)")
     axes.grid(alpha=0.3)
@@ -1577,11 +1547,52 @@ def plot_curves(paths, out_png):
     figure.tight_layout()
     try:   # in the format its name says, PNG if it says none, and always to exactly that path
         figure.savefig(out_png, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--out '{out_png}' cannot be written ({str(e).splitlines()[0]})") from None
+    except ValueError as e:   # a format matplotlib does not write
+        raise UsageError(f"--out '{out_png}': {str(e).splitlines()[0]}") from None
     finally:
         plt.close(figure)
     return labels
+
+
+def select_q(paths, out_json, points=5):
+    """--select-q (supplementary Sec. 1.3: q is tuned on a split held out of the training data):
+    the runs of one q sweep compared on their hold-out curves (`holdout_curve`), never on the test
+    set. At a budget b, a run scores the best hold-out accuracy of its curve's points that cost at
+    most b (what a deployer could choose); its summary is the mean of that over 101 budgets evenly
+    spread over the range of Mul-Adds that every run's curve covers. The best summary wins.
+    Prints the table (at `points` of those budgets), writes it with the choice to `out_json`."""
+    runs = [read_results(p, "--select-q") for p in paths]
+    first = runs[0]["config"]
+    same = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "q")]
+    for path, results in zip(paths, runs):
+        if not results.get("holdout_dynamic"):
+            raise UsageError(f"--select-q: '{path}' has no hold-out curve (its run held out no images: --holdout 0)")
+        differ = next((k for k in same if results["config"].get(k) != first.get(k)), None)
+        if differ:
+            raise UsageError(f"--select-q: '{path}' is not of the sweep of '{paths[0]}' (--{differ.replace('_', '-')}"
+                             f" {results['config'].get(differ)}, not {first.get(differ)}); give runs that differ in "
+                             "--q only")
+    qs = [r["config"]["q"] for r in runs]
+    if first["method"] != "l2w" or len(set(qs)) < len(qs):
+        raise UsageError("--select-q compares L2W-DEN runs (--method l2w), each with another --q")
+    curves = [r["holdout_dynamic"] for r in runs]
+    low, high = max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+    budgets = [low + (high - low) * i / 100 for i in range(101)]
+    rows = []
+    for q, path, curve in sorted(zip(qs, paths, curves)):
+        best = [max(p["acc"] for p in curve if p["flops"] <= b) for b in budgets]   # the cheapest point fits every b
+        rows.append({"q": q, "run": path, "mean_acc": statistics.fmean(best),
+                     "acc": [best[i * 100 // (points - 1)] for i in range(points)]})
+    chosen = max(rows, key=lambda row: row["mean_acc"])
+    shown = [budgets[i * 100 // (points - 1)] for i in range(points)]
+    print("hold-out top-1 (%) at each budget (Mul-Adds per image): the best point of the run's hold-out curve "
+          "within it\n    q " + "".join(f"{b / 1e6:9.2f}M" for b in shown) + "   mean over the range")
+    for row in rows:
+        print(f"{row['q']:5g} " + "".join(f"{a:10.2f}" for a in row["acc"]) + f"   {row['mean_acc']:.2f}")
+    print(f"chosen: q {chosen['q']:g} ({chosen['run']})")
+    write_json(out_json, {"budgets": shown, "range": [low, high], "rows": rows, "chosen_q": chosen["q"],
+                          "chosen_run": chosen["run"]})
+    return chosen["q"]
 
 
 # ============================================================================
@@ -1592,19 +1603,12 @@ def bench(cfg):
     device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     num_classes = data.DATASETS[cfg.dataset] or 1000
-    model, wpn, optimizer, wpn_optimizer, scalers = build(cfg, num_classes, device)
+    model, wpn, optimizer, wpn_optimizer, options = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
 
-    def plain_step():  # one SGD step on the full batch, every exit weighted 1
-        model.train()
-        with autocast(cfg, device):
-            loss = exit_losses(model, images, targets, cfg).mean(dim=0).sum()
-        sgd_step(loss, optimizer, scalers and scalers["real"])
-
-    def l2w_step(meta_grad):
-        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, meta_grad=meta_grad),
-                   meta=True, scalers=scalers)
+    def step(**knobs):   # plain: the baseline's iteration, two SGD steps with every weight 1
+        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, **knobs), **options)
 
     print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
@@ -1614,7 +1618,8 @@ def bench(cfg):
     # turns at going first (here, the same iteration measured 2 % slower right after a `higher`
     # one than right after another). "higher" and "jvp" are the two ways of taking the same
     # meta-gradient (Config.meta_grad).
-    steps = [("plain", plain_step), ("higher", lambda: l2w_step("higher")), ("jvp", lambda: l2w_step("jvp"))]
+    steps = [("plain", partial(step, method="baseline")), ("higher", partial(step, method="l2w", meta_grad="higher")),
+             ("jvp", partial(step, method="l2w", meta_grad="jvp"))]
     times, memory = {name: [] for name, _ in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps[i % 3:] + steps[:i % 3]:
@@ -1640,15 +1645,22 @@ def bench(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if "--plot" in argv:   # the one command that takes several values; not a training config
-            parser = OneLineParser(prog="l2w.py --plot", description="accuracy against Mul-Adds of finished runs")
-            parser.add_argument("--plot", nargs="+", required=True, metavar="PATH",
+        commands = {"--plot": (plot_curves, "curves.png", "accuracy against Mul-Adds of finished runs"),
+                    "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep")}
+        command = next((c for c in commands if c in argv), None)
+        if command:   # the commands that take several runs; not a training config
+            run, out, description = commands[command]
+            parser = OneLineParser(prog=f"l2w.py {command}", description=description)
+            parser.add_argument(command, nargs="+", required=True, metavar="PATH",
                                 help="run directories or results.json files")
-            parser.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+            parser.add_argument("--out", default=out, help=f"the file to write (default: {out})")
             args = parser.parse_args(argv)
-            out = os.path.join(args.out, "curves.png") if os.path.isdir(args.out) else args.out
-            plot_curves(args.plot, out)
-            print(f"wrote {out}")
+            path = os.path.join(args.out, out) if os.path.isdir(args.out) else args.out   # a folder: out in it
+            try:
+                run(getattr(args, command[2:].replace("-", "_")), path)
+            except OSError as e:   # the runs are read with errors of their own: this is the writing
+                raise UsageError(f"--out '{path}' cannot be written ({e.strerror or e})") from None
+            print(f"wrote {path}")
             return
         cfg, state = parse_config(argv)
         if cfg.bench:

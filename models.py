@@ -9,7 +9,7 @@ Every network here returns one logit tensor per exit, cheapest exit first, and
 also offers `exits_iter(x)` so that early-exit inference can stop computing: a generator of the
 exits' logits, to which the caller may send the indices of the samples that go on, so that
 everything carried to later exits is cut to them.
-`count_cost` counts Mul-Adds and parameters with MSDNet's convention (PAPER.md).
+`count_cost` counts Mul-Adds and parameters with MSDNet's convention (README, "Models and their cost").
 
 IMTA: Li, Zhang, Qi, Yang, Huang, "Improved Techniques for Training Adaptive Deep Networks",
 ICCV 2019: Gradient Equilibrium (MSDNet(gradient_equilibrium=True)) for the first training phase,

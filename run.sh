@@ -5,11 +5,17 @@
 # Safe to re-run after a crash or preemption: a finished run (results.json) is skipped, an
 # interrupted one (checkpoint.pt) continues from its checkpoint, the others start.
 # Extra flags are passed to every run, e.g.  bash run.sh --data-dir /datasets --device cuda:1
+# DRY_RUN=1 bash run.sh prints what it would run, and runs nothing.
 #
 # ImageNet runs only when IMAGENET=/path/to/imagenet is set (DIR/train, DIR/val in class folders),
 # on GPUS GPUs of this machine (default 8) with torchrun.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# execute COMMAND...: run it, or with DRY_RUN print it
+execute() {
+  if [ -n "${DRY_RUN:-}" ]; then echo "  $*"; else "$@"; fi
+}
 
 # run OUT LAUNCHER... -- ARGS...: skip, continue or start the run that writes into OUT
 run() {
@@ -21,10 +27,10 @@ run() {
     echo "== $out: finished, skipped"
   elif [ -f "$out/checkpoint.pt" ]; then
     echo "== $out: continuing"
-    "${launcher[@]}" l2w.py --resume "$out/checkpoint.pt" "${extra[@]}"
+    execute "${launcher[@]}" l2w.py --resume "$out/checkpoint.pt" "${extra[@]}"
   else
     echo "== $out"
-    "${launcher[@]}" l2w.py "$@" --out "$out" "${extra[@]}"
+    execute "${launcher[@]}" l2w.py "$@" --out "$out" "${extra[@]}"
   fi
 }
 extra=("$@")
@@ -46,6 +52,21 @@ for dataset in cifar10-lt cifar100-lt; do
     run "runs/${dataset}100_msdnet5_${method}" python -- \
       --dataset "$dataset" --imbalance 100 --arch msdnet --exits 5 --method "$method"
   done
+done
+
+# q tuned on the hold-out (supplementary Sec. 1.3), CIFAR-100 MSDNet with 5 exits: L2W-DEN at
+# q = 0.25, 0.5, 0.75 (the preset, the run above) and 1.0, compared on their hold-out curves
+for q in 0.25 0.5 1.0; do
+  run "runs/cifar100_msdnet5_l2w_q$q" python -- --dataset cifar100 --arch msdnet --exits 5 --q "$q"
+done
+execute python l2w.py --select-q runs/cifar100_msdnet5_l2w_q0.25 runs/cifar100_msdnet5_l2w_q0.5 \
+  runs/cifar100_msdnet5_l2w runs/cifar100_msdnet5_l2w_q1.0 --out runs/cifar100_msdnet5_select_q.json
+
+# Table 4 of the supplementary: the WPN's size, d hidden layers of width w, CIFAR-100 MSDNet with
+# 5 exits. Its baseline and d = 1, w = 500 (the preset) are the runs above.
+for size in 1:10 1:100 1:1000 2:500 4:500; do
+  run "runs/cifar100_msdnet5_l2w_d${size%:*}_w${size#*:}" python -- \
+    --dataset cifar100 --arch msdnet --exits 5 --wpn-depth "${size%:*}" --wpn-width "${size#*:}"
 done
 
 # IMTA compatibility (supplementary Sec. 1.4): phase 1 with gradient equilibrium, then phase 2 (ISC

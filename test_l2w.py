@@ -3,6 +3,7 @@
 Each test compares against something independent: a published figure, a second computation
 of the same quantity (torch.func, finite differences, a literal loop), or a hand-worked case.
 """
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -12,11 +13,13 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -45,7 +48,7 @@ def run_cli(*args, cwd=None):
 
 
 # ----------------------------------------------------------------------------
-# models.py: published figures (PAPER.md, "Published figures to match")
+# models.py: published figures (MSDNet's and L2W-DEN's papers, README "Models and their cost")
 # ----------------------------------------------------------------------------
 
 def test_msdnet_cifar100_matches_published_figures():
@@ -201,18 +204,6 @@ def test_ranet_trains_through_train_step_on_the_synthetic_set(exits):
     changed = [not torch.equal(v, before[0][k]) for k, v in model.state_dict().items() if "num_batches" not in k]
     assert all(changed)                       # every parameter and BN statistic was updated
     assert all(not torch.equal(v, before[1][k]) for k, v in wpn.state_dict().items())
-
-
-def test_ranet_jvp_meta_gradient_equals_higher():
-    # float32 (RANet in float64 is slow on the CPU): equal up to rounding
-    torch.manual_seed(0)
-    cfg = small_cfg(arch="ranet", exits=6, batch_size=8, lr=0.5)
-    model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
-    images, labels = data.synthetic(8, seed=0)[0].tensors
-    setup = (model, wpn, optimizer, wpn_optimizer, images, labels)
-    higher = first_meta_gradient(setup, cfg)
-    jvp = first_meta_gradient(setup, dataclasses.replace(cfg, meta_grad="jvp"))
-    assert (jvp - higher).norm() < 1e-4 * higher.norm() and higher.norm() > 1e-6
 
 
 @pytest.mark.parametrize("exits", [6, 8])
@@ -395,7 +386,7 @@ def test_weight_constraints_hand_worked():
 
 
 def test_wpn_is_the_papers_mlp():
-    # d hidden ReLU layers of width w, K outputs, tanh (PAPER.md, step 2), written out by hand
+    # d hidden ReLU layers of width w, K outputs, tanh (README, "What the method does", step 2), written out by hand
     wpn = l2w.WPN(5, depth=2, width=7).double()
     (w1, b1), (w2, b2), (w3, b3) = [(m.weight, m.bias) for m in wpn.modules() if isinstance(m, torch.nn.Linear)]
     assert (w1.shape, w2.shape, w3.shape) == ((7, 5), (7, 7), (5, 7))
@@ -437,7 +428,7 @@ def test_meta_objective_takes_exactly_floor_n_f_k_per_exit_even_when_confidences
 
 
 def reference_meta_loss(logits, targets, q):
-    """PAPER.md, Alg. step 4, written as a plain loop over Python lists."""
+    """Step 4 of the released algorithm (README, "What the method does"), as a plain loop over Python lists."""
     n, exits = targets.numel(), len(logits)
     fractions = [q ** k / sum(q ** j for j in range(1, exits + 1)) for k in range(1, exits + 1)]
     confidence = [z.detach().softmax(1).max(1).values.tolist() for z in logits]
@@ -504,12 +495,13 @@ def double_setup(seed=0, batch=8, exits=3, lr=0.5, **overrides):
     wpn.double()
     images = torch.randn(batch, 3, 32, 32, dtype=torch.float64)
     targets = torch.randint(10, (batch,))
-    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images.flip(0), targets.flip(0), cfg)
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images.flip(0), targets.flip(0), cfg,
+                   **l2w.method_options(cfg, model, torch.device("cpu")))
     return cfg, model, wpn, optimizer, wpn_optimizer, images, targets
 
 
 def state_of(model, wpn, optimizer):
-    momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p.requires_grad]
     return list(model.state_dict().values()) + list(wpn.state_dict().values()) + momentum
 
 
@@ -542,204 +534,170 @@ def test_train_step_matches_independent_torch_func_computation(meta_grad):
         assert torch.allclose(got.double(), want.double(), rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("constraint", ["col", "row", "mat"])
-def test_jvp_meta_gradient_iteration_equals_higher(constraint):
-    # issue 9: the first-order path (one backward at theta', one forward-mode JVP) takes the same
-    # iteration as the second-order one, with momentum buffers and on the first iteration without.
-    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=5)
-    cfg = dataclasses.replace(cfg, constraint=constraint)
+class OwnNetwork(torch.nn.Module):
+    """A user's own two-exit network, not from models.py: a residual added in place (torchvision's
+    ResNet idiom), in-place LeakyReLU, SiLU and Hardswish, dropout, BatchNorm and GroupNorm, and a
+    tuple of logits, cheapest exit first."""
+
+    def __init__(self, dropout=0.0, classes=5):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8),
+                                   nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(8, 8, 3, padding=1))
+        self.act, self.drop = nn.SiLU(inplace=True), nn.Dropout(dropout)
+        self.head1 = nn.Linear(8, classes)
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16),
+                                  nn.Hardswish(inplace=True))
+        self.head2 = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.block(x)
+        out += x
+        out = self.act(out)
+        z1 = self.head1(self.drop(out.mean((2, 3))))
+        return z1, self.head2(self.drop(self.down(out).mean((2, 3))))
+
+
+def own_network_setup(dropout=0.0, dtype=torch.float32, seed=0, constraint="col", meta_grad="higher", wpn_class=l2w.WPN):
+    torch.manual_seed(seed)
+    model = OwnNetwork(dropout).to(dtype)
+    wpn = wpn_class(2, 1, 16).to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-4)
+    wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=1e-3)
+    knobs = types.SimpleNamespace(method="l2w", delta=0.8, constraint=constraint, q=0.75, meta_grad=meta_grad)
+    images, targets = torch.randn(8, 3, 8, 8, dtype=dtype), torch.randint(5, (8,))
+    return knobs, model, wpn, optimizer, wpn_optimizer, images, targets
+
+
+def method_section_source():
+    text = open(os.path.join(HERE, "l2w.py")).read()
+    start = text.index("# The method")
+    start = text.rindex("# ====", 0, start)
+    end = text.index("# ====", text.index("\n", text.index("# ====", start + 10)) + 1)
+    return text[start:end]
+
+
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])
+def test_the_method_section_copied_alone_trains_a_users_network_as_l2w_does(meta_grad):
+    # What a user copies: the section from its banner to the next, run in a namespace holding
+    # nothing but what it imports itself (the standard library, torch, higher).
+    source = method_section_source()
+    imported = {name.split(".")[0] for node in ast.walk(ast.parse(source))
+                for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                             [node.module] if isinstance(node, ast.ImportFrom) else [])}
+    assert imported <= set(sys.stdlib_module_names) | {"torch", "higher"}, imported
+    copied = {"__name__": "copied"}
+    exec(compile(source, "copied_method.py", "exec"), copied)
+    runs = []
+    for train_step, wpn_class in ((copied["train_step"], copied["WPN"]), (l2w.train_step, l2w.WPN)):
+        knobs, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup(
+            dropout=0.2, meta_grad=meta_grad, wpn_class=wpn_class)
+        torch.manual_seed(1)
+        outs = [train_step(model, wpn, optimizer, wpn_optimizer, images, targets, knobs) for _ in range(2)]
+        runs.append((outs, state_of(model, wpn, optimizer)))
+    (copied_outs, copied_state), (l2w_outs, l2w_state) = runs
+    assert copied_outs == l2w_outs and copied_outs[0]["meta_loss"] is not None
+    assert all(torch.equal(a, b) for a, b in zip(copied_state, l2w_state))
+
+
+def with_knobs(cfg, **knobs):
+    """A Config or SimpleNamespace of knobs with some replaced."""
+    return dataclasses.replace(cfg, **knobs) if dataclasses.is_dataclass(cfg) else types.SimpleNamespace(**{**vars(cfg), **knobs})
+
+
+JVP_SETUPS = {
+    "own network": lambda: own_network_setup(dtype=torch.float64),
+    "own network with dropout": lambda: own_network_setup(dropout=0.3, dtype=torch.float64),
+    "msdnet col": lambda: double_setup(seed=5),
+    "msdnet row": lambda: double_setup(seed=5, constraint="row"),
+    "msdnet mat": lambda: double_setup(seed=5, constraint="mat"),
+    "ranet": lambda: double_setup(seed=5, batch=4, arch="ranet", exits=6),
+    "imta pretrain": lambda: double_setup(seed=5, imta="pretrain"),
+    "imta finetune": lambda: double_setup(seed=6, imta="finetune"),
+}
+
+
+@pytest.mark.parametrize("name", JVP_SETUPS)
+def test_jvp_meta_gradient_iteration_equals_higher(name):
+    # The first-order path (one backward at theta', one forward-mode JVP) takes the same whole
+    # iteration as the second-order one (float64), with momentum buffers and, on the first
+    # iteration, without; with dropout too, since the JVP replays step 1's random draws and the
+    # random stream then goes on as with `higher`.
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = JVP_SETUPS[name]()
+    options = l2w.method_options(cfg, model, torch.device("cpu")) if isinstance(cfg, l2w.Config) else {}
     fresh = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))
     fresh[2].state.clear()                     # as on the first iteration: no momentum buffers yet
     for setup in ((model, wpn, optimizer, wpn_optimizer), fresh):
         jvp = copy.deepcopy(setup)
         before = [t.clone() for t in setup[1].state_dict().values()]
-        l2w.train_step(*setup, images, targets, cfg)
-        l2w.train_step(*jvp, images, targets, dataclasses.replace(cfg, meta_grad="jvp"))
+        torch.manual_seed(2)
+        l2w.train_step(*setup, images, targets, with_knobs(cfg, meta_grad="higher"), **options)
+        higher_draw = torch.rand(1)
+        torch.manual_seed(2)
+        l2w.train_step(*jvp, images, targets, with_knobs(cfg, meta_grad="jvp"), **options)
+        assert torch.equal(torch.rand(1), higher_draw)   # the stream continues as with higher
         assert all(not torch.equal(a, b) for a, b in zip(setup[1].state_dict().values(), before))   # the WPN moved
-        for got, want in zip(state_of(*jvp[:3]), state_of(*setup[:3])):
+        for got, want in zip(state_of(*jvp[:3]), state_of(*setup[:3]), strict=True):
             assert torch.allclose(got.double(), want.double(), rtol=1e-9, atol=1e-12)
 
 
-class CountConvolutions(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func is F.conv2d
-        return func(*args, **(kwargs or {}))
-
-
-class ToyForRules(torch.nn.Module):
-    """Every case of SharedForward's rules: a frozen conv and eval-mode BN (no tangent at all), a
-    concatenation without tangents and one with an input without, a training-mode BN whose input
-    has no tangent, a grouped, dilated, reflect-padded conv whose bias alone trains, a conv with
-    bias, an eval-mode BN with trainable weight and bias and an input tangent, an affine-free BN,
-    ReLU in place and not, a strided 1x1 conv, operations without a rule (padding, a split into
-    two outputs, interpolation, IMTA's gradient scaling, flatten, linear), BatchNorm1d, a
-    concatenation along the batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4),
-                                          torch.nn.ReLU(inplace=True)).requires_grad_(False)
-        self.bn_no_dx = torch.nn.BatchNorm2d(4)
-        self.bias_only = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
-        self.bias_only.weight.requires_grad_(False)
-        self.conv, self.bn, self.eval_bn = torch.nn.Conv2d(16, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
-        self.plain_bn = torch.nn.BatchNorm2d(5, affine=False)
-        self.down, self.head, self.bn1d = torch.nn.Conv2d(5, 6, 1, stride=2), torch.nn.Linear(54, 7), torch.nn.BatchNorm1d(7)
-
-    def forward(self, x):
-        f = self.frozen(x)
-        g = torch.cat([f, f.flip(1)], dim=1)
-        h = torch.cat([g, F.relu(self.bn_no_dx(f)), self.bias_only(f)], dim=-3)
-        h = F.relu(self.plain_bn(self.eval_bn(F.relu(self.bn(self.conv(h)), inplace=True))))
-        first, rest = h.split([2, 3], dim=1)            # an operation with two outputs
-        h = torch.cat([rest, first], dim=1)
-        h = F.interpolate(self.down(models.scale_gradient(h, 0.5)), size=(3, 3), mode="bilinear", align_corners=True)
-        z = self.head(h.flatten(1))
-        return torch.cat([self.bn1d(z), z], dim=0)   # (z itself: a training-mode BN hides a bias's tangent)
+def test_jvp_without_replaying_the_draws_would_differ_with_dropout(monkeypatch):
+    # The dropout case above can fail: a JVP forward with draws other than step 1's gives another
+    # meta-gradient.
+    cfg, *setup, images, targets = own_network_setup(dropout=0.3, dtype=torch.float64, meta_grad="jvp")
+    runs = []
+    for other_draws in (False, True):
+        if other_draws:
+            monkeypatch.setattr(l2w, "random_state", lambda device: (device, torch.Generator().manual_seed(7).get_state(), None))
+        model, wpn, optimizer, wpn_optimizer = copy.deepcopy(setup)
+        torch.manual_seed(2)
+        l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+        runs.append(list(wpn.parameters()))
+    assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(*runs))
 
 
-@pytest.mark.parametrize("arch", ["toy", "msdnet"])
-def test_shared_forward_gives_forward_mode_tangents_without_recomputing_convolutions(arch):
-    # The JVP of --meta-grad jvp replays step 1's recorded forward in tangents only; its tangent
-    # must equal PyTorch's forward-mode AD (float64), and it must compute only the tangent
-    # convolutions: conv(dx, W) where the input has a tangent, conv(x, dW) where the weight has one.
-    torch.manual_seed(0)
-    if arch == "toy":
-        net = ToyForRules().double().train()
-        for bn in (net.frozen[1], net.eval_bn):
-            bn.running_mean.normal_()
-            bn.running_var.uniform_(0.5, 2)
-            bn.eval()
-        # frozen conv: no tangent; bias_only: its bias's, no convolution; conv and down: two each
-        tangent_convs = 4
-    else:
-        net = models.build_model("msdnet", 10, 3).double().train()
-        tangent_convs = 2 * sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) - 1   # 1st: no dx
-    images = torch.randn(6, 3, 8 if arch == "toy" else 32, 8 if arch == "toy" else 32, dtype=torch.float64)
-    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
-    tangents = {n: torch.randn_like(p) for n, p in params.items()}
-    buffers = {n: b.clone() for n, b in net.named_buffers()}
-
-    def forward(parameters):
-        out = functional_call(net, {**{n: b.clone() for n, b in buffers.items()}, **parameters}, (images,))
-        return torch.cat(out, dim=1) if isinstance(out, list) else out
-
-    with forward_ad.dual_level(), torch.no_grad():
-        want = forward_ad.unpack_dual(forward({n: forward_ad.make_dual(p.detach(), tangents[n])
-                                               for n, p in params.items()})).tangent
-    shared = l2w.SharedForward()
-    with shared:                                # step 1's forward, with autograd
-        out = forward({})
-    counter = CountConvolutions()
-    with counter:
-        got = shared.jvp(out, {p: tangents[n] for n, p in params.items()})
-    assert counter.count == tangent_convs and shared.tape == []
-    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12) and want.abs().max() > 1e-3
+def test_readme_own_project_example_runs_and_the_readme_stays_for_users(capsys):
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("<!-- begin own-project example -->\n```python\n")[1].split("```")[0]
+    exec(compile(example, "README example", "exec"), {"__name__": "example"})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and all(math.isfinite(float(line.split()[-1])) for line in printed)
+    assert len(readme.splitlines()) <= 350 and "## Using the method in your own project" in readme
+    for name in ("README.md", "l2w.py", "models.py", "data.py", "test_l2w.py", "run.sh"):
+        assert "PAPER" ".md" not in open(os.path.join(HERE, name)).read(), name
 
 
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("affine", [True, False])
-def test_batch_norm_tangent_with_and_without_recorded_statistics(training, affine):
-    # SharedForward takes a training-mode BatchNorm's batch statistics from step 1's graph where
-    # it can (CPU) and computes them again where it cannot (cuDNN's BatchNorm): both must give
-    # forward-mode AD's tangent of F.batch_norm (float64), for BatchNorm2d's and 1d's shapes.
-    torch.manual_seed(0)
-    for shape in ((6, 3, 4, 5), (7, 3)):
-        x, dx = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
-        w, dw, b, db = (torch.randn(3, dtype=torch.float64) if affine else None for _ in range(4))
-        running = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
-        with forward_ad.dual_level():
-            dual = lambda p, t: None if p is None else forward_ad.make_dual(p, t)
-            want = forward_ad.unpack_dual(F.batch_norm(dual(x, dx), *(r.clone() for r in running), dual(w, dw),
-                                                       dual(b, db), training, 0.1, 1e-5)).tangent
-        tangent = {id(x): dx, id(w): dw, id(b): db}
-        d = lambda t: tangent.get(id(t))
-        x.requires_grad_(True)
-        out = F.batch_norm(x, *(r.clone() for r in running), w, b, training, 0.1, 1e-5)
-        saved = (out.grad_fn._saved_result1, out.grad_fn._saved_result2) if training else None
-        for statistics in ([saved, None] if training else [None]):
-            got = l2w.batch_norm_tangent(d, out, x, *(r.clone() for r in running), w, b, training, 0.1, 1e-5,
-                                         statistics=statistics)
-            assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
-        x.requires_grad_(False)
-
-
-def test_shared_forward_refuses_what_it_cannot_replay():
-    # A value changed in place after the tape recorded or read it would be stale, and a random
-    # operation's draw cannot be repeated: refused, the tape released either way.
-    conv, bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3).eval()
-    x = torch.randn(2, 3, 5, 5)
-
-    def residual(out):                          # changed by an operation without a rule
-        out += x
-        return out
-
-    def read_then_changed(out):
-        doubled = out * 2
-        out.add_(1)
-        return doubled
-
-    def assigned_into(out):                     # changed by an operation the tape does not record
-        out[:, 0] = 0
-        return out * 2
-
-    def running_statistics_changed(out):        # an eval-mode BatchNorm reads them
-        out = bn(out)
-        bn.running_mean += 1
-        return out
-
-    cases = {residual: "changes its input in place", read_then_changed: "changed in place afterwards",
-             assigned_into: "an operation the tape did not record", running_statistics_changed: "changed in place afterwards",
-             lambda out: F.dropout(out, 0.5, True): "random"}
-    for forward, error in cases.items():
-        shared = l2w.SharedForward()
-        with shared:
-            out = forward(F.conv2d(x, conv.weight, conv.bias, 1, 1))
-        with pytest.raises(RuntimeError, match=error):
-            shared.jvp(out, {p: torch.randn_like(p) for p in conv.parameters()})
-        assert shared.tape == []
-
-
-class TripleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 3 * grad
-
-
-def test_shared_forward_refuses_a_custom_autograd_function_and_an_unrecorded_output():
-    # Its backward need not be the derivative of its forward's operations, so the tape cannot
-    # stand in for it: refused, not replayed with the forward's derivative.
-    conv = torch.nn.Conv2d(3, 3, 3)
-    shared = l2w.SharedForward()
-    with shared:
-        out = F.relu(TripleGradient.apply(conv(torch.randn(2, 3, 5, 5))))
-    with pytest.raises(RuntimeError, match="outside the recorded operations"):
-        shared.jvp(out, {p: torch.randn_like(p) for p in conv.parameters()})
-    # nor is an output the tape did not compute taken for one without tangent
-    with pytest.raises(RuntimeError, match="not computed by the recorded forward"):
-        l2w.SharedForward().jvp(conv(torch.randn(2, 3, 5, 5)), {p: torch.randn_like(p) for p in conv.parameters()})
-
-
-def test_jvp_train_step_computes_only_tangent_convolutions_in_its_jvp():
-    # half_step hands step 1's recorded forward to the JVP: per half, step 1 and the meta forward
-    # make C convolutions each and the JVP 2C - 1 (C at the model's level without the reuse)
-    cfg = small_cfg(batch_size=8, meta_grad="jvp")
-    model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    for meta_grad, per_half in (("jvp", 4 * convs - 1), ("higher", 2 * convs)):
-        counter = CountConvolutions()
-        with counter:
-            l2w.train_step(model, wpn, optimizer, wpn_optimizer, torch.randn(8, 3, 32, 32), torch.randint(10, (8,)),
-                           dataclasses.replace(cfg, meta_grad=meta_grad))
-        assert counter.count == 2 * per_half, meta_grad
+@pytest.mark.parametrize("misuse, error", [
+    (dict(knobs=dict(method="L2W")), "unknown method 'L2W' (choose l2w, baseline)"),
+    (dict(knobs=dict(method="l2w-den")), "unknown method 'l2w-den'"),
+    (dict(knobs=dict(meta_grad="JVP")), "unknown meta_grad 'JVP' (choose higher, jvp)"),
+    (dict(knobs=dict(meta_grad="first-order")), "unknown meta_grad 'first-order'"),
+    (dict(knobs=dict(constraint="column")), "unknown constraint 'column' (choose col, row, mat)"),
+    (dict(adam=True), "needs a torch.optim.SGD optimizer, got Adam"),
+    (dict(frozen_out=True), "the optimizer does not hold head2.weight and 1 more"),
+    (dict(forward=lambda z: z[1]), r"per-exit logits.*got a tensor of shape \(4, 5\)"),
+    (dict(forward=lambda z: {"exit1": z[0]}), "per-exit logits.*got dict"),
+])
+def test_the_api_refuses_what_it_cannot_do_in_one_line(misuse, error):
+    knobs, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()
+    knobs = types.SimpleNamespace(**{**vars(knobs), **misuse.get("knobs", {})})
+    if "knobs" in misuse:   # the Config refuses on construction, train_step on use
+        with pytest.raises(ValueError, match=re.escape(error)):
+            l2w.Config(**misuse["knobs"])
+    if misuse.get("adam"):   # `higher` can take the virtual step with Adam, `jvp` cannot
+        optimizer, knobs.meta_grad = torch.optim.Adam(model.parameters()), "jvp"
+    if misuse.get("frozen_out"):   # the head of exit 2 trains but is not in the optimizer
+        optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("head2")], lr=0.1)
+    if "forward" in misuse:
+        forward = model.forward
+        model.forward = lambda x: misuse["forward"](forward(x))
+    with pytest.raises((ValueError, TypeError)) as raised:
+        l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, knobs)
+    message = str(raised.value)
+    assert re.search(error if "forward" in misuse else re.escape(error), message)
+    assert "\n" not in message and "tensor(" not in message
 
 
 @pytest.mark.parametrize("options", [dict(momentum=0.0), dict(momentum=0.9, dampening=0.3),
@@ -861,7 +819,7 @@ def test_fit_thresholds_hand_worked():
 
 
 def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets, flops):
-    """MSDNet's dynamic_evaluate written as its per-sample loops (PAPER.md, "Evaluation protocols")."""
+    """MSDNet's dynamic_evaluate written as its per-sample loops (README, "What the method does")."""
     val = [z.softmax(1).max(1) for z in val_logits]
     test = [z.softmax(1).max(1) for z in test_logits]
     exits, n_val, n_test = len(val), val_targets.numel(), test_targets.numel()
@@ -1161,8 +1119,8 @@ def test_cli_meta_grad_jvp_takes_the_meta_gradient_higher_does(tmp_path, monkeyp
     # WPN gradients near zero moves the WPN differently; float64 equality is tested above.)
     recorded = {"higher": [], "jvp": []}
     for name in recorded:
-        def record(net, wpn, *args, original=getattr(l2w, f"{name}_meta_gradient"), name=name, **kwargs):
-            meta_loss = original(net, wpn, *args, **kwargs)
+        def record(wpn, *args, original=getattr(l2w, f"{name}_meta_gradient"), name=name, **kwargs):
+            meta_loss = original(wpn, *args, **kwargs)
             recorded[name].append(torch.cat([p.grad.flatten() for p in wpn.parameters()]))
             return meta_loss
         monkeypatch.setattr(l2w, f"{name}_meta_gradient", record)
@@ -1547,7 +1505,8 @@ def first_meta_gradient(setup, cfg, scalers=None):
     recorded = []
     step = wpn_optimizer.step
     wpn_optimizer.step = lambda: (recorded.append(torch.cat([p.grad.flatten() for p in wpn.parameters()])), step())[1]
-    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, scalers=scalers)
+    options = l2w.method_options(cfg, model, torch.device("cpu"))
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, **{**options, "scalers": scalers})
     return recorded[0]
 
 
@@ -1583,13 +1542,14 @@ def test_fp16_wpn_keeps_learning_when_the_backbone_scale_grows(monkeypatch):
     monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
     torch.manual_seed(0)
     cfg = small_cfg(exits=2, lr=0.1, batch_size=8, amp=True)
-    model, wpn, optimizer, wpn_optimizer, scalers = l2w.build(cfg, 10, torch.device("cpu"))
-    scalers = {name: torch.amp.GradScaler("cpu", init_scale=2.0 ** 20, growth_interval=1) for name in scalers}
+    model, wpn, optimizer, wpn_optimizer, options = l2w.build(cfg, 10, torch.device("cpu"))
+    scalers = options["scalers"] = {name: torch.amp.GradScaler("cpu", init_scale=2.0 ** 20, growth_interval=1)
+                                    for name in options["scalers"]}
     images, targets = torch.randn(8, 3, 32, 32), torch.randint(10, (8,))
     updated, skipped = [], 0
     for _ in range(16):   # the backbone's scale grows 4x an iteration: 2^20 -> 2^52
         before = [p.detach().clone() for p in wpn.parameters()]
-        out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, scalers=scalers)
+        out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, **options)
         updated.append(any(not torch.equal(a, p) for a, p in zip(before, wpn.parameters())))
         skipped += out["wpn_skipped"]
     assert scalers["real"].get_scale() >= 2.0 ** 50   # the backbone's scale grew all along
@@ -1607,16 +1567,19 @@ def test_amp_picks_fp16_on_gpus_without_native_bf16(monkeypatch):
 
 
 @pytest.mark.parametrize("meta_grad", ["higher", "jvp"])
-def test_sync_batchnorm_model_takes_the_same_l2w_iteration(meta_grad):
+@pytest.mark.parametrize("own_forward", [False, True])
+def test_sync_batchnorm_model_takes_the_same_l2w_iteration(meta_grad, own_forward):
     # --sync-bn converts BatchNorm to SyncBatchNorm; the virtual forward must work with it (it used
-    # to pass None buffers, on which SyncBatchNorm asserts) and, in one process, change nothing.
+    # to pass None buffers, on which SyncBatchNorm asserts) and, in one process, change nothing;
+    # nor must the virtual step's own forward that torchrun gives it (virtual_context).
     cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=5)
     cfg = dataclasses.replace(cfg, meta_grad=meta_grad)
     ref = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
     optimizer.param_groups[0]["params"] = list(synced.parameters())   # conversion keeps the parameter objects
-    l2w.train_step(synced, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+    l2w.train_step(synced, wpn, optimizer, wpn_optimizer, images, targets, cfg,
+                   virtual_context=contextlib.nullcontext if own_forward else None)
     l2w.train_step(*ref, images, targets, cfg)
     for got, want in zip(state_of(synced, wpn, optimizer), state_of(*ref[:3])):
         assert torch.allclose(got.double(), want.double(), rtol=1e-10, atol=1e-12)
@@ -1812,7 +1775,8 @@ def first_half_meta_gradient_and_reference(cfg, model, wpn, optimizer, wpn_optim
     recorded = []
     step = wpn_optimizer.step
     wpn_optimizer.step = lambda: (recorded.append([p.grad.clone() for p in wpn.parameters()]), step())[1]
-    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
+                   **l2w.method_options(cfg, model, torch.device("cpu")))
     rmodel, rwpn, ropt = ref
     (x, xm), (y, ym) = images.chunk(2), targets.chunk(2)
     wpn_params = dict(rwpn.named_parameters())
@@ -1889,7 +1853,8 @@ def test_imta_presets_and_architecture_from_pretrained(tmp_path):
     cfg, _ = l2w.parse_config(["--imta", "finetune", "--pretrained", str(tmp_path / "cifar.pt")])
     assert (cfg.dataset, cfg.exits, cfg.batch_size, cfg.lr, cfg.q) == ("cifar100", 5, 1024, 0.8, 0.75)
     assert (cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction) == (3.0, 0.9, "mean")
-    assert cfg.out == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_imta-finetune_seed0")
+    # the folder names the phase-1 checkpoint and its 60-image hold-out (the preset holds out 5000)
+    assert cfg.out == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_imta-finetune_seed0_holdout60_from-cifar")
     write_config_checkpoint(tmp_path / "imagenet.pt", dataset="imagenet", exits=5, step=4, image_size=224,
                             holdout=50000, imta="pretrain")
     cfg, _ = l2w.parse_config(["--imta", "finetune", "--pretrained", str(tmp_path / "imagenet.pt"), "--method", "baseline"])
@@ -1971,6 +1936,285 @@ def test_phase2_resume_is_exact(imta_phase1, tmp_path):
 
 
 # ----------------------------------------------------------------------------
+# Tuning q on the hold-out, --budget, run folders (issue 16)
+# ----------------------------------------------------------------------------
+
+# A q sweep small enough for the suite: 2 exits, one meta-iteration, a hold-out of 80 (halves of 40)
+SWEEP = ["--dataset", "synthetic", "--exits", "2", "--synthetic-size", "300", "--holdout", "80", "--epochs", "1",
+         "--batch-size", "16", "--meta-interval", "100", "--print-every", "100", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def q_sweep(tmp_path_factory):
+    """{q: run folder} of three L2W-DEN runs that differ in --q only."""
+    root = tmp_path_factory.mktemp("q_sweep")
+    for q in ("0.25", "0.75", "1.5"):
+        l2w.main([*SWEEP, "--q", q, "--out", str(root / q)])
+    return {float(q): root / q for q in ("0.25", "0.75", "1.5")}
+
+
+def recording_predict(monkeypatch):
+    """Every (logits, targets) that l2w.predict returns from now on, in order."""
+    recorded = []
+
+    def record(*args, predict=l2w.predict):
+        recorded.append(predict(*args))
+        return recorded[-1]
+
+    monkeypatch.setattr(l2w, "predict", record)
+    return recorded
+
+
+def one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        l2w.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def hand_selection(curves):
+    """--select-q's rule written out: at 101 budgets evenly spread over the Mul-Adds that every
+    curve covers, a curve scores its best accuracy within the budget; the best mean wins."""
+    low = max(min(p["flops"] for p in c) for c in curves.values())
+    high = min(max(p["flops"] for p in c) for c in curves.values())
+    budgets = [low + (high - low) * i / 100 for i in range(101)]
+    means = {q: math.fsum(max(p["acc"] for p in c if p["flops"] <= b) for b in budgets) / 101
+             for q, c in curves.items()}
+    return max(sorted(means), key=means.get), means
+
+
+def test_select_q_picks_what_the_hold_out_curves_say_and_reads_no_test_label(q_sweep, tmp_path, monkeypatch, capsys):
+    results = {q: json.loads((folder / "results.json").read_text()) for q, folder in q_sweep.items()}
+    chosen, means = hand_selection({q: r["holdout_dynamic"] for q, r in results.items()})
+    assert len(set(means.values())) > 1   # the runs differ on the hold-out: the pick is no tie of all
+    l2w.main(["--select-q", *(str(q_sweep[q]) for q in sorted(q_sweep)), "--out", str(tmp_path / "select.json")])
+    selection = json.loads((tmp_path / "select.json").read_text())
+    assert selection["chosen_q"] == chosen and f"chosen: q {chosen:g}" in capsys.readouterr().out
+    assert {row["q"]: row["mean_acc"] for row in selection["rows"]} == pytest.approx(means)
+
+    # The same checkpoints evaluated with every test label changed: the hold-out curves and the
+    # choice stay, the test-set numbers do not.
+    def other_test_labels(cfg, holdout_indices=None, load=data.load):
+        splits = load(cfg, holdout_indices)
+        images, labels = splits.test.base.tensors
+        splits.test.base = torch.utils.data.TensorDataset(images, (labels + 1) % 10)
+        return splits
+
+    monkeypatch.setattr(data, "load", other_test_labels)
+    recorded = recording_predict(monkeypatch)
+    relabelled = {}
+    for q, folder in sorted(q_sweep.items()):
+        l2w.main(["--eval-only", "--resume", str(folder / "checkpoint.pt"), "--out", str(tmp_path / str(q))])
+        relabelled[q] = json.loads((tmp_path / str(q) / "results.json").read_text())
+        assert relabelled[q]["holdout_dynamic"] == results[q]["holdout_dynamic"]
+    assert any(relabelled[q]["anytime"] != results[q]["anytime"] for q in results)
+    l2w.main(["--select-q", *(str(tmp_path / str(q)) for q in sorted(q_sweep)), "--out", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["chosen_q"] == chosen
+    assert [(r["q"], r["acc"], r["mean_acc"]) for r in again["rows"]] == [
+        (r["q"], r["acc"], r["mean_acc"]) for r in selection["rows"]]
+
+    # the hold-out curve: thresholds fitted on the hold-out's even positions, scored on its odd
+    # ones, as MSDNet's loop would score them on a test set
+    (val_logits, val_targets), flops = recorded[0], [row["flops"] for row in results[0.25]["anytime"]]
+    assert len(val_targets) == 80
+    expected = msdnet_dynamic_eval_loop([z[0::2] for z in val_logits], val_targets[0::2],
+                                        [z[1::2] for z in val_logits], val_targets[1::2], flops)
+    curve = results[0.25]["holdout_dynamic"]
+    assert [row["acc"] for row in curve] == pytest.approx([acc for acc, _ in expected])
+    assert [row["flops"] for row in curve] == pytest.approx([cost for _, cost in expected])
+
+
+def fake_sweep_run(folder, q, curve, **config):
+    results = fake_results("l2w", 3)
+    results["config"].update(q=q, **config)
+    results["holdout_dynamic"] = curve and [{"q": 0.05 * i, "acc": acc, "flops": flops}
+                                            for i, (flops, acc) in enumerate(curve)]
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return str(folder)
+
+
+def test_select_q_worked_by_hand_and_what_it_refuses(tmp_path, capsys):
+    # Every run covers 5M..15M. q 0.5: 70 % at any budget. q 1: 60 % below 10M, 79.5 % from 10M
+    # (and 90 % beyond the common range, which must not count): over 101 budgets it averages
+    # (50 x 60 + 51 x 79.5) / 101 = 69.85 %, so q 0.5 wins (joined by lines, q 1 would average
+    # about 74.6 % and win).
+    flat = fake_sweep_run(tmp_path / "flat", 0.5, [(4e6, 10.0), (5e6, 70.0), (15e6, 70.0)])
+    step = fake_sweep_run(tmp_path / "step", 1.0, [(5e6, 60.0), (10e6, 79.5), (15e6, 79.5), (16e6, 90.0)])
+    l2w.main(["--select-q", step, flat, "--out", str(tmp_path / "s.json")])
+    selection = json.loads((tmp_path / "s.json").read_text())
+    assert selection["budgets"] == [5e6, 7.5e6, 10e6, 12.5e6, 15e6] and selection["chosen_q"] == 0.5
+    assert [(r["q"], r["acc"]) for r in selection["rows"]] == [(0.5, [70.0] * 5), (1.0, [60.0, 60.0] + [79.5] * 3)]
+    assert [r["mean_acc"] for r in selection["rows"]] == pytest.approx([70.0, (50 * 60 + 51 * 79.5) / 101])
+    assert "chosen: q 0.5" in capsys.readouterr().out
+
+    other = fake_sweep_run(tmp_path / "other", 0.25, [(5e6, 50.0), (15e6, 50.0)], exits=5)
+    assert f"'{other}' is not of the sweep of '{flat}' (--exits 5, not 3)" in one_line_error(
+        ["--select-q", flat, other], capsys)
+    twice = fake_sweep_run(tmp_path / "twice", 0.5, [(5e6, 50.0), (15e6, 50.0)])
+    assert "each with another --q" in one_line_error(["--select-q", flat, twice], capsys)
+    none = fake_sweep_run(tmp_path / "none", 0.25, None)
+    assert "has no hold-out curve" in one_line_error(["--select-q", flat, none], capsys)
+    assert "--select-q: " in one_line_error(["--select-q", flat, str(tmp_path / "missing")], capsys)
+
+
+def cost_and_accuracy(thresholds, logits, targets, flops):
+    """The budgeted protocol sample by sample: each leaves at the first exit whose threshold its
+    confidence reaches. Returns (mean Mul-Adds, accuracy %)."""
+    confidence = l2w.confidences(logits).tolist()
+    predictions = [z.argmax(dim=1).tolist() for z in logits]
+    thresholds, n = thresholds.tolist(), len(targets)
+    exit_of = [next(k for k in range(len(flops)) if confidence[k][i] >= thresholds[k]) for i in range(n)]
+    return (sum(flops[k] for k in exit_of) / n,
+            100 * sum(predictions[k][i] == targets[i].item() for i, k in enumerate(exit_of)) / n)
+
+
+def assert_best_on_a_fine_grid(record, val_logits, val_targets, flops):
+    """The thresholds of `record` (--budget's) cost at most the budget on the hold-out's odd
+    positions (after fitting on its even ones), and no q of a grid of steps of 0.004 does better
+    there within the budget (BUDGET_QS holds every q of that grid: the choice is best by
+    construction)."""
+    fit, score = [z[0::2] for z in val_logits], ([z[1::2] for z in val_logits], val_targets[1::2])
+    cost, acc = cost_and_accuracy(torch.tensor(record["thresholds"]), *score, flops)
+    assert cost <= record["budget"] and (cost, acc) == pytest.approx((record["holdout_flops"], record["holdout_acc"]))
+    fitting = 0
+    for q in [p / 250 for p in range(1, 501)]:
+        c, a = cost_and_accuracy(l2w.fit_thresholds(l2w.confidences(fit), l2w.exit_fractions(q, len(flops))),
+                                 *score, flops)
+        assert c > record["budget"] or a <= acc, q
+        fitting += c <= record["budget"]
+    assert 0 < fitting < 500   # the budget cuts the grid
+
+
+def test_budget_on_a_trained_run_fits_on_the_hold_out_and_runs_for_real(q_sweep, tmp_path, monkeypatch, capsys):
+    run = q_sweep[0.75]
+    anytime = json.loads((run / "results.json").read_text())["anytime"]
+    flops = [row["flops"] for row in anytime]
+    budget = round((flops[0] + flops[1]) / 2e6, 3)   # in M
+    recorded = recording_predict(monkeypatch)
+    evaluate = ["--eval-only", "--resume", str(run / "checkpoint.pt"), "--out", str(tmp_path / "b")]
+    l2w.main([*evaluate, "--budget", f"{budget}M", "--early-exit"])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    record, ((val_logits, val_targets), (test_logits, test_targets)) = results["budget"], recorded
+    assert record["budget"] == pytest.approx(budget * 1e6) and record["q"] in l2w.BUDGET_QS
+    assert_best_on_a_fine_grid(record, val_logits, val_targets, flops)
+    # the test set's realised cost and accuracy at those thresholds, reported
+    test_cost, test_acc = cost_and_accuracy(torch.tensor(record["thresholds"]), test_logits, test_targets, flops)
+    assert (record["test_flops"], record["test_acc"]) == pytest.approx((test_cost, test_acc))
+    assert f"test set ({len(test_targets)} images): top-1 {test_acc:.2f}, {test_cost / 1e6:.2f}M Mul-Adds" in printed
+    # --early-exit runs them for real: every image leaves where the simulated protocol said
+    early = results["early_exit"]
+    assert early["q"] == record["q"] and early["accuracy"] == pytest.approx(test_acc)
+    assert early["flops"] == pytest.approx(test_cost)
+    assert all(run["same_as_budgeted"] == len(test_targets) for run in early["runs"])
+
+    # out of range: below the first exit, an error; the whole network's cost or more, a line
+    assert "below the first exit's" in one_line_error([*evaluate, "--budget", str(flops[0] * 0.9)], capsys)
+    l2w.main([*evaluate, "--budget", str(flops[-1])])
+    assert len([line for line in capsys.readouterr().out.splitlines() if "the whole network is used" in line]) == 1
+    whole = json.loads((tmp_path / "b" / "results.json").read_text())["budget"]
+    assert whole["thresholds"] == [math.inf, -math.inf] and whole["test_flops"] == flops[-1]
+    assert whole["test_acc"] == pytest.approx(anytime[-1]["acc1"])
+
+
+def test_budget_search_with_three_exits_is_best_on_a_fine_grid():
+    torch.manual_seed(0)
+    scale = torch.tensor([0.5, 1.5, 3.0])   # later exits more confident, and right more often
+    targets = torch.randint(5, (300,))
+    logits = [torch.randn(300, 5) * s + 2 * s * F.one_hot(targets, 5) * (torch.rand(300, 1) < 0.4 + 0.2 * k)
+              for k, s in enumerate(scale)]
+    val, test = ([z[:200] for z in logits], targets[:200]), ([z[200:] for z in logits], targets[200:])
+    record = l2w.budget_evaluate(2.2e6, val, test, [1e6, 2.5e6, 4e6])
+    assert_best_on_a_fine_grid(record, *val, [1e6, 2.5e6, 4e6])
+
+
+def test_budget_takes_mul_adds_as_users_write_them(capsys):
+    assert l2w.mul_adds("20e6") == l2w.mul_adds("20M") == l2w.mul_adds("20000000") == 20e6
+    assert l2w.mul_adds("1.5G") == 1.5e9 and l2w.mul_adds("500k") == 5e5
+    assert "such as 20e6, 20M or 1.5G, not '20X'" in one_line_error(["--budget", "20X"], capsys)
+    assert "give it with --eval-only" in one_line_error(["--dataset", "synthetic", "--budget", "20M"], capsys)
+
+
+def test_plot_marks_a_budget_runs_point(tmp_path, monkeypatch):
+    results = fake_results("l2w", 3)
+    results["budget"] = {"budget": 12e6, "q": 0.4, "thresholds": [0.9, 0.8, -math.inf], "test_acc": 81.0,
+                         "test_flops": 11.5e6}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    import matplotlib.figure
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: drawn.extend(
+        (line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in figure.axes[0].lines))
+    l2w.plot_curves([str(tmp_path)], tmp_path / "curves.png")
+    assert ("l2w msdnet3 synthetic: --budget 12M (dotted), test set", [11.5], [81.0]) in drawn
+    assert any(x == [12.0, 12.0] for _, x, _ in drawn)   # the budget, a vertical line
+
+
+def test_run_sh_names_the_q_sweep_its_selection_and_table_4_each_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    shutil.copy(os.path.join(HERE, "run.sh"), tmp_path)   # a folder without runs: every run would start
+    env = {k: v for k, v in os.environ.items() if k != "IMAGENET"}
+    dry = subprocess.run(["bash", str(tmp_path / "run.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert os.listdir(tmp_path) == ["run.sh"]   # a dry run writes nothing
+    commands = [shlex.split(line)[2:] for line in dry.stdout.splitlines() if line.startswith("  python l2w.py ")]
+    selections = [args for args in commands if "--select-q" in args]
+    runs = [args for args in commands if "--select-q" not in args]
+    folders = [args[args.index("--out") + 1] for args in runs]
+    assert len(runs) > 30 and len(set(folders)) == len(folders)   # no two runs write into one folder
+
+    # the CIFAR-100 MSDNet-5 runs (where the sweep and Table 4 must be) as l2w.py reads their flags
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only (its checks take 1 s a run)
+    configs = {}
+    for args in runs:
+        if " ".join(args).startswith("--dataset cifar100 --arch msdnet --exits 5 "):
+            config = dataclasses.asdict(l2w.parse_config(args)[0])
+            configs[config.pop("out")] = config
+    assert len({json.dumps(c, sort_keys=True) for c in configs.values()}) == len(configs)   # none made twice
+    preset = dataclasses.asdict(l2w.parse_config(["--dataset", "cifar100", "--arch", "msdnet", "--exits", "5"])[0])
+    del preset["out"]
+
+    def folder_of(**changes):   # the one run that is the preset, but for `changes`
+        [folder] = [f for f, c in configs.items() if c == {**preset, **changes}]
+        return folder
+
+    sweep = [folder_of(q=q) for q in (0.25, 0.5, 0.75, 1.0)]
+    assert selections == [["--select-q", *sweep, "--out", "runs/cifar100_msdnet5_select_q.json"]]
+    table4 = [folder_of(method="baseline")] + [folder_of(wpn_depth=d, wpn_width=w) for d, w in
+                                               ((1, 10), (1, 100), (1, 500), (1, 1000), (2, 500), (4, 500))]
+    assert len(set(table4)) == 7
+
+
+def test_default_run_folders_differ_in_every_field_that_changes_training(monkeypatch):
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only (its checks take 1 s a run)
+    # two CLI runs that differ in --wpn-width only; the paper's run keeps its short name
+    preset = l2w.parse_config(["--dataset", "cifar100"])[0]
+    assert preset.out == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_seed0")
+    assert (l2w.parse_config(["--dataset", "cifar100", "--wpn-width", "10"])[0].out
+            == os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_seed0_wpn-width10"))
+
+    def out(**changes):
+        return l2w.default_out(dataclasses.replace(preset, **changes))
+
+    changed = [{}, dict(wpn_width=10), dict(wpn_width=100), dict(wpn_depth=2), dict(delta=0.3), dict(constraint="mat"),
+               dict(meta_interval=100), dict(meta_grad="jvp"), dict(lr=0.1), dict(lr=0.1000001), dict(epochs=200),
+               dict(batch_size=512), dict(momentum=0.5), dict(weight_decay=5e-4), dict(wpn_lr=1e-3),
+               dict(holdout=1000), dict(amp=True), dict(seed=1), dict(q=0.5), dict(method="baseline"),
+               dict(method="baseline", lr=0.1), dict(exits=7), dict(imta="pretrain")]
+    outs = [out(**c) for c in changed]
+    assert len(set(outs)) == len(outs)
+    # a preset's value, or a field that does not change what is trained, adds nothing; nor does a
+    # WPN field to a baseline, which trains no WPN
+    for same in (dict(wpn_width=500), dict(delta=0.8), dict(workers=2), dict(print_every=5), dict(device="cpu"),
+                 dict(data_dir="/elsewhere"), dict(save_every=100)):
+        assert out(**same) == outs[0], same
+    assert out(method="baseline", wpn_width=10) == out(method="baseline")
+
+
+# ----------------------------------------------------------------------------
 # Reliability: resume, --weights, bad input (issue 17)
 # ----------------------------------------------------------------------------
 
@@ -1982,15 +2226,6 @@ def folder_hashes(folder):
     """SHA-256 of every file under `folder`, by relative path."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def fails_in_one_line(argv, capsys):
-    """main(argv) must exit with code 2 and one `error:` line; returns that line."""
-    with pytest.raises(SystemExit) as exit_:
-        l2w.main(argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def edited_checkpoint(run, path, **config):
@@ -2049,7 +2284,7 @@ def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(we
     before = folder_hashes(weights_run)
     for field, value in changed.items():
         flag = "--" + field.replace("_", "-")
-        line = fails_in_one_line(["--resume", str(weights_run / "checkpoint.pt"), flag, value], capsys)
+        line = one_line_error(["--resume", str(weights_run / "checkpoint.pt"), flag, value], capsys)
         old = repr(saved[field]) if isinstance(saved[field], str) else saved[field]
         assert line.startswith(f"error: {flag} {float(value) if field == 'imbalance' else value} does not match "
                                f"the checkpoint's {old} (a resumed run keeps"), line
@@ -2060,7 +2295,7 @@ def test_resume_never_writes_into_another_runs_folder(weights_run, tmp_path, cap
     other = tmp_path / "other"   # another run's folder (a copy's files are another run's)
     shutil.copytree(weights_run, other)
     before, ours = folder_hashes(other), folder_hashes(weights_run)
-    line = fails_in_one_line(["--resume", str(weights_run / "checkpoint.pt"), "--out", str(other)], capsys)
+    line = one_line_error(["--resume", str(weights_run / "checkpoint.pt"), "--out", str(other)], capsys)
     assert f"'{other}' already holds a run's checkpoint" in line
     assert folder_hashes(other) == before and folder_hashes(weights_run) == ours
 
@@ -2160,26 +2395,26 @@ def test_bad_paths_and_environments_give_one_line_before_anything_is_written(wei
             "--dataset", "folder", "--data-dir", str(tmp_path / "one_class")],
     }
     for message, args in cases.items():
-        line = fails_in_one_line(["--out", str(out), *args], capsys)
+        line = one_line_error(["--out", str(out), *args], capsys)
         assert message in line, (message, line)
     # l2w.py's own checkpoints given to --weights say what they are for
     for path, message in [(weights_run / "checkpoint.pt", "is a checkpoint of l2w.py, not a released one: evaluate "
                                                           "or continue it with --resume"),
                           (phase2, "is a checkpoint of l2w.py (--imta finetune), not a released one")]:
-        assert message in fails_in_one_line([*TINY, "--eval-only", "--weights", str(path), "--out", str(out)], capsys)
+        assert message in one_line_error([*TINY, "--eval-only", "--weights", str(path), "--out", str(out)], capsys)
     # --plot: a folder that does not exist; a name without extension is written as given (PNG)
     results = tmp_path / "results.json"
     results.write_text(json.dumps(fake_results("l2w", 3)))
-    line = fails_in_one_line(["--plot", str(results), "--out", str(tmp_path / "missing" / "c.png")], capsys)
+    line = one_line_error(["--plot", str(results), "--out", str(tmp_path / "missing" / "c.png")], capsys)
     assert f"--out '{tmp_path / 'missing' / 'c.png'}' cannot be written (" in line
     # WORLD_SIZE without torchrun
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert "WORLD_SIZE=2 in the environment without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: start the " \
-           "processes with torchrun" in fails_in_one_line(["--out", str(out)], capsys)
+           "processes with torchrun" in one_line_error(["--out", str(out)], capsys)
     monkeypatch.setenv("WORLD_SIZE", "two")
-    assert "WORLD_SIZE='two'" in fails_in_one_line(["--out", str(out)], capsys)
+    assert "WORLD_SIZE='two'" in one_line_error(["--out", str(out)], capsys)
     assert not out.exists() and not os.path.exists("/proc/l2w_issue17")
 
 
@@ -2203,13 +2438,13 @@ def test_checkpoint_that_does_not_fit_its_config_device_fallback_and_a_pretraine
         weights_run, tmp_path, capsys):
     # a config that does not describe the network in the file names both
     wrong = edited_checkpoint(weights_run, tmp_path / "wrong.pt", exits=3)
-    line = fails_in_one_line(["--eval-only", "--resume", wrong, "--out", str(tmp_path / "o")], capsys)
+    line = one_line_error(["--eval-only", "--resume", wrong, "--out", str(tmp_path / "o")], capsys)
     assert "does not fit the msdnet with 3 exits that its config describes (Missing key(s) in state_dict: " in line
     # trained on a GPU this machine lacks: evaluated on what it has, unless --device asks
     gpu = edited_checkpoint(weights_run, tmp_path / "gpu.pt", device="cuda:99")
     l2w.main(["--eval-only", "--resume", gpu, "--out", str(tmp_path / "gpu")])
     assert json.loads((tmp_path / "gpu" / "results.json").read_text())["config"]["device"] == "auto"
-    assert "--device cuda:99 asked for" in fails_in_one_line(["--eval-only", "--resume", gpu, "--device", "cuda:99",
+    assert "--device cuda:99 asked for" in one_line_error(["--eval-only", "--resume", gpu, "--device", "cuda:99",
                                                               "--out", str(tmp_path / "o")], capsys)
     # phase 2 on a network trained without gradient equilibrium: a warning, then it runs
     l2w.main(["--imta", "finetune", "--pretrained", str(weights_run / "checkpoint.pt"), "--epochs", "0",
@@ -2227,7 +2462,7 @@ def test_an_unreadable_image_is_named_and_the_last_checkpoint_stays(tmp_path, ca
     before = folder_hashes(out)
     broken = tmp_path / "data" / "train" / "bee" / "3.png"
     broken.write_bytes(broken.read_bytes()[:60])   # cut short, as an interrupted copy leaves it
-    line = fails_in_one_line(["--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--workers", "1"], capsys)
+    line = one_line_error(["--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--workers", "1"], capsys)
     assert line == f"error: cannot read the image '{broken}' (OSError: image file is truncated)"
     assert folder_hashes(out) == before
 
