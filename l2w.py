@@ -682,7 +682,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
-    draws = random_state(images.device) if meta_step and cfg.meta_grad == "jvp" else None
+    draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
     # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
     # fp32: in bf16 that gradient is mostly rounding error. This forward and its graph serve both
     # the virtual step and the real step, which start from the same parameters and images.
@@ -705,7 +705,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         with (virtual_context or contextlib.nullcontext)():
             virtual_losses = losses
             if virtual_context:   # e.g. SyncBatchNorm, whose synchronised graph cannot be differentiated again
-                draws = random_state(images.device) if meta_step and cfg.meta_grad == "jvp" else None
+                draws = random_state(images.device)
                 virtual_losses = train_losses({})
             # Step 2: weights from the WPN on the detached losses.
             weights = sample_weights(wpn(virtual_losses.detach()), cfg.delta, cfg.constraint)
@@ -732,7 +732,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
                loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
-    """One iteration (Alg. 1 as released): the batch is split into halves A and B; A trains with B
+    """One iteration, as the authors released it: the batch is split into halves A and B; A trains with B
     as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a meta step),
     "wpn_skipped"}.
 

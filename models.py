@@ -50,6 +50,8 @@ def classifier(c_in, width, num_classes):
 
 def init_msdnet(module):
     """MSDNet's initialisation: conv N(0, sqrt(2 / (k*k*out))), BN 1/0, linear bias 0."""
+    if next(module.parameters()).is_meta:   # built for its shapes only (l2w's start-up checks)
+        return
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
