@@ -208,7 +208,7 @@ def synthetic(size, seed, num_classes=10):
     class's texture over a random layout of no class, so only the fine detail names it. Textures
     are shifted at random, so they are found by detecting them anywhere, not by a template. The
     first exit, a few layers over the coarsest scale, separates the easy samples; the hard ones
-    need the fine-scale features that later layers bring down to the coarse scale (issue 10: the
+    need the fine-scale features that later layers bring down to the coarse scale (so the
     demo's deepest exit is then the best, and the budgeted curve rises with the budget). Unit
     Gaussian noise on every pixel. Returns (train, test) with `size` and `size // 3` samples.
     """

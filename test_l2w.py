@@ -125,7 +125,7 @@ def test_count_cost_hand_worked_on_a_tiny_network():
 # RANet (Yang et al., CVPR 2020): Model-C-1 (6 exits) and Model-C-2 (8 exits)
 # ----------------------------------------------------------------------------
 
-# Model-C-1 on CIFAR-10, as the L2W-DEN issue states them: cumulative Mul-Adds (M, 3 decimals)
+# Model-C-1 on CIFAR-10, the published figures: cumulative Mul-Adds (M, 3 decimals)
 # and parameters (M, 4 decimals) per exit, and the exact total.
 C1_CIFAR10_MADDS = [8.361, 21.765, 32.844, 41.524, 53.226, 58.921]
 C1_CIFAR10_PARAMS = [0.3471, 0.8767, 1.2702, 1.7543, 2.1301, 2.5476]
@@ -1073,7 +1073,7 @@ def test_synthetic_set_is_seeded_and_only_fine_detail_names_the_hard_half():
 
 def test_demo_deepest_exit_is_best_and_the_budgeted_curve_rises(tmp_path):
     # The README's one-minute demo exactly (`--dataset synthetic --exits 3`, the preset), in process:
-    # about a minute on a 2-core CPU, the one slow test of the suite (issue 10's acceptance).
+    # about a minute on a 2-core CPU, the one slow test of the suite.
     cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--exits", "3", "--out", str(tmp_path), "--device", "cpu"])
     results = l2w.train(cfg)
     first, last = results["anytime"][0]["acc1"], results["anytime"][-1]["acc1"]
@@ -1546,7 +1546,7 @@ def test_meta_gradient_under_amp_is_close_to_fp32(monkeypatch):
         error[name] = (fp32 - first_meta_gradient(setup, amp, scalers)).norm()
     for name in ("bf16", "fp16"):
         assert error[name] < 0.3 * fp32.norm()
-        # the first-order path is as close to fp32 as the second-order one (issue 9)
+        # the first-order path is as close to fp32 as the second-order one
         assert error[name + " jvp"] < max(1.25 * error[name], 0.02 * fp32.norm())
 
 
@@ -1799,7 +1799,7 @@ def first_half_meta_gradient_and_reference(cfg, model, wpn, optimizer, wpn_optim
     return recorded[0], torch.autograd.grad(meta, list(wpn_params.values()))
 
 
-@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])   # both paths: issues 8 and 9
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])
 def test_meta_gradient_through_gradient_equilibrium_matches_torch_func(meta_grad):
     cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=5, imta="pretrain")
     cfg = dataclasses.replace(cfg, meta_grad=meta_grad)
@@ -1818,7 +1818,7 @@ def test_meta_gradient_through_gradient_equilibrium_matches_torch_func(meta_grad
     assert not all(torch.allclose(g, p, rtol=1e-3) for g, p in zip(got, plain_grads))
 
 
-@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])   # both paths: issues 8 and 9
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])
 def test_meta_gradient_through_phase2_heads_matches_torch_func_and_phase1_stays_bit_identical(meta_grad):
     cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=6, imta="finetune")
     cfg = dataclasses.replace(cfg, meta_grad=meta_grad)
@@ -1951,7 +1951,7 @@ def test_phase2_resume_is_exact(imta_phase1, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Tuning q on the hold-out, --budget, run folders (issue 16)
+# Tuning q on the hold-out, --budget, run folders
 # ----------------------------------------------------------------------------
 
 # A q sweep small enough for the suite: 2 exits, one meta-iteration, a hold-out of 80 (halves of 40)
@@ -2230,7 +2230,7 @@ def test_default_run_folders_differ_in_every_field_that_changes_training(monkeyp
 
 
 # ----------------------------------------------------------------------------
-# Reliability: resume, --weights, bad input (issue 17)
+# Reliability: resume, --weights, bad input
 # ----------------------------------------------------------------------------
 
 TINY = ["--dataset", "synthetic", "--exits", "2", "--synthetic-size", "60", "--holdout", "12", "--batch-size", "8",
@@ -2403,7 +2403,7 @@ def test_bad_paths_and_environments_give_one_line_before_anything_is_written(wei
         "--exits must be at most 32, got 1000": ["--exits", "1000"],
         "--wpn-depth must be at most 8, got 100000": ["--wpn-depth", "100000"],
         "--wpn-width must be at most 4096, got 1000000": ["--wpn-width", "1000000"],
-        "--out '/proc/l2w_issue17/run' cannot be written": ["--out", "/proc/l2w_issue17/run", "--dataset", "cifar10",
+        "--out '/proc/l2w_test/run' cannot be written": ["--out", "/proc/l2w_test/run", "--dataset", "cifar10",
                                                   "--data-dir", str(tmp_path / "empty")],
         f"--out '{a_file}/run' cannot be written: Not a directory": ["--out", f"{a_file}/run"],
         f"'{tmp_path / 'one_class'}/train' holds one class folder; classification needs at least two": [
@@ -2430,7 +2430,7 @@ def test_bad_paths_and_environments_give_one_line_before_anything_is_written(wei
            "processes with torchrun" in one_line_error(["--out", str(out)], capsys)
     monkeypatch.setenv("WORLD_SIZE", "two")
     assert "WORLD_SIZE='two'" in one_line_error(["--out", str(out)], capsys)
-    assert not out.exists() and not os.path.exists("/proc/l2w_issue17")
+    assert not out.exists() and not os.path.exists("/proc/l2w_test")
 
 
 def test_plot_says_the_path_it_wrote(tmp_path, capsys):
