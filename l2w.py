@@ -21,7 +21,7 @@ The file reads in that order: config, the method (self-contained: copy it into y
 evaluation (anytime, budgeted, real early exit), the training loop, curves, benchmark, main().
 
     python l2w.py --dataset cifar10 --arch msdnet --exits 7     # the paper's setting
-    python l2w.py --dataset synthetic --exits 3                 # one-minute offline demo
+    python l2w.py --dataset synthetic --exits 3                 # offline demo, under a minute
     python l2w.py --eval-only --resume runs/.../checkpoint.pt   # evaluate a checkpoint
     python l2w.py --select-q RUN RUN ...                        # q chosen on the hold-out
     python l2w.py --help                                        # every option; README.md for more
@@ -98,7 +98,7 @@ class Config:
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
     meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
     holdout: int = 5000            # training images held out for validation and thresholds
-    synthetic_size: int = 2000     # training images of --dataset synthetic (test set: a third)
+    synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
     workers: int = 4               # data-loading processes per rank
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
@@ -138,8 +138,8 @@ PRESETS = {
     "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # sized so that the demo (3 exits, L2W-DEN) takes about a minute on a laptop CPU; batch 64 and
-    # lr 0.3 give the 46 updates of 2 epochs enough reach for the deeper exits to learn the textures
+    # sized so that the demo (3 exits, L2W-DEN) takes under a minute on a laptop CPU; batch 64 and
+    # lr 0.3 give the 30 iterations of 2 epochs enough reach for the deeper exits to learn the textures
     "synthetic": dict(epochs=2, batch_size=64, lr=0.3, q=0.75, delta=0.8, constraint="col",
                       meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
 }
@@ -445,10 +445,10 @@ def unused_folder(folder):
 
 
 # ============================================================================
-# The method (arXiv:2209.08310, Sec. 3): WPN, sample weights, meta objective, one iteration.
-# Self-contained: copy from this banner to the next into your project; it needs only the
-# imports below (repeated from the top for that). README, "Using the method in your own project".
+# The method (arXiv:2209.08310, Sec. 3): WPN, sample weights, meta objective, one iteration
 # ============================================================================
+# Self-contained: copy from the banner above to the next into your project; it needs only the
+# imports below. README, "Using the method in your own project".
 import contextlib
 import math
 from functools import partial
@@ -502,12 +502,10 @@ def weighted_loss(losses, weights):
 
 def check_exit_logits(logits):
     """The model contract: forward returns per-exit logits, cheapest exit first."""
-    stacked = isinstance(logits, torch.Tensor) and logits.dim() == 3
-    listed = isinstance(logits, (list, tuple)) and len(logits) > 0 and all(
-        isinstance(z, torch.Tensor) and z.dim() == 2 for z in logits)
-    if stacked or listed:
+    if torch.is_tensor(logits) and logits.dim() == 3 or isinstance(logits, (list, tuple)) and len(logits) > 0 and all(
+            torch.is_tensor(z) and z.dim() == 2 for z in logits):
         return logits
-    got = f"a tensor of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+    got = f"a tensor of shape {tuple(logits.shape)}" if torch.is_tensor(logits) else type(logits).__name__
     raise TypeError("the model's forward must return per-exit logits: a list or tuple of (n, classes) tensors "
                     f"or a stacked (exits, n, classes) tensor; got {got}")
 
@@ -533,9 +531,8 @@ def confidences(logits):
 def meta_exit_assignment(confidence, fractions):
     """Exit of every meta sample (step 4), as the released code assigns them: walking the exits in
     order, exit k takes exactly floor(n f_k) of the samples not yet assigned, the most confident
-    at exit k first (ties: lower index first); the last exit takes the rest. Sorting and slicing,
-    not thresholds, so saturated confidences (softmax exactly 1.0) cannot push more than
-    floor(n f_k) samples into an exit. confidence: (K, n); returns (n,) exit indices."""
+    at exit k first (ties: lower index first; sorted, so saturated confidences cannot push more
+    in); the last exit takes the rest. confidence: (K, n); returns (n,) exit indices."""
     exits, n = confidence.shape
     exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.arange(n, device=confidence.device)
@@ -575,8 +572,7 @@ def trainable_parameters(net):
     return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
-def scaled(loss, scaler):
-    """The loss times an fp16 loss scaler's scale, where there is one."""
+def scaled(loss, scaler):   # times an fp16 loss scaler's scale, where there is one
     return loss if scaler is None else scaler.scale(loss)
 
 
@@ -617,7 +613,7 @@ def virtual_sgd_step(optimizer, params, grads):
         group = group_of[p]
         mu, dampening = group["momentum"], group["dampening"]
         step, slope = g.add(p, alpha=group["weight_decay"]), 1.0
-        buf = optimizer.state[p].get("momentum_buffer") if mu else None
+        buf = optimizer.state.get(p, {}).get("momentum_buffer") if mu else None
         if mu:
             buf, slope = (step, 1.0) if buf is None else (buf.mul(mu).add_(step, alpha=1 - dampening), 1 - dampening)
             step, slope = (step.add(buf, alpha=mu), 1 + mu * slope) if group["nesterov"] else (buf, slope)
@@ -637,7 +633,8 @@ def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler
     theta -> L (`train_losses`, whose random draws were `draws`) in the direction a * v give all
     n x K of them."""
     # Step 3 as plain numbers (SGD's formula); the graph of `losses` stays for the real step.
-    grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), list(params.values()), retain_graph=True)
+    grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), list(params.values()), retain_graph=True,
+                                allow_unused=True, materialize_grads=True)   # a layer the forward skips: g = 0
     with torch.no_grad():
         theta_virtual, slopes = virtual_sgd_step(optimizer, params.values(), grads)
     theta_virtual = [t.requires_grad_() for t in theta_virtual]
@@ -651,15 +648,18 @@ def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler
     direction = {name: torch.zeros_like(p) if t.grad is None else a * t.grad
                  for (name, p), a, t in zip(params.items(), slopes, theta_virtual)}
     with replayed(draws), forward_ad.dual_level(), torch.no_grad():
-        u = forward_ad.unpack_dual(train_losses({name: forward_ad.make_dual(p.detach(), direction[name])
-                                                 for name, p in params.items()})).tangent
+        try:
+            u = forward_ad.unpack_dual(train_losses({name: forward_ad.make_dual(p.detach(), direction[name])
+                                                     for name, p in params.items()})).tangent
+        except NotImplementedError as e:   # e.g. a custom autograd.Function without a jvp rule
+            raise NotImplementedError(f"meta_grad 'jvp' needs forward-mode AD through the network, which fails "
+                                      f"here ({str(e).splitlines()[0]}); use meta_grad 'higher'") from None
     # Step 5's gradient: dM/dw = -u / n, back-propagated through w = 1 + delta (g - mean g) into the WPN.
     weights.backward(-u / len(u), inputs=list(wpn.parameters()))
     return m
 
 
-def random_state(device):
-    """What the random draws of a forward on `device` start from."""
+def random_state(device):   # what the random draws of a forward on `device` start from
     return device, torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
@@ -678,7 +678,7 @@ def replayed(state):
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
               loss_fn, autocast, scalers, virtual_context):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, whether the
-    fp16 loss scaler skipped the WPN's step). Arguments as in `train_step`."""
+    fp16 loss scaler skipped the WPN's step)."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
@@ -730,6 +730,26 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     return loss.item(), meta_loss, skipped
 
 
+def check_meta_step(model, optimizer, cfg):
+    """What the virtual step needs, refused in one line where it is missing."""
+    if not (math.isfinite(cfg.q) and cfg.q > 0 and math.isfinite(cfg.delta) and cfg.delta >= 0):
+        raise ValueError(f"q must be a finite number > 0 and delta one >= 0, got q {cfg.q} and delta {cfg.delta}")
+    trainable, groups = trainable_parameters(model), optimizer.param_groups
+    held = {id(p) for group in groups for p in group["params"]}
+    missing = [name for name, p in trainable.items() if id(p) not in held]
+    if missing:
+        raise ValueError(f"the virtual step moves every parameter that requires grad, but the optimizer does not "
+                         f"hold {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if cfg.meta_grad == "higher" and len(held) > len(trainable):
+        raise ValueError(f"meta_grad 'higher' needs an optimizer of the parameters that require grad only; this one "
+                         f"also holds {len(held) - len(trainable)} frozen ones (leave them out, or use meta_grad 'jvp')")
+    if any(group.get("maximize") for group in groups):
+        raise ValueError("the virtual step descends the weighted loss: an optimizer with maximize=True cannot take it")
+    if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
+        raise ValueError(f"meta_grad 'jvp' takes the virtual step with SGD's formula and needs a torch.optim.SGD "
+                         f"optimizer, got {type(optimizer).__name__} (use meta_grad 'higher')")
+
+
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
                loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
     """One iteration, as the authors released it: the batch is split into halves A and B; A trains with B
@@ -748,14 +768,7 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     """
     check_knobs(cfg)
     if cfg.method == "l2w" and meta:
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, p in trainable_parameters(model).items() if id(p) not in in_optimizer]
-        if missing:
-            raise ValueError(f"the virtual step moves every parameter that requires grad, but the optimizer does not "
-                             f"hold {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
-            raise ValueError(f"meta_grad 'jvp' takes the virtual step with SGD's formula and needs a torch.optim.SGD "
-                             f"optimizer, got {type(optimizer).__name__} (use meta_grad 'higher')")
+        check_meta_step(model, optimizer, cfg)
     model.train()
     wpn.train()
     a, b = images.chunk(2), targets.chunk(2)
@@ -888,8 +901,7 @@ def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
                      qs=tuple(p / 20 for p in range(1, 40))):
     """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39 (or `qs`), fit
     thresholds on the hold-out split, apply them to the test set, and report accuracy and
-    expected Mul-Adds sum_k share_k * flops_k. Thresholds work as in the meta objective
-    (`fit_thresholds`)."""
+    expected Mul-Adds sum_k share_k * flops_k (thresholds: `fit_thresholds`)."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
     correct, flops = correctness(test_logits, test_targets), torch.tensor(flops, dtype=torch.float64)
     curve = []
@@ -1607,7 +1619,7 @@ def bench(cfg):
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
 
-    def step(**knobs):   # plain: the baseline's iteration, two SGD steps with every weight 1
+    def iteration(**knobs):   # plain: the baseline's iteration, two SGD steps with every weight 1
         train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, **knobs), **options)
 
     print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
@@ -1615,11 +1627,11 @@ def bench(cfg):
           f"{torch.get_num_threads()} threads, amp {cfg.amp}, channels-last {cfg.channels_last}, "
           f"median of {cfg.bench_iters}")
     # The three kinds of iteration alternate, so that a busy machine slows them alike, and take
-    # turns at going first (here, the same iteration measured 2 % slower right after a `higher`
-    # one than right after another). "higher" and "jvp" are the two ways of taking the same
-    # meta-gradient (Config.meta_grad).
-    steps = [("plain", partial(step, method="baseline")), ("higher", partial(step, method="l2w", meta_grad="higher")),
-             ("jvp", partial(step, method="l2w", meta_grad="jvp"))]
+    # turns at going first, so that none always follows the same one. "higher" and "jvp" are the
+    # two ways of taking the same meta-gradient (Config.meta_grad).
+    steps = [("plain", partial(iteration, method="baseline")),
+             ("higher", partial(iteration, method="l2w", meta_grad="higher")),
+             ("jvp", partial(iteration, method="l2w", meta_grad="jvp"))]
     times, memory = {name: [] for name, _ in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps[i % 3:] + steps[:i % 3]:

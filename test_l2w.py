@@ -516,7 +516,8 @@ def double_setup(seed=0, batch=8, exits=3, lr=0.5, **overrides):
 
 
 def state_of(model, wpn, optimizer):
-    momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters() if p.requires_grad]
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()
+                if "momentum_buffer" in optimizer.state.get(p, {})]
     return list(model.state_dict().values()) + list(wpn.state_dict().values()) + momentum
 
 
@@ -549,10 +550,22 @@ def test_train_step_matches_independent_torch_func_computation(meta_grad):
         assert torch.allclose(got.double(), want.double(), rtol=1e-8, atol=1e-10)
 
 
+class Reverse(torch.autograd.Function):
+    """Gradient reversal, with a backward and no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
 class OwnNetwork(torch.nn.Module):
     """A user's own two-exit network, not from models.py: a residual added in place (torchvision's
-    ResNet idiom), in-place LeakyReLU, SiLU and Hardswish, dropout, BatchNorm and GroupNorm, and a
-    tuple of logits, cheapest exit first."""
+    ResNet idiom), in-place LeakyReLU, SiLU and Hardswish, dropout, BatchNorm and GroupNorm, a
+    layer the forward skips, and a tuple of logits, cheapest exit first."""
 
     def __init__(self, dropout=0.0, classes=5):
         super().__init__()
@@ -565,6 +578,7 @@ class OwnNetwork(torch.nn.Module):
         self.down = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16),
                                   nn.Hardswish(inplace=True))
         self.head2 = nn.Linear(16, classes)
+        self.unused = nn.Linear(3, 3)
 
     def forward(self, x):
         x = self.stem(x)
@@ -694,6 +708,10 @@ def test_readme_own_project_example_runs_and_the_readme_stays_for_users(capsys):
     (dict(frozen_out=True), "the optimizer does not hold head2.weight and 1 more"),
     (dict(forward=lambda z: z[1]), r"per-exit logits.*got a tensor of shape \(4, 5\)"),
     (dict(forward=lambda z: {"exit1": z[0]}), "per-exit logits.*got dict"),
+    (dict(forward=lambda z: (Reverse.apply(z[0]), z[1]), jvp=True), "forward-mode AD .* use meta_grad 'higher'"),
+    (dict(frozen_in=True), "also holds 1 frozen ones (leave them out, or use meta_grad 'jvp')"),
+    (dict(maximize=True), "maximize=True"),
+    (dict(q=0.0), "q must be a finite number > 0 and delta one >= 0, got q 0.0 and delta 0.8"),
 ])
 def test_the_api_refuses_what_it_cannot_do_in_one_line(misuse, error):
     knobs, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()
@@ -705,10 +723,18 @@ def test_the_api_refuses_what_it_cannot_do_in_one_line(misuse, error):
         optimizer, knobs.meta_grad = torch.optim.Adam(model.parameters()), "jvp"
     if misuse.get("frozen_out"):   # the head of exit 2 trains but is not in the optimizer
         optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("head2")], lr=0.1)
+    if misuse.get("frozen_in"):   # frozen after the optimizer took it: `higher` cannot step it
+        model.head2.bias.requires_grad_(False)
+    if misuse.get("maximize"):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    if misuse.get("jvp"):
+        knobs.meta_grad = "jvp"
+    if "q" in misuse:
+        knobs.q = misuse["q"]
     if "forward" in misuse:
         forward = model.forward
         model.forward = lambda x: misuse["forward"](forward(x))
-    with pytest.raises((ValueError, TypeError)) as raised:
+    with pytest.raises((ValueError, TypeError, NotImplementedError)) as raised:
         l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, knobs)
     message = str(raised.value)
     assert re.search(error if "forward" in misuse else re.escape(error), message)
@@ -766,13 +792,15 @@ def test_meta_gradient_matches_finite_differences():
         assert finite_difference == pytest.approx(recorded[0][last_bias][j].item(), rel=1e-4, abs=1e-9)
 
 
-def test_virtual_step_leaves_model_optimizer_and_bn_untouched():
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])
+def test_virtual_step_leaves_model_optimizer_and_bn_untouched(meta_grad):
     # With delta = 0 every weight is 1 whatever the WPN says, so an L2W iteration must end in
     # exactly the state of a baseline iteration -- unless the virtual step leaked into the real
     # parameters, momentum buffers or BatchNorm running statistics.
     cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=2)
     base = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))
-    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, delta=0.0))
+    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets,
+                   dataclasses.replace(cfg, delta=0.0, meta_grad=meta_grad))
     l2w.train_step(*base, images, targets, dataclasses.replace(cfg, method="baseline"))
     for got, want in zip(list(model.state_dict().values()) + [optimizer.state[p]["momentum_buffer"] for p in model.parameters()],
                          list(base[0].state_dict().values()) + [base[2].state[p]["momentum_buffer"] for p in base[0].parameters()]):
@@ -1072,8 +1100,8 @@ def test_synthetic_set_is_seeded_and_only_fine_detail_names_the_hard_half():
 
 
 def test_demo_deepest_exit_is_best_and_the_budgeted_curve_rises(tmp_path):
-    # The README's one-minute demo exactly (`--dataset synthetic --exits 3`, the preset), in process:
-    # about a minute on a 2-core CPU, the one slow test of the suite.
+    # The README's demo exactly (`--dataset synthetic --exits 3`, the preset), in process:
+    # about 35 s on a 2-core CPU, the slowest test of the suite.
     cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--exits", "3", "--out", str(tmp_path), "--device", "cpu"])
     results = l2w.train(cfg)
     first, last = results["anytime"][0]["acc1"], results["anytime"][-1]["acc1"]
@@ -1272,7 +1300,7 @@ def test_torch_rng_stream_continues_after_restore_and_cuda_state_is_optional():
 
 def test_fp16_resume_restores_both_loss_scalers(tmp_path, monkeypatch):
     monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
-    cfg = small_cfg(exits=2, epochs=2, batch_size=16, synthetic_size=36, holdout=20, amp=True)
+    cfg = small_cfg(exits=2, epochs=2, batch_size=8, synthetic_size=28, holdout=20, amp=True)
     l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "straight")))
     l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "split")), stop_after_epoch=1)
     state = l2w.load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
@@ -1515,13 +1543,24 @@ def test_image_folder_layout_errors(tmp_path, layout, message):
         assert result.stderr.strip().count("\n") == 0 and message in result.stderr
 
 
+class Recorded(Exception):
+    """Stops an iteration once the gradient a test wants is recorded."""
+
+
 def first_meta_gradient(setup, cfg, scalers=None):
+    """The WPN's gradient at its first step in a train_step on a copy of `setup` (the rest of the
+    iteration is not run)."""
     model, wpn, optimizer, wpn_optimizer, images, targets = copy.deepcopy(setup)
     recorded = []
-    step = wpn_optimizer.step
-    wpn_optimizer.step = lambda: (recorded.append(torch.cat([p.grad.flatten() for p in wpn.parameters()])), step())[1]
+
+    def record():
+        recorded.append(torch.cat([p.grad.flatten() for p in wpn.parameters()]))
+        raise Recorded
+
+    wpn_optimizer.step = record
     options = l2w.method_options(cfg, model, torch.device("cpu"))
-    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, **{**options, "scalers": scalers})
+    with pytest.raises(Recorded):
+        l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, **{**options, "scalers": scalers})
     return recorded[0]
 
 
@@ -1559,10 +1598,10 @@ def test_fp16_wpn_keeps_learning_when_the_backbone_scale_grows(monkeypatch):
     cfg = small_cfg(exits=2, lr=0.1, batch_size=8, amp=True)
     model, wpn, optimizer, wpn_optimizer, options = l2w.build(cfg, 10, torch.device("cpu"))
     scalers = options["scalers"] = {name: torch.amp.GradScaler("cpu", init_scale=2.0 ** start, growth_interval=1)
-                                    for name, start in (("real", 36), ("meta", 20))}
+                                    for name, start in (("real", 40), ("meta", 20))}
     images, targets = torch.randn(8, 3, 32, 32), torch.randint(10, (8,))
     updated, skipped = [], 0
-    for _ in range(8):   # the backbone's scale grows 4x an iteration: 2^36 -> 2^52
+    for _ in range(6):   # the backbone's scale grows 4x an iteration: 2^40 -> 2^52
         before = [p.detach().clone() for p in wpn.parameters()]
         out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, **options)
         updated.append(any(not torch.equal(a, p) for a, p in zip(before, wpn.parameters())))
