@@ -741,8 +741,9 @@ def check_meta_step(model, optimizer, cfg):
         raise ValueError(f"the virtual step moves every parameter that requires grad, but the optimizer does not "
                          f"hold {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if cfg.meta_grad == "higher" and len(held) > len(trainable):
-        raise ValueError(f"meta_grad 'higher' needs an optimizer of the parameters that require grad only; this one "
-                         f"also holds {len(held) - len(trainable)} frozen ones (leave them out, or use meta_grad 'jvp')")
+        raise ValueError(f"meta_grad 'higher' needs an optimizer of the parameters that require grad only; this "
+                         f"one also holds {len(held) - len(trainable)} frozen ones (leave them out, or use "
+                         f"meta_grad 'jvp')")
     if any(group.get("maximize") for group in groups):
         raise ValueError("the virtual step descends the weighted loss: an optimizer with maximize=True cannot take it")
     if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
@@ -752,9 +753,9 @@ def check_meta_step(model, optimizer, cfg):
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
                loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
-    """One iteration, as the authors released it: the batch is split into halves A and B; A trains with B
-    as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a meta step),
-    "wpn_skipped"}.
+    """One iteration, as the authors released it: the batch is split into halves A and B; A
+    trains with B as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a
+    meta step), "wpn_skipped"}.
 
     model: its forward returns per-exit logits, cheapest exit first (may be DDP-wrapped).
     optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).

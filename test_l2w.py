@@ -589,7 +589,8 @@ class OwnNetwork(torch.nn.Module):
         return z1, self.head2(self.drop(self.down(out).mean((2, 3))))
 
 
-def own_network_setup(dropout=0.0, dtype=torch.float32, seed=0, constraint="col", meta_grad="higher", wpn_class=l2w.WPN):
+def own_network_setup(dropout=0.0, dtype=torch.float32, seed=0, constraint="col", meta_grad="higher",
+                      wpn_class=l2w.WPN):
     torch.manual_seed(seed)
     model = OwnNetwork(dropout).to(dtype)
     wpn = wpn_class(2, 1, 16).to(dtype)
