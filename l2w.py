@@ -957,7 +957,7 @@ def budget_evaluate(budget, val, test, flops):
     holdout_acc, holdout_flops = budgeted_point(thresholds, confidences(score_logits),
                                                 correctness(score_logits, score_targets), flops)
     test_acc, test_flops = budgeted_point(thresholds, confidences(test[0]), correctness(*test), flops)
-    log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: q {q if q is None else f'{q:.4g}'}, thresholds "
+    log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: {'the whole network' if q is None else f'q {q:.4g}'}, thresholds "
         f"{' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit_targets)} images, "
         f"scored on {len(score_targets)}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per image\n"
         f" test set ({len(test[1])} images): top-1 {test_acc:.2f}, {test_flops / 1e6:.2f}M Mul-Adds per image")
