@@ -205,10 +205,10 @@ def test_ranet_only_cifar_sized_images():
         models.build_model("ranet", 10, 6, image_size=224)
 
 
-@pytest.mark.parametrize("exits", [6, 8])
-def test_ranet_trains_through_train_step_on_the_synthetic_set(exits):
+@pytest.mark.parametrize("exits, meta_grad", [(6, "higher"), (8, "jvp")])   # jvp = higher: tested below
+def test_ranet_trains_through_train_step_on_the_synthetic_set(exits, meta_grad):
     torch.manual_seed(0)
-    cfg = small_cfg(arch="ranet", exits=exits, batch_size=4)
+    cfg = small_cfg(arch="ranet", exits=exits, batch_size=4, meta_grad=meta_grad)
     model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
     images, labels = data.synthetic(4, seed=0)[0].tensors
     before = copy.deepcopy((model.state_dict(), wpn.state_dict()))
