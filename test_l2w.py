@@ -1400,7 +1400,7 @@ def test_bench_reports_the_three_iterations_and_their_ratios():
     assert ms["higher"] > ms["plain"] and ms["jvp"] > ms["plain"]   # the meta step costs
 
 
-def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, capsys):
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     phase1 = tmp_path / "phase1.pt"
@@ -1466,9 +1466,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, capsys):
              for msg in in_processes}
     for msg, args in cases.items():
         if msg not in in_processes:
-            with pytest.raises(SystemExit) as exit_:
-                l2w.main(["--out", str(tmp_path / "o"), *args])
-            one_line(msg, exit_.value.code, capsys.readouterr().err)
+            result = cli("--out", tmp_path / "o", *args)
+            one_line(msg, result.returncode, result.stderr)
     for msg, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
         one_line(msg, proc.returncode, stderr)
@@ -2020,11 +2019,10 @@ def recording_predict(monkeypatch):
     return recorded
 
 
-def one_line_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        l2w.main(argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+def one_line_error(argv):
+    result = cli(*argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
 
 
@@ -2107,12 +2105,12 @@ def test_select_q_worked_by_hand_and_what_it_refuses(tmp_path, capsys):
 
     other = fake_sweep_run(tmp_path / "other", 0.25, [(5e6, 50.0), (15e6, 50.0)], exits=5)
     assert f"'{other}' is not of the sweep of '{flat}' (--exits 5, not 3)" in one_line_error(
-        ["--select-q", flat, other], capsys)
+        ["--select-q", flat, other])
     twice = fake_sweep_run(tmp_path / "twice", 0.5, [(5e6, 50.0), (15e6, 50.0)])
-    assert "each with another --q" in one_line_error(["--select-q", flat, twice], capsys)
+    assert "each with another --q" in one_line_error(["--select-q", flat, twice])
     none = fake_sweep_run(tmp_path / "none", 0.25, None)
-    assert "has no hold-out curve" in one_line_error(["--select-q", flat, none], capsys)
-    assert "--select-q: " in one_line_error(["--select-q", flat, str(tmp_path / "missing")], capsys)
+    assert "has no hold-out curve" in one_line_error(["--select-q", flat, none])
+    assert "--select-q: " in one_line_error(["--select-q", flat, str(tmp_path / "missing")])
 
 
 def cost_and_accuracy(thresholds, logits, targets, flops):
@@ -2167,7 +2165,7 @@ def test_budget_on_a_trained_run_fits_on_the_hold_out_and_runs_for_real(q_sweep,
     assert all(run["same_as_budgeted"] == len(test_targets) for run in early["runs"])
 
     # out of range: below the first exit, an error; the whole network's cost or more, a line
-    assert "below the first exit's" in one_line_error([*evaluate, "--budget", str(flops[0] * 0.9)], capsys)
+    assert "below the first exit's" in one_line_error([*evaluate, "--budget", str(flops[0] * 0.9)])
     l2w.main([*evaluate, "--budget", str(flops[-1])])
     assert len([line for line in capsys.readouterr().out.splitlines() if "the whole network is used" in line]) == 1
     whole = json.loads((tmp_path / "b" / "results.json").read_text())["budget"]
@@ -2186,11 +2184,11 @@ def test_budget_search_with_three_exits_is_best_on_a_fine_grid():
     assert_best_on_a_fine_grid(record, *val, [1e6, 2.5e6, 4e6])
 
 
-def test_budget_takes_mul_adds_as_users_write_them(capsys):
+def test_budget_takes_mul_adds_as_users_write_them():
     assert l2w.mul_adds("20e6") == l2w.mul_adds("20M") == l2w.mul_adds("20000000") == 20e6
     assert l2w.mul_adds("1.5G") == 1.5e9 and l2w.mul_adds("500k") == 5e5
-    assert "such as 20e6, 20M or 1.5G, not '20X'" in one_line_error(["--budget", "20X"], capsys)
-    assert "give it with --eval-only" in one_line_error(["--dataset", "synthetic", "--budget", "20M"], capsys)
+    assert "such as 20e6, 20M or 1.5G, not '20X'" in one_line_error(["--budget", "20X"])
+    assert "give it with --eval-only" in one_line_error(["--dataset", "synthetic", "--budget", "20M"])
 
 
 def test_plot_marks_a_budget_runs_point(tmp_path, monkeypatch):
@@ -2330,7 +2328,7 @@ def test_a_moved_run_from_weights_resumes_beside_its_checkpoint_without_the_rele
     assert folder_hashes(weights_run) == before
 
 
-def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(weights_run, capsys):
+def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(weights_run):
     changed = {"dataset": "cifar10", "imbalance": "50", "synthetic_size": "300", "holdout": "40", "arch": "ranet",
                "exits": "3", "step": "6", "base": "7", "image_size": "224", "seed": "1", "imta": "pretrain",
                "wpn_depth": "2", "wpn_width": "100"}
@@ -2339,18 +2337,18 @@ def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(we
     before = folder_hashes(weights_run)
     for field, value in changed.items():
         flag = "--" + field.replace("_", "-")
-        line = one_line_error(["--resume", str(weights_run / "checkpoint.pt"), flag, value], capsys)
+        line = one_line_error(["--resume", str(weights_run / "checkpoint.pt"), flag, value])
         old = repr(saved[field]) if isinstance(saved[field], str) else saved[field]
         assert line.startswith(f"error: {flag} {float(value) if field == 'imbalance' else value} does not match "
                                f"the checkpoint's {old} (a resumed run keeps"), line
     assert folder_hashes(weights_run) == before
 
 
-def test_resume_never_writes_into_another_runs_folder(weights_run, tmp_path, capsys):
+def test_resume_never_writes_into_another_runs_folder(weights_run, tmp_path):
     other = tmp_path / "other"   # another run's folder (a copy's files are another run's)
     shutil.copytree(weights_run, other)
     before, ours = folder_hashes(other), folder_hashes(weights_run)
-    line = one_line_error(["--resume", str(weights_run / "checkpoint.pt"), "--out", str(other)], capsys)
+    line = one_line_error(["--resume", str(weights_run / "checkpoint.pt"), "--out", str(other)])
     assert f"'{other}' already holds a run's checkpoint" in line
     assert folder_hashes(other) == before and folder_hashes(weights_run) == ours
 
@@ -2417,8 +2415,7 @@ def test_released_files_without_batchnorm_counters_load_bit_identically(tmp_path
         assert all(torch.equal(a, b) for a, b in zip(source.eval()(x), target.eval()(x), strict=True))
 
 
-def test_bad_paths_and_environments_give_one_line_before_anything_is_written(weights_run, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_bad_paths_and_environments_give_one_line_before_anything_is_written(weights_run, tmp_path, monkeypatch):
     phase1 = tmp_path / "phase1.pt"
     write_config_checkpoint(phase1, imta="pretrain")
     unfinished = tmp_path / "unfinished.pt"
@@ -2450,26 +2447,26 @@ def test_bad_paths_and_environments_give_one_line_before_anything_is_written(wei
             "--dataset", "folder", "--data-dir", str(tmp_path / "one_class")],
     }
     for message, args in cases.items():
-        line = one_line_error(["--out", str(out), *args], capsys)
+        line = one_line_error(["--out", str(out), *args])
         assert message in line, (message, line)
     # l2w.py's own checkpoints given to --weights say what they are for
     for path, message in [(weights_run / "checkpoint.pt", "is a checkpoint of l2w.py, not a released one: evaluate "
                                                           "or continue it with --resume"),
                           (phase2, "is a checkpoint of l2w.py (--imta finetune), not a released one")]:
-        assert message in one_line_error([*TINY, "--eval-only", "--weights", str(path), "--out", str(out)], capsys)
+        assert message in one_line_error([*TINY, "--eval-only", "--weights", str(path), "--out", str(out)])
     # --plot: a folder that does not exist; a name without extension is written as given (PNG)
     results = tmp_path / "results.json"
     results.write_text(json.dumps(fake_results("l2w", 3)))
-    line = one_line_error(["--plot", str(results), "--out", str(tmp_path / "missing" / "c.png")], capsys)
+    line = one_line_error(["--plot", str(results), "--out", str(tmp_path / "missing" / "c.png")])
     assert f"--out '{tmp_path / 'missing' / 'c.png'}' cannot be written (" in line
     # WORLD_SIZE without torchrun
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert "WORLD_SIZE=2 in the environment without RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT: start the " \
-           "processes with torchrun" in one_line_error(["--out", str(out)], capsys)
+           "processes with torchrun" in one_line_error(["--out", str(out)])
     monkeypatch.setenv("WORLD_SIZE", "two")
-    assert "WORLD_SIZE='two'" in one_line_error(["--out", str(out)], capsys)
+    assert "WORLD_SIZE='two'" in one_line_error(["--out", str(out)])
     assert not out.exists() and not os.path.exists("/proc/l2w_test")
 
 
@@ -2493,14 +2490,14 @@ def test_checkpoint_that_does_not_fit_its_config_device_fallback_and_a_pretraine
         weights_run, tmp_path, capsys):
     # a config that does not describe the network in the file names both
     wrong = edited_checkpoint(weights_run, tmp_path / "wrong.pt", exits=3)
-    line = one_line_error(["--eval-only", "--resume", wrong, "--out", str(tmp_path / "o")], capsys)
+    line = one_line_error(["--eval-only", "--resume", wrong, "--out", str(tmp_path / "o")])
     assert "does not fit the msdnet with 3 exits that its config describes (Missing key(s) in state_dict: " in line
     # trained on a GPU this machine lacks: evaluated on what it has, unless --device asks
     gpu = edited_checkpoint(weights_run, tmp_path / "gpu.pt", device="cuda:99")
     l2w.main(["--eval-only", "--resume", gpu, "--out", str(tmp_path / "gpu")])
     assert json.loads((tmp_path / "gpu" / "results.json").read_text())["config"]["device"] == "auto"
     assert "--device cuda:99 asked for" in one_line_error(["--eval-only", "--resume", gpu, "--device", "cuda:99",
-                                                              "--out", str(tmp_path / "o")], capsys)
+                                                              "--out", str(tmp_path / "o")])
     # phase 2 on a network trained without gradient equilibrium: a warning, then it runs
     l2w.main(["--imta", "finetune", "--pretrained", str(weights_run / "checkpoint.pt"), "--epochs", "0",
               "--out", str(tmp_path / "phase2")])
@@ -2508,7 +2505,7 @@ def test_checkpoint_that_does_not_fit_its_config_device_fallback_and_a_pretraine
             in capsys.readouterr().out)
 
 
-def test_an_unreadable_image_is_named_and_the_last_checkpoint_stays(tmp_path, capsys):
+def test_an_unreadable_image_is_named_and_the_last_checkpoint_stays(tmp_path):
     write_image_tree(str(tmp_path / "data"), ["ant", "bee"], per_class=5)
     out = tmp_path / "run"
     l2w.main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", "32", "--exits", "2",
@@ -2517,7 +2514,7 @@ def test_an_unreadable_image_is_named_and_the_last_checkpoint_stays(tmp_path, ca
     before = folder_hashes(out)
     broken = tmp_path / "data" / "train" / "bee" / "3.png"
     broken.write_bytes(broken.read_bytes()[:60])   # cut short, as an interrupted copy leaves it
-    line = one_line_error(["--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--workers", "1"], capsys)
+    line = one_line_error(["--resume", str(out / "checkpoint.pt"), "--epochs", "2", "--workers", "1"])
     assert line == f"error: cannot read the image '{broken}' (OSError: image file is truncated)"
     assert folder_hashes(out) == before
 
