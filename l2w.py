@@ -18,7 +18,8 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
   6. real SGD step of the backbone, weighted by the updated WPN.
 
 The file reads in that order: config, the method (self-contained: copy it into your project),
-evaluation (anytime, budgeted, real early exit), the training loop, curves, benchmark, main().
+IMTA, evaluation (anytime, budgeted, real early exit), the training loop, then what a user looks
+up rather than reads: the command line's checks and parsing, curves, benchmark, main().
 
     python l2w.py --dataset cifar10 --arch msdnet --exits 7     # the paper's setting
     python l2w.py --dataset synthetic --exits 3                 # offline demo, under a minute
@@ -55,22 +56,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from models import IMTANet, build_model, count_cost, load_released
+from models import IMTANet, build_model, check_input_size, count_cost, load_released
 
 
 # ============================================================================
 # Config: one dataclass; per-dataset presets hold the paper's values
 # ============================================================================
-
-def mul_adds(text):
-    """--budget's value: Mul-Adds per image as 20e6, 20M or 1.5G."""
-    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
-    try:
-        return float(text[:-1] if scale != 1 else text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Mul-Adds per image such as 20e6, 20M or 1.5G, "
-                                         f"not '{text}'") from None
-
 
 @dataclass
 class Config:
@@ -112,7 +103,7 @@ class Config:
     weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
     eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
     early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
-    budget: float = dataclasses.field(default=0.0, metadata={"type": mul_adds})  # --eval-only: mean Mul-Adds/image (20M)
+    budget: float = 0.0            # --eval-only: mean Mul-Adds/image (20M)
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     imta: str = ""                 # IMTA (Li et al. 2019) phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
@@ -146,302 +137,9 @@ PRESETS = {
 # IMTA's distillation settings (its released code), for --imta finetune; other data sets keep
 # the Config defaults, IMTA's CIFAR values (T = 3, gamma = 0.9).
 IMTA_PRESETS = {"imagenet": dict(kd_temperature=1.0, kd_gamma=0.1)}
-# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
-# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
-PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
-                     "image_size")
-# --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
-# long-tailed sets), the hold-out split and the networks the checkpoint holds.
-RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")
 # Far beyond the papers' networks (5 to 8 exits, a WPN of 1 hidden layer of 500 units), and below
 # the sizes that hang or exhaust memory (a CIFAR MSDNet of 32 exits has 528 layers, 324M parameters).
 LIMITS = {"exits": 32, "wpn_depth": 8, "wpn_width": 4096}
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-def check_config(cfg):
-    """Every field's range and every combination that cannot run, checked before any data is
-    loaded or any directory made."""
-    def need(ok, message):
-        if not ok:
-            raise UsageError(message)
-
-    def finite(name, low, low_ok=True):   # a number >= low (> low), not nan or inf
-        value = getattr(cfg, name)
-        need(math.isfinite(value) and (value >= low if low_ok else value > low),
-             f"--{name.replace('_', '-')} must be a finite number {'>=' if low_ok else '>'} {low}, got {value}")
-
-    choices = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "kd_reduction": ("mean", "batchmean")}
-    for name, allowed in choices.items():
-        need(getattr(cfg, name) in allowed,
-             f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
-    for name in ("exits", "step", "base", "batch_size", "wpn_width", "meta_interval", "print_every", "bench_iters"):
-        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("epochs", "wpn_depth", "holdout", "workers", "seed", "save_every"):
-        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name, most in LIMITS.items():
-        need(getattr(cfg, name) <= most, f"--{name.replace('_', '-')} must be at most {most}, got "
-             f"{getattr(cfg, name)} (the papers' networks: 5 to 8 exits, a WPN of 1 hidden layer of 500 units)")
-    need(cfg.seed < 2 ** 32, f"--seed must be below 2^32, got {cfg.seed}")
-    need(cfg.batch_size % (2 * cfg.world_size) == 0,
-         f"--batch-size must be even (it is split into two halves) and divisible by 2 x {cfg.world_size} ranks, "
-         f"got {cfg.batch_size}")
-    need(cfg.imta != "finetune" or cfg.eval_only or cfg.batch_size >= 4 * cfg.world_size,
-         f"--imta finetune needs --batch-size >= 4 x {cfg.world_size} ranks (ISC's BatchNorm1d needs 2 samples "
-         f"in each half-batch), got {cfg.batch_size}")
-    finite("lr", 0, low_ok=False)
-    finite("wpn_lr", 0)
-    finite("weight_decay", 0)
-    finite("wpn_weight_decay", 0)
-    finite("delta", 0)
-    finite("imbalance", 1)
-    need(0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}")
-    finite("kd_temperature", 0, low_ok=False)
-    need(0 <= cfg.kd_gamma <= 1, f"--kd-gamma must be in [0, 1], got {cfg.kd_gamma}")
-    need(cfg.imta in ("", "pretrain", "finetune"), f"unknown --imta '{cfg.imta}' (choose pretrain or finetune)")
-    need(not cfg.imta or cfg.arch == "msdnet",
-         f"--imta is built for msdnet (IMTA's techniques as released), not {cfg.arch}")
-    need(cfg.imta != "finetune" or cfg.pretrained or cfg.resume,
-         "--imta finetune needs --pretrained PATH (a checkpoint of --imta pretrain)")
-    need(not cfg.pretrained or cfg.imta == "finetune", "--pretrained is for --imta finetune")
-    need(not (cfg.pretrained and cfg.weights), "--pretrained and --weights both give the network: give one of them")
-    finite("q", 0, low_ok=False)
-    try:   # q^k must neither overflow nor vanish
-        fractions = exit_fractions(cfg.q, cfg.exits)
-        fits = bool(torch.isfinite(fractions).all()) and fractions.min() > 0
-    except OverflowError:
-        fits = False
-    need(fits,
-         f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
-    need(cfg.synthetic_size >= 3, f"--synthetic-size must be >= 3, got {cfg.synthetic_size}")
-    need(cfg.image_size >= 1, f"--image-size must be >= 1, got {cfg.image_size}")
-    need(cfg.dataset in ("imagenet", "folder") or cfg.image_size == 32,
-         f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder")
-    need(not cfg.eval_only or cfg.resume or cfg.weights,
-         "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)")
-    finite("budget", 0)
-    need(not cfg.budget or cfg.eval_only,
-         "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT")
-    need(not cfg.budget or cfg.holdout > 0,
-         "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)")
-    need(not (cfg.early_exit and cfg.world_size > 1),
-         "--early-exit times inference in one process; run it without torchrun")
-    if cfg.weights and not cfg.resume:   # read once, when the run starts
-        check_file(cfg.weights, "--weights")
-    need(not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
-         f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)")
-    need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
-    uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
-         "--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
-    need(not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)")
-    checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-    if (not (cfg.bench or cfg.eval_only) and os.path.isfile(checkpoint)
-            and not (cfg.resume and os.path.samefile(checkpoint, cfg.resume))):
-        raise UsageError(f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume {checkpoint}, "
-                         f"or give another --out")
-    if not cfg.bench:
-        check_writable(cfg.out)
-    # Shapes only: the network is built and run on the meta device, computing nothing. Every
-    # MSDNet exit reads the same coarsest scale, so one exit tells whether the image size fits,
-    # and the check takes no longer with more exits.
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg.arch, 10, cfg.exits if cfg.arch == "ranet" else 1, cfg.image_size, cfg.step,
-                                base=cfg.base, gradient_equilibrium=cfg.imta == "pretrain").eval()
-            model(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except RuntimeError:
-        raise UsageError(f"{cfg.arch} cannot reduce {cfg.image_size}x{cfg.image_size} images to its exits; "
-                         f"use --image-size 32 (CIFAR-style network) or 224 (ImageNet-style)") from None
-
-
-def check_file(path, what):
-    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "checkpoint.pt")
-        raise UsageError(f"{what} '{path}' is a folder, not a file"
-                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} '{path}' does not exist")
-
-
-def check_writable(folder):
-    """`folder` exists or can be made, and files can be written in it; makes and leaves nothing."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=existing))
-    except OSError as e:
-        raise UsageError(f"--out '{folder}' cannot be written: {e.strerror} in '{existing}'") from None
-
-
-def missing_device(device):
-    """Why this machine cannot run on `device` (cuda, cuda:1, ...), or '' when it can."""
-    if not device.startswith("cuda"):
-        return ""
-    if not torch.cuda.is_available():
-        return "CUDA is not available here"
-    if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
-        return f"this machine has {torch.cuda.device_count()} CUDA devices"
-    return ""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
-
-
-# Fields that do not change what a run trains (where it runs, what it reports): they name no run
-# folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
-# and those that only IMTA's distillation reads.
-NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
-                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
-META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
-               "meta_grad")
-KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
-
-
-def number(value):
-    """A number as a folder name shows it: short, and never the same text for two values."""
-    text = f"{value:g}"
-    return text if isinstance(value, int) or float(text) == value else repr(value)
-
-
-def default_out(cfg):
-    """runs/<data>_<network>_<method>_seed<seed>, the short names of the paper's runs, then
-    _<field><value> for every other field that changes training and differs from the data set's
-    preset (e.g. _wpn-width10, _meta-grad-jvp), so that runs that train differently never share a
-    folder. A run started from a checkpoint (--pretrained, --weights) adds _from-<its run or file>."""
-    data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
-    if cfg.dataset == "folder":   # the data are the folder
-        data_name += "-" + os.path.basename(os.path.abspath(cfg.data_dir))
-    imagenet_msdnet = cfg.arch == "msdnet" and cfg.image_size >= 64
-    network = (f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if imagenet_msdnet else "")
-               + (f"_b{cfg.base}" if imagenet_msdnet and cfg.base != 4 else ""))
-    method = (cfg.method + (f"_q{number(cfg.q)}" if cfg.method == "l2w" else "")
-              + (f"_imta-{cfg.imta}" if cfg.imta else ""))
-    name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
-    finetune = cfg.imta == "finetune"
-    preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
-    skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
-            *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
-            *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}
-    for f in dataclasses.fields(Config):
-        value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
-        if f.name in skip or value == getattr(preset, f.name):
-            continue
-        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
-            path = os.path.abspath(value)
-            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
-                                else os.path.basename(path).split(".")[0])
-        else:
-            name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
-    return os.path.join("runs", name)
-
-
-def parse_config(argv=None):
-    """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...), each with its
-    comment as help. Returns (config, checkpoint state or None): with --resume the run continues
-    beside the checkpoint, with the config stored in it; flags given now win, except those that
-    would change its data, split or network (RESUME_FIELDS). --eval-only writes into
-    <checkpoint's folder>/eval (or runs/eval_<weights file>) unless --out is given, never over a
-    training run or an earlier evaluation (eval-2, eval-3, ... then)."""
-    comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
-                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
-                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves")
-    for f in dataclasses.fields(Config):
-        if not f.metadata.get("cli", True):
-            continue
-        flag, help = "--" + f.name.replace("_", "-"), f"{comments.get(f.name, '')} (default: {f.default})"
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=help)
-        else:
-            parser.add_argument(flag, type=f.metadata.get("type", f.type), metavar=f.name.upper(), help=help)
-    flags = vars(parser.parse_args(argv))
-    if flags.get("resume") and flags.get("weights"):
-        raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
-    state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
-    known = {f.name for f in dataclasses.fields(Config)}
-    saved = {k: v for k, v in state["config"].items() if k in known} if state else {}
-    saved.pop("eval_only", None)
-    if state:
-        kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
-                    "a resumed run keeps the data, hold-out split and network it started with")
-        if missing_device(saved.get("device", "auto")):   # trained on a device this machine lacks
-            saved["device"] = "auto"
-    imta = flags.get("imta", saved.get("imta", Config.imta))
-    if imta == "finetune" and not state and flags.get("pretrained"):
-        saved = pretrained_fields(flags)
-    dataset = flags.get("dataset", saved.get("dataset", Config.dataset))
-    imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
-    try:
-        cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
-    except ValueError as e:   # the method's knobs (check_knobs)
-        raise UsageError(str(e)) from None
-    cfg.world_size = torchrun_world_size()
-    if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
-        cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
-                                os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
-    elif state and "out" not in flags:   # where the checkpoint is now, wherever the run was moved or copied
-        cfg.out = os.path.dirname(os.path.abspath(cfg.resume))
-    elif not cfg.out:
-        cfg.out = default_out(cfg)
-    check_config(cfg)
-    if cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
-        raise UsageError(f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
-    return cfg, state
-
-
-def kept_fields(flags, config, fields, whose, why):
-    """The `fields` of a checkpoint's config (Config's default where an older one lacks one); a
-    flag that contradicts one of them is an error."""
-    kept = {k: config.get(k, getattr(Config, k)) for k in fields}
-    for k, v in kept.items():
-        if k in flags and flags[k] != v:
-            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match {whose} "
-                             f"{repr(v) if isinstance(v, str) else v} ({why})")
-    return kept
-
-
-def pretrained_fields(flags):
-    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config, which must be a finished
-    phase-1 run; a flag that contradicts one of them is an error (the frozen network cannot change)."""
-    path = flags["pretrained"]
-    state = load_checkpoint(path)
-    config = state["config"]
-    if config.get("imta") == "finetune":
-        raise UsageError(f"--pretrained '{path}' is an --imta finetune checkpoint; give the --imta pretrain one")
-    if state["batch"] or state["epoch"] < config.get("epochs", 0):
-        raise UsageError(f"--pretrained '{path}' is unfinished ({state['epoch']} of {config.get('epochs')} epochs "
-                         f"done) and phase 2 would freeze it as it is; finish it first with --resume {path}")
-    return kept_fields(flags, config, PRETRAINED_FIELDS, "the pretrained network's",
-                       "--imta finetune takes it from --pretrained")
-
-
-def torchrun_world_size():
-    """WORLD_SIZE as torchrun sets it, with the variables its rendezvous reads (1 without torchrun)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not (world.isdigit() and int(world) >= 1):
-        raise UsageError(f"WORLD_SIZE={world!r} in the environment; torchrun sets it to the number of processes")
-    unset = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if int(world) > 1 and unset:
-        raise UsageError(f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start the processes "
-                         "with torchrun (which sets them all), or unset WORLD_SIZE")
-    return int(world)
-
-
-def unused_folder(folder):
-    """`folder`, or the first of folder-2, folder-3, ... that holds no results and no checkpoint."""
-    taken = lambda f: any(os.path.exists(os.path.join(f, name)) for name in ("results.json", "checkpoint.pt"))
-    return next(f for f in itertools.chain([folder], (f"{folder}-{i}" for i in itertools.count(2))) if not taken(f))
 
 
 # ============================================================================
@@ -1498,6 +1196,307 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
             f"{100 * run['speedup'] / result['flops_speedup']:28.0f} % {run['same_as_budgeted']:11d}/{n}")
     return result
 
+
+# ============================================================================
+# The command line: checks, parsing, run folders
+# ============================================================================
+
+def mul_adds(text):
+    """--budget's value: Mul-Adds per image as 20e6, 20M or 1.5G."""
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected Mul-Adds per image such as 20e6, 20M or 1.5G, "
+                                         f"not '{text}'") from None
+
+
+CLI_TYPES = {"budget": mul_adds}   # flags read by more than the field's type
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def finite(low, strict=False):   # a float's range: nan and inf are out of every one
+    return lambda v: math.isfinite(v) and (v > low if strict else v >= low)
+
+
+# The range of every number, each rule stated once: (fields, whether a value is in it, what the
+# value must be[, why]).
+RANGES = [
+    (("exits", "step", "base", "batch_size", "wpn_width", "meta_interval", "print_every", "bench_iters",
+      "image_size"), lambda v: v >= 1, "must be >= 1"),
+    (("epochs", "wpn_depth", "holdout", "workers", "seed", "save_every"), lambda v: v >= 0, "must be >= 0"),
+    (("synthetic_size",), lambda v: v >= 3, "must be >= 3"),
+    (("seed",), lambda v: v < 2 ** 32, "must be below 2^32"),
+    (("lr", "q", "kd_temperature"), finite(0, strict=True), "must be a finite number > 0"),
+    (("wpn_lr", "weight_decay", "wpn_weight_decay", "delta", "budget"), finite(0), "must be a finite number >= 0"),
+    (("imbalance",), finite(1), "must be a finite number >= 1"),
+    (("momentum",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("kd_gamma",), lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    *[((name,), lambda v, most=most: v <= most, f"must be at most {most}",
+       " (the papers' networks: 5 to 8 exits, a WPN of 1 hidden layer of 500 units)") for name, most in LIMITS.items()],
+]
+CLI_CHOICES = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "kd_reduction": ("mean", "batchmean")}
+
+
+def need(ok, message):
+    if not ok:
+        raise UsageError(message)
+
+
+def check_config(cfg):
+    """Every field's range and every combination that cannot run, checked before any data is
+    loaded or any directory made."""
+    for name, allowed in CLI_CHOICES.items():
+        need(getattr(cfg, name) in allowed, f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
+    need(cfg.imta in ("", "pretrain", "finetune"), f"unknown --imta '{cfg.imta}' (choose pretrain or finetune)")
+    for names, ok, rule, *why in RANGES:
+        for name in names:
+            need(ok(getattr(cfg, name)), f"--{name.replace('_', '-')} {rule}, got {getattr(cfg, name)}{''.join(why)}")
+    try:   # q^k must neither overflow nor vanish
+        fractions = exit_fractions(cfg.q, cfg.exits)
+        fits = bool(torch.isfinite(fractions).all()) and fractions.min() > 0
+    except OverflowError:
+        fits = False
+    need(fits, f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
+    # Combinations: (what must hold, what to do otherwise), in the order a user would fix them.
+    ranks = f"{cfg.world_size} ranks"
+    for ok, message in [
+        (cfg.batch_size % (2 * cfg.world_size) == 0, f"--batch-size must be even (it is split into two halves) and "
+         f"divisible by 2 x {ranks}, got {cfg.batch_size}"),
+        (cfg.imta != "finetune" or cfg.eval_only or cfg.batch_size >= 4 * cfg.world_size, f"--imta finetune needs "
+         f"--batch-size >= 4 x {ranks} (ISC's BatchNorm1d needs 2 samples in each half-batch), got {cfg.batch_size}"),
+        (not cfg.imta or cfg.arch == "msdnet", f"--imta is built for msdnet (IMTA's techniques as released), not {cfg.arch}"),
+        (cfg.imta != "finetune" or cfg.pretrained or cfg.resume,
+         "--imta finetune needs --pretrained PATH (a checkpoint of --imta pretrain)"),
+        (not cfg.pretrained or cfg.imta == "finetune", "--pretrained is for --imta finetune"),
+        (not (cfg.pretrained and cfg.weights), "--pretrained and --weights both give the network: give one of them"),
+        (cfg.dataset in ("imagenet", "folder") or cfg.image_size == 32,
+         f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder"),
+        (not cfg.eval_only or cfg.resume or cfg.weights,
+         "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)"),
+        (not cfg.budget or cfg.eval_only,
+         "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT"),
+        (not cfg.budget or cfg.holdout > 0,
+         "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)"),
+        (not (cfg.early_exit and cfg.world_size > 1), "--early-exit times inference in one process; run it without torchrun"),
+        (not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)"),
+        (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)"),
+    ]:
+        need(ok, message)
+    if cfg.weights and not cfg.resume:   # read once, when the run starts
+        check_file(cfg.weights, "--weights")
+    need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
+    uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
+         "--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
+    checkpoint = os.path.join(cfg.out, "checkpoint.pt")
+    if (not (cfg.bench or cfg.eval_only) and os.path.isfile(checkpoint)
+            and not (cfg.resume and os.path.samefile(checkpoint, cfg.resume))):
+        raise UsageError(f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume {checkpoint}, "
+                         f"or give another --out")
+    if not cfg.bench:
+        check_writable(cfg.out)
+    try:
+        check_input_size(cfg.arch, cfg.exits, cfg.image_size, cfg.step, cfg.base, cfg.imta == "pretrain")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_file(path, what):
+    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        raise UsageError(f"{what} '{path}' is a folder, not a file"
+                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} '{path}' does not exist")
+
+
+def check_writable(folder):
+    """`folder` exists or can be made, and files can be written in it; makes and leaves nothing."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing))
+    except OSError as e:
+        raise UsageError(f"--out '{folder}' cannot be written: {e.strerror} in '{existing}'") from None
+
+
+def missing_device(device):
+    """Why this machine cannot run on `device` (cuda, cuda:1, ...), or '' when it can."""
+    if not device.startswith("cuda"):
+        return ""
+    if not torch.cuda.is_available():
+        return "CUDA is not available here"
+    if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+        return f"this machine has {torch.cuda.device_count()} CUDA devices"
+    return ""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+# Fields that do not change what a run trains (where it runs, what it reports): they name no run
+# folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
+# and those that only IMTA's distillation reads.
+NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
+                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
+META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
+               "meta_grad")
+KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
+
+
+def number(value):
+    """A number as a folder name shows it: short, and never the same text for two values."""
+    text = f"{value:g}"
+    return text if isinstance(value, int) or float(text) == value else repr(value)
+
+
+def default_out(cfg):
+    """runs/<data>_<network>_<method>_seed<seed>, the short names of the paper's runs, then
+    _<field><value> for every other field that changes training and differs from the data set's
+    preset (e.g. _wpn-width10, _meta-grad-jvp), so that runs that train differently never share a
+    folder. A run started from a checkpoint (--pretrained, --weights) adds _from-<its run or file>."""
+    data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
+    if cfg.dataset == "folder":   # the data are the folder
+        data_name += "-" + os.path.basename(os.path.abspath(cfg.data_dir))
+    imagenet_msdnet = cfg.arch == "msdnet" and cfg.image_size >= 64
+    network = (f"{cfg.arch}{cfg.exits}" + (f"_s{cfg.step}" if imagenet_msdnet else "")
+               + (f"_b{cfg.base}" if imagenet_msdnet and cfg.base != 4 else ""))
+    method = (cfg.method + (f"_q{number(cfg.q)}" if cfg.method == "l2w" else "")
+              + (f"_imta-{cfg.imta}" if cfg.imta else ""))
+    name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
+    finetune = cfg.imta == "finetune"
+    preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
+    skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
+            *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
+            *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
+        if f.name in skip or value == getattr(preset, f.name):
+            continue
+        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
+            path = os.path.abspath(value)
+            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
+                                else os.path.basename(path).split(".")[0])
+        else:
+            name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
+    return os.path.join("runs", name)
+
+
+def parse_config(argv=None):
+    """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...), each with its
+    comment as help. Returns (config, checkpoint state or None): with --resume the run continues
+    beside the checkpoint, with the config stored in it; flags given now win, except those that
+    would change its data, split or network (RESUME_FIELDS). --eval-only writes into
+    <checkpoint's folder>/eval (or runs/eval_<weights file>) unless --out is given, never over a
+    training run or an earlier evaluation (eval-2, eval-3, ... then)."""
+    comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+                           epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
+                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves")
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("cli", True):
+            continue
+        flag, help = "--" + f.name.replace("_", "-"), f"{comments.get(f.name, '')} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=help)
+        else:
+            parser.add_argument(flag, type=CLI_TYPES.get(f.name, f.type), metavar=f.name.upper(), help=help)
+    flags = vars(parser.parse_args(argv))
+    if flags.get("resume") and flags.get("weights"):
+        raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
+    state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in state["config"].items() if k in known} if state else {}
+    saved.pop("eval_only", None)
+    if state:
+        kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
+                    "a resumed run keeps the data, hold-out split and network it started with")
+        if missing_device(saved.get("device", "auto")):   # trained on a device this machine lacks
+            saved["device"] = "auto"
+    imta = flags.get("imta", saved.get("imta", Config.imta))
+    if imta == "finetune" and not state and flags.get("pretrained"):
+        saved = pretrained_fields(flags)
+    dataset = flags.get("dataset", saved.get("dataset", Config.dataset))
+    imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
+    try:
+        cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
+    except ValueError as e:   # the method's knobs (check_knobs)
+        raise UsageError(str(e)) from None
+    cfg.world_size = torchrun_world_size()
+    if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
+        cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
+                                os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
+    elif state and "out" not in flags:   # where the checkpoint is now, wherever the run was moved or copied
+        cfg.out = os.path.dirname(os.path.abspath(cfg.resume))
+    elif not cfg.out:
+        cfg.out = default_out(cfg)
+    check_config(cfg)
+    if cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
+        raise UsageError(f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
+    return cfg, state
+
+
+def kept_fields(flags, config, fields, whose, why):
+    """The `fields` of a checkpoint's config (Config's default where an older one lacks one); a
+    flag that contradicts one of them is an error."""
+    kept = {k: config.get(k, getattr(Config, k)) for k in fields}
+    for k, v in kept.items():
+        if k in flags and flags[k] != v:
+            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match {whose} "
+                             f"{repr(v) if isinstance(v, str) else v} ({why})")
+    return kept
+
+
+def pretrained_fields(flags):
+    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config, which must be a finished
+    phase-1 run; a flag that contradicts one of them is an error (the frozen network cannot change)."""
+    path = flags["pretrained"]
+    state = load_checkpoint(path)
+    config = state["config"]
+    if config.get("imta") == "finetune":
+        raise UsageError(f"--pretrained '{path}' is an --imta finetune checkpoint; give the --imta pretrain one")
+    if state["batch"] or state["epoch"] < config.get("epochs", 0):
+        raise UsageError(f"--pretrained '{path}' is unfinished ({state['epoch']} of {config.get('epochs')} epochs "
+                         f"done) and phase 2 would freeze it as it is; finish it first with --resume {path}")
+    return kept_fields(flags, config, PRETRAINED_FIELDS, "the pretrained network's",
+                       "--imta finetune takes it from --pretrained")
+
+
+def torchrun_world_size():
+    """WORLD_SIZE as torchrun sets it, with the variables its rendezvous reads (1 without torchrun)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not (world.isdigit() and int(world) >= 1):
+        raise UsageError(f"WORLD_SIZE={world!r} in the environment; torchrun sets it to the number of processes")
+    unset = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if int(world) > 1 and unset:
+        raise UsageError(f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start the processes "
+                         "with torchrun (which sets them all), or unset WORLD_SIZE")
+    return int(world)
+
+
+def unused_folder(folder):
+    """`folder`, or the first of folder-2, folder-3, ... that holds no results and no checkpoint."""
+    taken = lambda f: any(os.path.exists(os.path.join(f, name)) for name in ("results.json", "checkpoint.pt"))
+    return next(f for f in itertools.chain([folder], (f"{folder}-{i}" for i in itertools.count(2))) if not taken(f))
+
+
+# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
+# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
+                     "image_size")
+# --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
+# long-tailed sets), the hold-out split and the networks the checkpoint holds.
+RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")
 
 # ============================================================================
 # Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them

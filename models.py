@@ -583,6 +583,20 @@ def build_model(arch, num_classes, exits, image_size=32, step=None, base=None, g
     raise ValueError(f"unknown arch '{arch}' (choose msdnet or ranet)")
 
 
+def check_input_size(arch, exits, image_size, step=None, base=None, gradient_equilibrium=False):
+    """ValueError, in one line, where `build_model`'s network cannot take `image_size` images. Shapes
+    only: the network is built and run on the meta device, computing nothing. Every MSDNet exit
+    reads the same coarsest scale, so one exit tells whether the size fits, as fast for any K."""
+    with torch.device("meta"):
+        model = build_model(arch, 10, exits if arch == "ranet" else 1, image_size, step, base,
+                            gradient_equilibrium).eval()
+        try:
+            model(torch.zeros(1, 3, image_size, image_size))
+        except RuntimeError:
+            raise ValueError(f"{arch} cannot reduce {image_size}x{image_size} images to its exits; use --image-size "
+                             "32 (CIFAR-style network) or 224 (ImageNet-style)") from None
+
+
 def count_cost(model, image_size):
     """Cumulative Mul-Adds and parameters per exit, with MSDNet's op-counter convention.
 
