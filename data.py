@@ -201,16 +201,16 @@ def read_image(path):
 
 
 def synthetic(size, seed, num_classes=10):
-    """A learnable CIFAR-shaped set (3x32x32, 10 classes) in which depth pays off on the hard half.
+    """A learnable CIFAR-shaped set (3x32x32, 10 classes) whose samples range from easy to hard.
 
     Every class has a smooth colour layout (a random 4x4 grid, upsampled) and a fine texture (a
     random 8x8 motif of 2x2-pixel cells, tiled). An easy sample shows both; a hard one shows its
     class's texture over a random layout of no class, so only the fine detail names it. Textures
-    are shifted at random, so they are found by detecting them anywhere, not by a template. The
-    first exit, a few layers over the coarsest scale, separates the easy samples; the hard ones
-    need the fine-scale features that later layers bring down to the coarse scale (so the
-    demo's deepest exit is then the best, and the budgeted curve rises with the budget). Unit
-    Gaussian noise on every pixel. Returns (train, test) with `size` and `size // 3` samples.
+    are shifted at random, so they are found by detecting them anywhere, not by a template, and
+    each sample's texture has its own strength (uniform in [1, 2] times the noise's), so that
+    difficulty is graded and the training losses keep a spread: the faint textures are learnt
+    late, and by the deeper exits first. Unit Gaussian noise on every pixel. Returns (train, test)
+    with `size` and `size // 3` samples.
     """
     g = torch.Generator().manual_seed(seed)
     smooth = lambda t: torch.nn.functional.interpolate(t, size=32, mode="bilinear", align_corners=False)
@@ -227,7 +227,9 @@ def synthetic(size, seed, num_classes=10):
         no_class = no_class / no_class.std()
         shifts = torch.randint(16, (n, 2), generator=g).tolist()
         shifted = torch.stack([textures[c].roll(shift, dims=(1, 2)) for c, shift in zip(labels.tolist(), shifts)])
-        images = torch.where(hard, no_class, layouts[labels]) + 2.0 * shifted + torch.randn(n, 3, 32, 32, generator=g)
+        strength = 1 + torch.rand(n, 1, 1, 1, generator=g)
+        images = (torch.where(hard, no_class, layouts[labels]) + strength * shifted
+                  + torch.randn(n, 3, 32, 32, generator=g))
         return TensorDataset(images, labels)
 
     return draw(size), draw(size // 3)

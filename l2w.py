@@ -129,10 +129,11 @@ PRESETS = {
     "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # sized so that the demo (3 exits, L2W-DEN) takes under a minute on a laptop CPU; batch 64 and
-    # lr 0.3 give the 30 iterations of 2 epochs enough reach for the deeper exits to learn the textures
-    "synthetic": dict(epochs=2, batch_size=64, lr=0.3, q=0.75, delta=0.8, constraint="col",
-                      meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
+    # the demo (3 exits, L2W-DEN), about 90 s on a 2-core CPU, chosen on the hold-out: 2,000 fresh
+    # training images seen twice (62 iterations) keep the losses spread (no exit saturates), and the
+    # WPN's Adam at 1e-3 (10x the paper's, which takes ~29,000 steps) moves its weights in 124 steps
+    "synthetic": dict(epochs=2, batch_size=64, lr=0.3, wpn_lr=1e-3, q=0.75, delta=0.8, constraint="col",
+                      meta_interval=1, holdout=500, synthetic_size=2500, workers=0, print_every=10, image_size=32),
 }
 # IMTA's distillation settings (its released code), for --imta finetune; other data sets keep
 # the Config defaults, IMTA's CIFAR values (T = 3, gamma = 0.9).
@@ -211,7 +212,11 @@ def check_exit_logits(logits):
 def cross_entropy_losses(model, images, targets):
     """Step 1: L[i, k] = cross-entropy of sample i at exit k, shape (n, K). The default per-exit
     loss; `model` is anything callable on the images (a module or a functional forward)."""
-    logits = check_exit_logits(model(images))
+    return exit_losses(check_exit_logits(model(images)), targets)
+
+
+def exit_losses(logits, targets):
+    """(n, K) cross-entropy of every sample at every exit, from the logits of each exit."""
     return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
 
 
@@ -694,6 +699,56 @@ def early_exit_predict(model, images, thresholds):
     return predictions, exit_of
 
 
+def average_ranks(x):
+    """Ranks 1..n of x's values, ties given the mean of the ranks they span (Spearman's rule)."""
+    order = x.argsort(stable=True)
+    _, tie_group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = (last - (counts - 1) / 2)[tie_group]
+    return ranks
+
+
+@torch.no_grad()
+def wpn_weights(wpn, losses, cfg):
+    """Step 2 on an (n, K) loss matrix: the weights `wpn` gives with the run's delta and
+    constraint (the means over the whole matrix), as float64 on the CPU."""
+    net = unwrap(wpn)
+    return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
+
+
+def weight_profile(losses, wpn, cfg, initial_wpn=None):
+    """What the WPN has learned, read off a held-out (n, K) loss matrix. Per exit k: the `mean`
+    weight; `spearman`, the rank correlation of w[:, k] with L[:, k] (None where either is
+    constant); `deciles`, the mean weight of each tenth of the samples sorted by L[:, k], easiest
+    first; and given the WPN's starting point, `moved`, the mean |w - w_start| of the weights the
+    two give to the same losses. The paper's claim: easy samples should weigh more at the early
+    exits (spearman < 0 there) and hard ones at the last exits (spearman > 0)."""
+    weights = wpn_weights(wpn, losses, cfg)
+    losses = losses.double().cpu()
+    profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
+               "moved": None if initial_wpn is None else
+               (weights - wpn_weights(initial_wpn, losses, cfg)).abs().mean(0).tolist()}
+    for w, loss in zip(weights.T, losses.T):
+        rank_w, rank_l = average_ranks(w), average_ranks(loss)
+        rank_w, rank_l = rank_w - rank_w.mean(), rank_l - rank_l.mean()
+        spread = (rank_w.square().sum() * rank_l.square().sum()).sqrt()
+        profile["spearman"].append((rank_w @ rank_l / spread).item() if spread > 0 else None)
+        profile["deciles"].append([part.mean().item() if len(part) else None
+                                   for part in w[loss.argsort(stable=True)].tensor_split(10)])
+    return profile
+
+
+@torch.no_grad()
+def learned_weights(model, wpn, images, targets, cfg, initial_wpn=None, batch_size=256):
+    """`weight_profile` of a network and its WPN (e.g. a checkpoint's) on held-out images with
+    test-time transforms, the network in eval mode, the images taken as one set."""
+    net = unwrap(model).eval()
+    device = next(net.parameters()).device
+    logits = [torch.cat(z) for z in zip(*(net(x.to(device)) for x in images.split(batch_size)))]
+    return weight_profile(exit_losses([z.float().cpu() for z in logits], targets), wpn, cfg, initial_wpn)
+
+
 # ============================================================================
 # Training loop: cosine schedules, progress, atomic checkpoints, exact resume
 # ============================================================================
@@ -983,6 +1038,9 @@ def train(cfg, state=None, stop_after_epoch=None):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     if cfg.weights and not state:   # the run's starting point; once it has a checkpoint, never read again
         load_weights(cfg, unwrap(model), unwrap(wpn))
+    # The WPN as training found it (random, or --weights'), to measure how far it moves.
+    initial_wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
+    initial_wpn.load_state_dict(state["wpn_init"] if state and "wpn_init" in state else unwrap(wpn).state_dict())
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
@@ -1009,17 +1067,24 @@ def train(cfg, state=None, stop_after_epoch=None):
                           "optimizer": optimizer.state_dict(), "wpn_optimizer": wpn_optimizer.state_dict(),
                           "scalers": {k: s.state_dict() for k, s in scalers.items()} if scalers else None,
                           "epoch": epoch, "batch": batch, "rng": rng_state(device),
-                          "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices}
+                          "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices,
+                          "history": history, "tally": tally, "wpn_init": initial_wpn.state_dict()}
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
 
     total_iters = cfg.epochs * n_batches
     started, done_here, skipped, val = time.time(), 0, 0, None
+    # One record per finished epoch (results.json["history"]), and the running epoch's sums, which
+    # a mid-epoch checkpoint carries so that a resumed run records the same means.
+    history, tally = list((state or {}).get("history", [])), (state or {}).get("tally")
     preemption = Preemption(device)
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
             skip = start_batch if epoch == start_epoch else 0
+            if not (skip and tally):
+                tally = {"loss": 0.0, "meta_loss": 0.0, "iterations": 0, "meta_iterations": 0, "seconds": 0.0}
             train_loader.batch_sampler.set_epoch(epoch, skip)
             for i, (images, targets) in enumerate(train_loader, start=skip):
+                step_started = time.time()
                 iteration = epoch * n_batches + i
                 for group in optimizer.param_groups:
                     group["lr"] = cosine(cfg.lr, iteration, total_iters)
@@ -1029,6 +1094,12 @@ def train(cfg, state=None, stop_after_epoch=None):
                 out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
                                  meta=iteration % cfg.meta_interval == 0, **options)
                 done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
+                tally["loss"] += out["loss"]
+                tally["iterations"] += 1
+                if out["meta_loss"] is not None:
+                    tally["meta_loss"] += out["meta_loss"]
+                    tally["meta_iterations"] += 1
+                tally["seconds"] += time.time() - step_started
                 if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
                     elapsed = time.time() - started
                     meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
@@ -1044,11 +1115,26 @@ def train(cfg, state=None, stop_after_epoch=None):
                     log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
                         f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
                     raise Stopped(signum)
+            record = {"epoch": epoch + 1, "loss": tally["loss"] / max(tally["iterations"], 1),
+                      "meta_loss": tally["meta_loss"] / tally["meta_iterations"] if tally["meta_iterations"] else None,
+                      "lr": optimizer.param_groups[0]["lr"], "wpn_lr": wpn_optimizer.param_groups[0]["lr"],
+                      "holdout_top1": None, "seconds": None, "images_per_s":
+                      tally["iterations"] * cfg.batch_size / tally["seconds"] if tally["seconds"] else None,
+                      "weights": None}
+            evaluation_started = time.time()
             if splits.threshold_source == "holdout":
                 val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
                 if is_main():
-                    accs = " ".join(f"{topk_accuracy(z, val[1], 1):.2f}" for z in val[0])
-                    log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
+                    record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
+                    if cfg.method == "l2w":
+                        record["weights"] = weight_profile(exit_losses(*val), wpn, cfg, initial_wpn)
+                    log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: "
+                        + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
+                        + ("" if record["weights"] is None else " | WPN weight vs loss, Spearman per exit: "
+                           + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])))
+            record["seconds"] = tally["seconds"] + time.time() - evaluation_started   # training and hold-out
+            history.append(record)
+            tally = None
             save(epoch + 1, 0)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 return None
@@ -1057,7 +1143,7 @@ def train(cfg, state=None, stop_after_epoch=None):
     trained_here = not cfg.eval_only and cfg.epochs > start_epoch and splits.threshold_source == "holdout"
     if not trained_here:
         val = predict(model, val_loader, device, cfg)
-    return evaluate(cfg, model, wpn, splits, device, val, flops, params)
+    return evaluate(cfg, model, wpn, splits, device, val, flops, params, history)
 
 
 def load_weights(cfg, model, wpn):
@@ -1087,10 +1173,10 @@ def load_weights(cfg, model, wpn):
         f"{', and its WPN' if info['wpn'] else ''})")
 
 
-def evaluate(cfg, model, wpn, splits, device, val, flops, params):
+def evaluate(cfg, model, wpn, splits, device, val, flops, params, history):
     """Both protocols on the test set; thresholds come from `val`, the (logits, targets) of the
     hold-out split (or of the training images with test-time transforms), never from the test
-    set. Rank 0 reports and writes."""
+    set. Rank 0 reports and writes, with the training's `history`."""
     test = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
     results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
                "class_counts": splits.class_counts}
@@ -1112,7 +1198,7 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
         log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}"
             + (f" {own['acc']:16.2f} {own['flops'] / 1e6:14.2f}" if own else ""))
-    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout)
+    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout, history=history)
     if cfg.budget:
         results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
     if cfg.early_exit:
@@ -1402,7 +1488,8 @@ def parse_config(argv=None):
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                            epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
-                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves")
+                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves; "
+                                  "--summary PATH [PATH ...] [--out summary.json] compares methods over seeds")
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -1514,12 +1601,20 @@ def read_results(path, command="--plot"):
     return results
 
 
+def run_labels(runs):
+    """Method, network and data of each run's config; the seed too where that alone tells runs apart."""
+    labels = [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" for c in (r["config"] for r in runs)]
+    return [f"{label} seed {r['config']['seed']}" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+
+
 def plot_curves(paths, out_png):
-    """One figure of every run in `paths` (run directories or results.json files): the budgeted
-    curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each exit at
-    its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
-    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds.
-    Returns the curves' labels (method, arch, exits, dataset of each run's config)."""
+    """One figure of every run in `paths` (run directories or results.json files). Its first panel:
+    the budgeted curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each
+    exit at its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
+    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds. Beside it,
+    from each run's history, the hold-out accuracy of every exit over the epochs; below, for each
+    L2W-DEN run, the WPN's mean weight in each tenth of the hold-out sorted by the exit's loss, at
+    the first and the last epoch (`weight_profile`). Returns the runs' labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1527,35 +1622,61 @@ def plot_curves(paths, out_png):
     except ImportError:
         raise UsageError("--plot draws with matplotlib, which is not installed: pip install matplotlib") from None
     runs = [read_results(p) for p in paths]
+    labels = run_labels(runs)
     giga = max(r["anytime"][-1]["flops"] for r in runs) >= 1e9
     scale, unit = (1e9, "G") if giga else (1e6, "M")
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    labels = []
-    for results in runs:
-        c = results["config"]
-        label = f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}"
-        labels.append(label)
+    weighted = [(label, [h for h in r.get("history") or [] if h.get("weights")]) for label, r in zip(labels, runs)]
+    weighted = [(label, h) for label, h in weighted if h]
+    panels = 2 + len(weighted)
+    columns, rows = min(3, panels), -(-panels // 3)
+    figure = plt.figure(figsize=(5.2 * columns, 4.4 * rows))
+    axes, holdout_axes = figure.add_subplot(rows, columns, 1), figure.add_subplot(rows, columns, 2)
+    for label, results in zip(labels, runs):
         curve, = axes.plot([d["flops"] / scale for d in results["dynamic"]], [d["acc"] for d in results["dynamic"]],
                            label=f"{label}: budgeted")
+        color = curve.get_color()
         axes.plot([a["flops"] / scale for a in results["anytime"]], [a["acc1"] for a in results["anytime"]], "o",
-                  color=curve.get_color(), label=f"{label}: each exit")
+                  color=color, label=f"{label}: each exit")
         if "early_exit" in results:
             e, run = results["early_exit"], results["early_exit"]["runs"][0]
             at = "the last exit" if e["q"] is None else f"q {e['q']:g}"
-            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=curve.get_color(),
+            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=color,
                       label=f"{label}: early exit at {at}, measured")
             axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
                           f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
                           textcoords="offset points", xytext=(8, -24), fontsize=8)
         if "budget" in results:
             b = results["budget"]
-            axes.axvline(b["budget"] / scale, color=curve.get_color(), linestyle=":", linewidth=1)
-            axes.plot(b["test_flops"] / scale, b["test_acc"], "D", color=curve.get_color(),
+            axes.axvline(b["budget"] / scale, color=color, linestyle=":", linewidth=1)
+            axes.plot(b["test_flops"] / scale, b["test_acc"], "D", color=color,
                       label=f"{label}: --budget {b['budget'] / scale:g}{unit} (dotted), test set")
-    axes.set_xlabel(f"Mul-Adds per image ({unit})")
-    axes.set_ylabel("top-1 accuracy (%)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+        history = [h for h in results.get("history") or [] if h.get("holdout_top1")]
+        exits = len(history[0]["holdout_top1"]) if history else 0
+        for k in range(exits):   # the deeper the exit, the darker its line
+            holdout_axes.plot([h["epoch"] for h in history], [h["holdout_top1"][k] for h in history], "o-",
+                              color=color, alpha=0.3 + 0.7 * (k + 1) / exits, markersize=3,
+                              label=f"{label}: exit {k + 1}")
+    axes.set(xlabel=f"Mul-Adds per image ({unit})", ylabel="top-1 accuracy (%)", title="test set")
+    holdout_axes.set(xlabel="epoch", ylabel="hold-out top-1 accuracy (%)", title="hold-out, each exit, by epoch")
+    for panel, (label, history) in enumerate(weighted, start=3):
+        weight_axes = figure.add_subplot(rows, columns, panel)
+        weight_axes.axhline(1, color="gray", linewidth=0.8)   # every weight of the baseline
+        exits = len(history[0]["weights"]["deciles"])
+        for k in range(exits):
+            color = plt.get_cmap("viridis")(k / max(exits - 1, 1) * 0.9)
+            for h, style in ((history[0], "--"), (history[-1], "-")) if len(history) > 1 else ((history[0], "-"),):
+                spearman = h["weights"]["spearman"][k]
+                weight_axes.plot(range(1, 11), h["weights"]["deciles"][k], style, color=color, marker=".",
+                                 label=f"exit {k + 1}, epoch {h['epoch']}"
+                                       + ("" if spearman is None else f" (Spearman {spearman:+.2f})"))
+        weight_axes.set(xlabel="tenth of the hold-out by the exit's loss (1: easiest)", ylabel="mean weight",
+                        title=f"{label}: WPN weights", xticks=range(1, 11))
+        weight_axes.legend(fontsize=7)
+        weight_axes.grid(alpha=0.3)
+    for a in (axes, holdout_axes):
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=7)
     figure.tight_layout()
     try:   # in the format its name says, PNG if it says none, and always to exactly that path
         figure.savefig(out_png, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
@@ -1605,6 +1726,83 @@ def select_q(paths, out_json, points=5):
     write_json(out_json, {"budgets": shown, "range": [low, high], "rows": rows, "chosen_q": chosen["q"],
                           "chosen_run": chosen["run"]})
     return chosen["q"]
+
+
+def curve_mean(curve, low, high, points=101):
+    """Mean accuracy of a budgeted curve over `points` budgets evenly spread on [low, high], the
+    curve read linearly between its points (equal costs: their mean accuracy)."""
+    costs = sorted({p["flops"] for p in curve})
+    accs = [statistics.fmean(p["acc"] for p in curve if p["flops"] == c) for c in costs]
+    at = lambda b: accs[0] if b <= costs[0] else next(
+        a0 + (a1 - a0) * (b - c0) / (c1 - c0) for c0, c1, a0, a1 in zip(costs, costs[1:], accs, accs[1:]) if b <= c1)
+    return statistics.fmean(at(low + (high - low) * i / (points - 1)) for i in range(points))
+
+
+def summarize(paths, out_json):
+    """--summary: runs that differ only in their seed form a group. Per group, the mean and standard
+    deviation over the seeds of each exit's test top-1 and of the budgeted curve's mean accuracy
+    over the range of Mul-Adds that every run covers (`curve_mean`); for each L2W-DEN group whose
+    baseline group is among the runs (the same config but the method), the paired difference
+    L2W-DEN minus baseline, seed by seed. It reads the test figures to report them: it chooses
+    nothing. Prints the tables and writes them to `out_json`."""
+    runs = [read_results(p, "--summary") for p in paths]
+    low, high = max(r["dynamic"][0]["flops"] for r in runs), min(r["dynamic"][-1]["flops"] for r in runs)
+    if low > high:
+        raise UsageError("--summary: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
+    trained = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "seed")]
+    key = lambda c, skip=(): tuple(repr(c.get(k)) for k in trained if k not in skip)
+    groups = {}
+    for path, results, label in zip(paths, runs, run_labels(runs)):
+        seed = results["config"]["seed"]
+        group = groups.setdefault(key(results["config"]), {"label": label.rsplit(" seed", 1)[0],
+                                                           "config": results["config"], "runs": {}})
+        if seed in group["runs"]:
+            raise UsageError(f"--summary: '{path}' and '{group['runs'][seed]['path']}' are the same run (seed {seed})")
+        group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
+                               "budgeted_mean": curve_mean(results["dynamic"], low, high)}
+    spread = lambda values: (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+    report = {"range": [low, high], "groups": [], "paired": []}
+    for group in groups.values():
+        per_seed = [group["runs"][seed] for seed in sorted(group["runs"])]
+        top1 = [spread(column) for column in zip(*(r["top1"] for r in per_seed))]
+        report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]), "runs": [r["path"] for r in per_seed],
+                                 "top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
+                                 **dict(zip(("budgeted_mean", "budgeted_std"),
+                                            spread([r["budgeted_mean"] for r in per_seed])))})
+    methods_apart = ("method", *META_FIELDS)
+    for group in groups.values():
+        base = next((g for g in groups.values() if g["config"]["method"] == "baseline"
+                     and key(g["config"], methods_apart) == key(group["config"], methods_apart)), None)
+        if group["config"]["method"] != "l2w" or base is None:
+            continue
+        seeds = sorted(set(group["runs"]) & set(base["runs"]))
+        differences = [{"seed": s, "top1": [a - b for a, b in zip(group["runs"][s]["top1"], base["runs"][s]["top1"])],
+                        "budgeted_mean": group["runs"][s]["budgeted_mean"] - base["runs"][s]["budgeted_mean"]}
+                       for s in seeds]
+        if differences:
+            top1 = [spread(column) for column in zip(*(d["top1"] for d in differences))]
+            report["paired"].append({"l2w": group["label"], "baseline": base["label"], "per_seed": differences,
+                                     "top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
+                                     **dict(zip(("budgeted_mean", "budgeted_std"),
+                                                spread([d["budgeted_mean"] for d in differences])))})
+    width = max(len(g["label"]) for g in report["groups"]) + 2
+    show = lambda mean, std=None, sign="": f"{mean:{sign}8.2f}" + ("       " if std is None else f" ± {std:4.2f}")
+    exits = max(len(g["top1_mean"]) for g in report["groups"])
+    header = (f"{'':{width}}seeds" + "".join(f"{f'exit {k + 1}':>15}" for k in range(exits))
+              + f"   budgeted: mean over {low / 1e6:.2f}-{high / 1e6:.2f}M Mul-Adds")
+    print(f"test top-1 (%), mean ± standard deviation over the seeds\n{header}")
+    for g in report["groups"]:
+        print(f"{g['label']:{width}}{len(g['seeds']):5d}" + "".join(map(show, g["top1_mean"], g["top1_std"]))
+              + "   " + show(g["budgeted_mean"], g["budgeted_std"]))
+    for pair in report["paired"]:
+        print(f"\n{pair['l2w']} minus {pair['baseline']}, paired by seed\n{header}")
+        for d in pair["per_seed"]:
+            print(f"{'seed ' + str(d['seed']):{width + 5}}" + "".join(show(x, sign="+") for x in d["top1"])
+                  + "   " + show(d["budgeted_mean"], sign="+"))
+        print(f"{'mean ± std':{width + 5}}" + "".join(show(m, s, "+") for m, s in zip(pair["top1_mean"], pair["top1_std"]))
+              + "   " + show(pair["budgeted_mean"], pair["budgeted_std"], "+"))
+    write_json(out_json, report)
+    return report
 
 
 # ============================================================================
@@ -1658,7 +1856,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         commands = {"--plot": (plot_curves, "curves.png", "accuracy against Mul-Adds of finished runs"),
-                    "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep")}
+                    "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep"),
+                    "--summary": (summarize, "summary.json", "runs that differ only in seed: mean and spread "
+                                                             "per group, and L2W-DEN minus baseline per seed")}
         command = next((c for c in commands if c in argv), None)
         if command:   # the commands that take several runs; not a training config
             run, out, description = commands[command]

@@ -1011,6 +1011,55 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
         l2w.plot_curves([str(tmp_path)], tmp_path / "curves.png")
 
 
+def summary_run(folder, method, seed, top1, curve):
+    """A results.json of a finished synthetic run with these test figures; curve: [(Mul-Adds, acc)]."""
+    results = fake_results(method, len(top1))
+    results["config"]["seed"] = seed
+    for row, acc in zip(results["anytime"], top1):
+        row["acc1"] = acc
+    results["dynamic"] = [{"q": (i + 1) / 20, "acc": acc, "flops": flops} for i, (flops, acc) in enumerate(curve)]
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(results))
+    return str(folder)
+
+
+def test_summary_groups_runs_by_seed_and_pairs_l2w_with_its_baseline_worked_by_hand(tmp_path, capsys):
+    runs = [summary_run(tmp_path / "l2w0", "l2w", 0, [70, 80], [(10e6, 70), (15e6, 78), (20e6, 80)]),
+            summary_run(tmp_path / "l2w1", "l2w", 1, [72, 84], [(10e6, 72), (20e6, 84)]),
+            summary_run(tmp_path / "base0", "baseline", 0, [68, 79], [(10e6, 68), (20e6, 78)]),
+            summary_run(tmp_path / "base1", "baseline", 1, [70, 80], [(12e6, 70), (20e6, 80), (20e6, 82)])]
+    result = cli("--summary", *runs, "--out", tmp_path / "summary.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "summary.json").read_text())
+    # every run's curve covers 12-20 M; read linearly between points (a cost reached twice: the mean)
+    assert report["range"] == [12e6, 20e6]
+    grid = np.linspace(12e6, 20e6, 101)
+    budgeted = {"l2w0": np.interp(grid, [10e6, 15e6, 20e6], [70, 78, 80]).mean(), "l2w1": 79.2, "base0": 74.0,
+                "base1": (70 + 81) / 2}
+    l2w_group, baseline_group = report["groups"]
+    assert (l2w_group["seeds"], baseline_group["seeds"]) == ([0, 1], [0, 1])
+    assert l2w_group["top1_mean"] == [71, 82] and baseline_group["top1_mean"] == [69, 79.5]
+    assert l2w_group["top1_std"] == pytest.approx([2 ** 0.5, 8 ** 0.5])
+    assert l2w_group["budgeted_mean"] == pytest.approx((budgeted["l2w0"] + 79.2) / 2)
+    assert baseline_group["budgeted_std"] == pytest.approx(np.std([74.0, 75.5], ddof=1))
+    [pair] = report["paired"]
+    assert [d["seed"] for d in pair["per_seed"]] == [0, 1]
+    assert [d["top1"] for d in pair["per_seed"]] == [[2, 1], [2, 4]]
+    assert pair["per_seed"][1]["budgeted_mean"] == pytest.approx(79.2 - 75.5)
+    assert pair["top1_mean"] == [2, 2.5] and pair["top1_std"] == pytest.approx([0, 4.5 ** 0.5])
+    assert pair["budgeted_mean"] == pytest.approx((budgeted["l2w0"] - 74 + 79.2 - 75.5) / 2)
+    out = result.stdout
+    assert "l2w msdnet2 synthetic minus baseline msdnet2 synthetic, paired by seed" in out
+    assert re.search(r"baseline msdnet2 synthetic +2 +69\.00 ± 1\.41 +79\.50 ± 0\.71 +74\.75 ± 1\.06", out), out
+    assert re.search(r"seed 1 +\+2\.00 +\+4\.00 +\+3\.70", out), out
+    # a run given twice, and runs of networks whose curves share no range, end in one line
+    twice = cli("--summary", runs[0], runs[0])
+    assert twice.returncode == 2 and twice.stderr.count("\n") == 1 and "are the same run (seed 0)" in twice.stderr
+    apart = summary_run(tmp_path / "other", "l2w", 2, [90, 95], [(30e6, 90), (40e6, 95)])
+    result = cli("--summary", runs[0], apart)
+    assert result.returncode == 2 and "share no range of Mul-Adds" in result.stderr
+
+
 # ----------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------
@@ -1106,15 +1155,100 @@ def test_synthetic_set_is_seeded_and_only_fine_detail_names_the_hard_half():
     assert 0.5 <= coarse <= 0.75 and fine >= 0.95, (coarse, fine)
 
 
-def test_demo_deepest_exit_is_best_and_the_budgeted_curve_rises(tmp_path):
-    # The README's demo exactly (`--dataset synthetic --exits 3`, the preset), in process:
-    # about 35 s on a 2-core CPU, the slowest test of the suite.
-    cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--exits", "3", "--out", str(tmp_path), "--device", "cpu"])
-    results = l2w.train(cfg)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The README's demo exactly (`--dataset synthetic --exits 3`, the preset), in this process, the
+    slowest part of the suite: (config, results, run folder)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cfg, _ = l2w.parse_config(["--dataset", "synthetic", "--exits", "3", "--out", str(out), "--device", "cpu"])
+    return cfg, l2w.train(cfg), out
+
+
+def test_demo_deepest_exit_is_best_and_the_budgeted_curve_rises(demo):
+    cfg, results, _ = demo
     first, last = results["anytime"][0]["acc1"], results["anytime"][-1]["acc1"]
     cheapest, dearest = results["dynamic"][0], results["dynamic"][-1]
     assert last >= first + 3, (first, last)
     assert dearest["acc"] >= cheapest["acc"] + 2 and dearest["flops"] > cheapest["flops"], (cheapest, dearest)
+
+
+def numpy_ranks(x):
+    """Ranks 1..n, ties given the mean of the ranks they span: (below + 1 + at or below) / 2."""
+    ordered = np.sort(x)
+    return (np.searchsorted(ordered, x, "left") + 1 + np.searchsorted(ordered, x, "right")) / 2
+
+
+def test_the_wpn_weights_in_the_history_are_what_the_checkpoint_gives_recomputed_with_numpy(demo):
+    # The last epoch's record recomputed from the run's checkpoint: the network over the hold-out
+    # in eval mode (its own loop, in the loader's batches), the WPN's MLP and every statistic in numpy.
+    cfg, results, out = demo
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    model = models.build_model("msdnet", 10, cfg.exits).eval()
+    model.load_state_dict(state["model"])
+    holdout = data.load(cfg, state["holdout_indices"]).threshold_set
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(holdout), cfg.batch_size):
+            images, targets = zip(*(holdout[i] for i in range(start, min(start + cfg.batch_size, len(holdout)))))
+            logits = model(torch.stack(images))
+            losses.append(torch.stack([F.cross_entropy(z, torch.tensor(targets), reduction="none") for z in logits], 1))
+    losses = torch.cat(losses).numpy()
+
+    def weights(wpn):   # d = 1 hidden layer, tanh output, w = 1 + delta (g - mean over the exits)
+        w1, b1, w2, b2 = (wpn[k].numpy() for k in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"))
+        g = np.tanh(np.maximum(losses @ w1.T + b1, 0) @ w2.T + b2).astype(np.float64)
+        return 1 + cfg.delta * (g - g.mean(axis=1, keepdims=True))
+
+    w, start = weights(state["wpn"]), weights(state["wpn_init"])
+    record = results["history"][-1]["weights"]
+    assert cfg.constraint == "col" and record["mean"] == pytest.approx(w.mean(0), abs=1e-6)
+    assert record["moved"] == pytest.approx(np.abs(w - start).mean(0), abs=1e-6)
+    for k in range(cfg.exits):
+        assert record["spearman"][k] == pytest.approx(np.corrcoef(numpy_ranks(w[:, k]), numpy_ranks(losses[:, k]))[0, 1],
+                                                      abs=1e-6)
+        tenths = np.array_split(w[np.argsort(losses[:, k], kind="stable"), k], 10)
+        assert record["deciles"][k] == pytest.approx([t.mean() for t in tenths], abs=1e-6)
+    assert len(results["history"]) == cfg.epochs and [h["epoch"] for h in results["history"]] == [1, cfg.epochs]
+
+
+def test_numpy_ranks_average_ties_as_spearman_does():
+    x = np.array([3.0, 1.0, 3.0, 2.0, 3.0])
+    assert list(numpy_ranks(x)) == [4, 1, 4, 2, 4]
+    assert l2w.average_ranks(torch.tensor(x)).tolist() == [4, 1, 4, 2, 4]
+
+
+def drawn_panels(monkeypatch, paths):
+    """The figure --plot draws for `paths`: {panel title: [(line label, x, y)]}, in panel order."""
+    import matplotlib.figure
+    panels = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: panels.update(
+        {a.get_title(): [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in a.lines]
+         for a in figure.axes}))
+    l2w.plot_curves([str(p) for p in paths], "curves.png")
+    return panels
+
+
+def test_plot_draws_the_holdout_accuracy_by_epoch_and_the_wpn_weights_of_each_l2w_run(demo, tmp_path, monkeypatch):
+    cfg, results, out = demo
+    baseline = tmp_path / "baseline"
+    l2w.main([*TINY, "--method", "baseline", "--epochs", "2", "--out", str(baseline)])
+    history, label = results["history"], "l2w msdnet3 synthetic"
+    alone = drawn_panels(monkeypatch, [out])
+    assert list(alone) == ["test set", "hold-out, each exit, by epoch", f"{label}: WPN weights"]
+    assert alone["hold-out, each exit, by epoch"][cfg.exits - 1] == (
+        f"{label}: exit {cfg.exits}", [1, 2], [h["holdout_top1"][-1] for h in history])
+    weights = alone[f"{label}: WPN weights"]   # the line at weight 1, then exit by exit: first and last epoch
+    for k in range(cfg.exits):
+        for h, (name, x, y) in zip((history[0], history[-1]), weights[1 + 2 * k:3 + 2 * k]):
+            assert name.startswith(f"exit {k + 1}, epoch {h['epoch']} (Spearman") and x == list(range(1, 11))
+            assert y == h["weights"]["deciles"][k]
+    # a baseline run weighs every sample 1: no weight panel; two runs: one panel of weights
+    assert list(drawn_panels(monkeypatch, [baseline])) == ["test set", "hold-out, each exit, by epoch"]
+    both = drawn_panels(monkeypatch, [out, baseline])
+    assert list(both) == list(alone) and len(both["hold-out, each exit, by epoch"]) == cfg.exits + 2
+    monkeypatch.undo()
+    assert cli("--plot", out, baseline, "--out", tmp_path / "both.png").returncode == 0
+    assert (tmp_path / "both.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------
@@ -1270,6 +1404,10 @@ def test_resume_mid_epoch_after_sigterm_is_exact(tmp_path, monkeypatch):
         for pa, pb in zip(a[key]["state"].values(), b[key]["state"].values()):
             assert all(torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])) for k in pa)
     assert straight["anytime"] == resumed["anytime"] and straight["dynamic"] == resumed["dynamic"]
+    # the same history too, but for the times: the epoch's sums so far travel in the checkpoint
+    timeless = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+    assert [h["epoch"] for h in straight["history"]] == [1, 2] and all(h["weights"]["moved"] for h in straight["history"])
+    assert timeless(resumed["history"]) == timeless(straight["history"])
 
 
 def test_cli_sigterm_writes_a_checkpoint_and_the_run_continues_from_it(tmp_path):
@@ -2245,6 +2383,25 @@ def test_run_sh_names_the_q_sweep_its_selection_and_table_4_each_in_a_folder_of_
     table4 = [folder_of(method="baseline")] + [folder_of(wpn_depth=d, wpn_width=w) for d, w in
                                                ((1, 10), (1, 100), (1, 500), (1, 1000), (2, 500), (4, 500))]
     assert len(set(table4)) == 7
+
+
+def test_run_sh_miniature_runs_the_demo_for_both_methods_over_five_seeds_then_summarizes_them(tmp_path, monkeypatch):
+    shutil.copy(os.path.join(HERE, "run.sh"), tmp_path)
+    dry = subprocess.run(["bash", str(tmp_path / "run.sh"), "miniature"], env={**os.environ, "DRY_RUN": "1"},
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and os.listdir(tmp_path) == ["run.sh"], dry.stderr
+    commands = [shlex.split(line)[2:] for line in dry.stdout.splitlines() if line.startswith("  python l2w.py ")]
+    *runs, summary = commands
+    demo = dataclasses.asdict(l2w.Config(**l2w.PRESETS["synthetic"], dataset="synthetic", exits=3))
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only
+    configs = [dataclasses.asdict(l2w.parse_config(args)[0]) for args in runs]
+    assert sorted((c["method"], c["seed"]) for c in configs) == sorted(
+        (m, s) for m in ("baseline", "l2w") for s in range(5))
+    ignored = ("method", "seed", "out")
+    assert all({k: v for k, v in c.items() if k not in ignored} == {k: v for k, v in demo.items() if k not in ignored}
+               for c in configs)
+    assert summary == ["--summary", *(args[args.index("--out") + 1] for args in runs),
+                       "--out", "runs/miniature/summary.json"]
 
 
 def test_default_run_folders_differ_in_every_field_that_changes_training(monkeypatch):
