@@ -121,6 +121,56 @@ def test_count_cost_hand_worked_on_a_tiny_network():
     assert flops == [6912 + 256 + 256 + 130] and params == [108 + 8 + 130]
 
 
+class Branches(torch.nn.Module):
+    """Three exits on 8x8 images, computed last exit first and returned stacked: exit 3 alone
+    reads `wide`; exits 2 and 3 read `down`."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU())
+        self.wide = nn.Conv2d(4, 8, 1)
+        self.down = nn.Sequential(nn.Conv2d(4, 2, 3, stride=2, padding=1, bias=False), nn.AvgPool2d(2))
+        self.heads = nn.ModuleList([nn.Linear(4, 5), nn.Linear(8, 5), nn.Linear(16, 5)])
+
+    def forward(self, x, stack=torch.stack):
+        s = self.stem(x)
+        wide, down = self.wide(s), self.down(s).flatten(1)
+        z3 = self.heads[2](torch.cat([wide.mean((2, 3)), down], 1))
+        return stack([self.heads[0](s.mean((2, 3))), self.heads[1](down), z3])
+
+
+def test_count_cost_charges_each_exit_what_computing_it_needs():
+    # The README's TwoExitNet runs block 2 before exit 1's head reads block 1. Exit 1 needs conv1
+    # 3*16*9*32*32 = 442,368, its ReLU 16*32*32 = 16,384 and Linear(16, 10) 170: 458,922; exit 2
+    # adds conv2 (stride 2) 16*32*9*16*16 = 1,179,648, its ReLU 32*16*16 = 8,192 and Linear(32, 10)
+    # 330: 1,647,092. Parameters: conv1 432 + 16, BN 32, linear 170: 650; + conv2 4,608 + 32, BN 64,
+    # linear 330: 5,684. The README's example states these figures.
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("<!-- begin own-project example -->\n```python\n")[1].split("```")[0]
+    namespace = {"nn": torch.nn, "torch": torch}
+    exec(example[example.index("class TwoExitNet"):example.index("\nmodel, wpn = ")], namespace)
+    assert 442_368 + 16_384 + 170 == 458_922 and 458_922 + 1_179_648 + 8_192 + 330 == 1_647_092
+    assert models.count_cost(namespace["TwoExitNet"](), 32) == ([458_922, 1_647_092], [650, 5_684])
+    assert ("class TwoExitNet(nn.Module):   # models.count_cost(TwoExitNet(), 32): Mul-Adds 458,922 / 1,647,092, "
+            "params 650 / 5,684\n") in example
+    # Branches (8x8): exit 1: conv 3*4*9*64 = 6,912, ReLU 4*64 = 256, Linear(4, 5) 25; exit 2: conv
+    # (stride 2) 4*2*9*16 = 1,152, avg-pool 2*2*2 outputs x 4 = 32, Linear(8, 5) 45; exit 3: the 1x1
+    # conv 4*8*64 = 2,048, Linear(16, 5) 85. Parameters: 108 + 25; 72 + 45; 32 + 8 + 85.
+    flops, params = models.count_cost(Branches(), 8)
+    exit1 = 6_912 + 256 + 25
+    assert flops == [exit1, exit1 + 1_152 + 32 + 45, exit1 + 1_152 + 32 + 45 + 2_048 + 85]
+    assert params == [108 + 25, 108 + 25 + 72 + 45, 108 + 25 + 72 + 45 + 32 + 8 + 85]
+
+    class Concatenated(Branches):   # the same (3, n, 5) tensor, not made by torch.stack: no exits to follow
+        def forward(self, x):
+            return super().forward(x, stack=lambda logits: torch.cat([z[None] for z in logits]))
+
+    with pytest.raises(ValueError, match=r"a list or tuple of them \(or torch.stack of them\), got a tensor of shape "
+                                         r"\(3, 1, 5\) not made by torch.stack"):
+        models.count_cost(Concatenated(), 8)
+
+
 # ----------------------------------------------------------------------------
 # RANet (Yang et al., CVPR 2020): Model-C-1 (6 exits) and Model-C-2 (8 exits)
 # ----------------------------------------------------------------------------
