@@ -40,6 +40,7 @@ class Splits:
     num_classes: int
     threshold_source: str     # "holdout" or "train", said in the log and results.json
     class_counts: list        # training images per class (before the hold-out is taken)
+    ignored: tuple = ()       # files beside the class folders of DIR/train and DIR/val (ImageFolder skips them too)
 
 
 class Split(Dataset):
@@ -156,10 +157,12 @@ def cifar(name, data_dir):
 
 
 def image_folders(name, data_dir, expected_classes=None):
-    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout."""
+    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout, and the
+    paths of the files beside their class folders, which are ignored (as ImageFolder does:
+    .DS_Store, README.txt, labels.csv, ...)."""
     import torchvision
 
-    classes = {}
+    classes, ignored = {}, []
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
         if not os.path.isdir(path):
@@ -167,10 +170,11 @@ def image_folders(name, data_dir, expected_classes=None):
                             f"<images> and {data_dir}/val/<class>/<images>)")
         entries = list(os.scandir(path))
         classes[split] = sorted(e.name for e in entries if e.is_dir())
-        loose = sum(e.is_file() for e in entries)
-        if loose or not classes[split]:
-            raise DataError(f"{name}: '{path}' holds {loose} images outside class folders and "
-                            f"{len(classes[split])} class folders; sort them into one folder per class")
+        others = sorted(os.path.join(path, e.name) for e in entries if not e.is_dir())
+        if not classes[split]:
+            raise DataError(f"{name}: '{path}' holds no class folder (and {len(others)} files outside class "
+                            "folders, which are ignored); sort the images into one folder per class")
+        ignored += others
     if classes["train"] != classes["val"]:
         other = {"train": "val", "val": "train"}
         split = "val" if set(classes["train"]) - set(classes["val"]) else "train"
@@ -183,8 +187,8 @@ def image_folders(name, data_dir, expected_classes=None):
         raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
                         f"found {len(classes['train'])}")
     try:
-        return tuple(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
-                     for s in ("train", "val"))
+        return (*(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
+                  for s in ("train", "val")), tuple(ignored))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{name}: {str(e).splitlines()[0]}") from None
 
@@ -241,6 +245,7 @@ def load(cfg, holdout_indices=None):
     """Build the splits for cfg.dataset. `holdout_indices` (from a checkpoint) win over the seed."""
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(DATASETS)})")
+    ignored = ()
     if cfg.dataset == "synthetic":
         train, test = synthetic(cfg.synthetic_size, cfg.seed)
         augment = plain = None
@@ -248,7 +253,7 @@ def load(cfg, holdout_indices=None):
         if cfg.dataset.startswith("cifar"):
             train, test = cifar(cfg.dataset, cfg.data_dir)
         else:
-            train, test = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
+            train, test, ignored = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
         augment, plain = transforms(cfg.dataset, cfg.image_size)
     targets = targets_of(train)
     kept = (long_tailed_indices(targets, cfg.imbalance, cfg.seed) if cfg.dataset.endswith("-lt")
@@ -266,4 +271,4 @@ def load(cfg, holdout_indices=None):
     return Splits(train=Split(train, train_idx.tolist(), augment, cfg.seed),
                   threshold_set=Split(train, (held if len(held) else kept).tolist(), plain),
                   test=Split(test, range(len(test)), plain), holdout_indices=held,
-                  num_classes=num_classes, threshold_source=source, class_counts=class_counts)
+                  num_classes=num_classes, threshold_source=source, class_counts=class_counts, ignored=ignored)

@@ -999,6 +999,9 @@ def train(cfg, state=None, stop_after_epoch=None):
         log(f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, "
             f"{sum(p.numel() for p in trainable_parameters(unwrap(model)).values()):,} parameters in the new heads and ISC")
     log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
+    if splits.ignored:
+        shown = ", ".join(splits.ignored[:5]) + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else "")
+        log(f"ignored {len(splits.ignored)} files that are not class folders: {shown}")
     if splits.threshold_source == "train":
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
             "with test-time transforms; no per-epoch validation")

@@ -1558,8 +1558,13 @@ def write_image_tree(root, classes, per_class=4, splits=("train", "val")):
 
 def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     write_image_tree(str(tmp_path), ["ant", "bee", "cat"], per_class=6)
+    # files beside the class folders are ignored, as torchvision's ImageFolder ignores them
+    strays = [tmp_path / "train" / ".DS_Store", tmp_path / "train" / "labels.csv", tmp_path / "val" / "README.txt"]
+    for stray in strays:
+        stray.write_text("not a class folder")
     cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3)
     splits = data.load(cfg)
+    assert splits.ignored == tuple(str(stray) for stray in strays)
     assert splits.num_classes == 3 and splits.class_counts == [6, 6, 6]
     assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (15, 3, 18)
     image, label = splits.train[(2, 0)]
