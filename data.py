@@ -6,6 +6,7 @@ validation and for fitting the budgeted-inference thresholds (never the test set
 Random augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the
 number of loader workers or ranks, and a resumed run sees exactly the batches it would have.
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -241,8 +242,48 @@ def targets_of(dataset):
     return dataset.tensors[1] if isinstance(dataset, TensorDataset) else torch.as_tensor(dataset.targets)
 
 
+def read_holdout_indices(path, holdout, kept, n):
+    """--holdout-indices: the hold-out split a network was trained without, as indices into the
+    training set of `n` images, checked against it. The file is a run's holdout_indices.json (the
+    JSON list of its `holdout` hold-out indices) or MSDNet-PyTorch's / L2W-DEN's index.pth (a
+    torch-saved permutation of range(n) whose last `holdout` entries are the hold-out; the rest
+    trained the network). Long-tailed CIFAR: the indices must be among the `kept` images."""
+    what, is_json = f"--holdout-indices '{path}'", path.endswith(".json")
+    try:
+        if is_json:
+            with open(path) as f:
+                content = json.load(f)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # unreadable, not JSON, not a torch file
+        raise DataError(f"{what} cannot be read as {'JSON' if is_json else 'a torch-saved tensor'} "
+                        f"({type(e).__name__})") from None
+    if is_json:
+        if not (isinstance(content, list) and all(type(i) is int and 0 <= i < n for i in content)):
+            raise DataError(f"{what} is not a JSON list of indices into the {n} training images")
+        held = torch.tensor(content, dtype=torch.long)
+    else:
+        if not (torch.is_tensor(content) and content.dtype in (torch.int32, torch.int64)
+                and torch.equal(content.sort().values, torch.arange(n, dtype=content.dtype))):
+            raise DataError(f"{what} is not a permutation of the {n} training images (the form of MSDNet-PyTorch's "
+                            "and L2W-DEN's index.pth)")
+        held = content[n - holdout:].long()
+    if holdout == 0:
+        raise DataError(f"{what} gives the hold-out split, and --holdout 0 asks for none")
+    if len(held) != holdout:
+        raise DataError(f"{what} holds {len(held)} hold-out indices, not --holdout {holdout}: give --holdout {len(held)}")
+    if len(held.unique()) < holdout:
+        raise DataError(f"{what} repeats indices")
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept] = True
+    if not is_kept[held].all():
+        raise DataError(f"{what} holds indices of images that are not in this long-tailed set")
+    return held
+
+
 def load(cfg, holdout_indices=None):
-    """Build the splits for cfg.dataset. `holdout_indices` (from a checkpoint) win over the seed."""
+    """Build the splits for cfg.dataset. The hold-out split is drawn from the seed, unless it is
+    given: `holdout_indices` (from a checkpoint), or else the file cfg.holdout_indices."""
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(DATASETS)})")
     ignored = ()
@@ -262,6 +303,8 @@ def load(cfg, holdout_indices=None):
     class_counts = torch.bincount(targets[kept], minlength=num_classes).tolist()
     train_pos, held_pos = holdout_split(targets[kept], cfg.holdout, cfg.seed)
     train_idx, held = kept[train_pos], kept[held_pos]
+    if holdout_indices is None and cfg.holdout_indices:
+        holdout_indices = read_holdout_indices(cfg.holdout_indices, cfg.holdout, kept, len(targets))
     if holdout_indices is not None:
         held = torch.as_tensor(holdout_indices)
         is_held = torch.zeros(len(targets), dtype=torch.bool)

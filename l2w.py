@@ -89,6 +89,7 @@ class Config:
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
     meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
     holdout: int = 5000            # training images held out for validation and thresholds
+    holdout_indices: str = ""      # hold-out split from a file: a run's holdout_indices.json, or index.pth's last --holdout
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
     workers: int = 4               # data-loading processes per rank
@@ -983,6 +984,10 @@ def train(cfg, state=None, stop_after_epoch=None):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     if cfg.weights and not state:   # the run's starting point; once it has a checkpoint, never read again
         load_weights(cfg, unwrap(model), unwrap(wpn))
+        if not cfg.holdout_indices:
+            log("warning: the hold-out split is drawn from --seed and may overlap the images the released network "
+                "was trained on (inflated confidences there skew the budgeted figures and --budget); give the split "
+                "it was trained with: --holdout-indices index.pth")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
@@ -1291,8 +1296,9 @@ def check_config(cfg):
         (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)"),
     ]:
         need(ok, message)
-    if cfg.weights and not cfg.resume:   # read once, when the run starts
-        check_file(cfg.weights, "--weights")
+    for path, flag in ((cfg.weights, "--weights"), (cfg.holdout_indices, "--holdout-indices")):
+        if path and not (cfg.resume or cfg.pretrained):   # read once, when the run starts
+            check_file(path, flag)
     need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
     uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
@@ -1386,10 +1392,11 @@ def default_out(cfg):
         value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
         if f.name in skip or value == getattr(preset, f.name):
             continue
-        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
+        if f.name in ("pretrained", "weights", "holdout_indices"):   # a run's file by its folder, another by its name
             path = os.path.abspath(value)
-            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
-                                else os.path.basename(path).split(".")[0])
+            name += ("_split-" if f.name == "holdout_indices" else "_from-") + (
+                os.path.basename(os.path.dirname(path)) if os.path.basename(path) in ("checkpoint.pt", "holdout_indices.json")
+                else os.path.basename(path).split(".")[0])
         else:
             name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
     return os.path.join("runs", name)
@@ -1495,8 +1502,8 @@ def unused_folder(folder):
 
 # --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
 # data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
-PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
-                     "image_size")
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
+                     "base", "image_size")
 # --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
 # long-tailed sets), the hold-out split and the networks the checkpoint holds.
 RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")

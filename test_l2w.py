@@ -2317,9 +2317,11 @@ def test_default_run_folders_differ_in_every_field_that_changes_training(monkeyp
                dict(meta_interval=100), dict(meta_grad="jvp"), dict(lr=0.1), dict(lr=0.1000001), dict(epochs=200),
                dict(batch_size=512), dict(momentum=0.5), dict(weight_decay=5e-4), dict(wpn_lr=1e-3),
                dict(holdout=1000), dict(amp=True), dict(seed=1), dict(q=0.5), dict(method="baseline"),
-               dict(method="baseline", lr=0.1), dict(exits=7), dict(imta="pretrain")]
+               dict(method="baseline", lr=0.1), dict(exits=7), dict(imta="pretrain"),
+               dict(holdout_indices="/released/index.pth"), dict(holdout_indices="/runs/a/holdout_indices.json")]
     outs = [out(**c) for c in changed]
     assert len(set(outs)) == len(outs)
+    assert outs[-2:] == [outs[0] + "_split-index", outs[0] + "_split-a"]
     # a preset's value, or a field that does not change what is trained, adds nothing; nor does a
     # WPN field to a baseline, which trains no WPN
     for same in (dict(wpn_width=500), dict(delta=0.8), dict(workers=2), dict(print_every=5), dict(device="cpu"),
@@ -2359,7 +2361,9 @@ def weights_run(tmp_path_factory):
     source = models.build_model("msdnet", 10, 2)
     randomise_bn_statistics(source, 0)
     released_checkpoint(source, root / "model_best.pth.tar", imagenet=False, wpn=l2w.WPN(2, 1, 500))
-    l2w.main([*TINY, "--epochs", "1", "--weights", str(root / "model_best.pth.tar"), "--out", str(root / "run")])
+    result = cli(*TINY, "--epochs", "1", "--weights", root / "model_best.pth.tar", "--out", root / "run")
+    assert result.returncode == 0, result.stderr
+    (root / "log.txt").write_text(result.stdout)
     (root / "model_best.pth.tar").rename(root / "moved.pth.tar")
     return root / "run"
 
@@ -2392,7 +2396,7 @@ def test_a_moved_run_from_weights_resumes_beside_its_checkpoint_without_the_rele
 def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(weights_run):
     changed = {"dataset": "cifar10", "imbalance": "50", "synthetic_size": "300", "holdout": "40", "arch": "ranet",
                "exits": "3", "step": "6", "base": "7", "image_size": "224", "seed": "1", "imta": "pretrain",
-               "wpn_depth": "2", "wpn_width": "100"}
+               "wpn_depth": "2", "wpn_width": "100", "holdout_indices": "index.pth"}
     assert set(changed) == set(l2w.RESUME_FIELDS)
     saved = torch.load(weights_run / "checkpoint.pt", weights_only=True)["config"]
     before = folder_hashes(weights_run)
@@ -2403,6 +2407,65 @@ def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(we
         assert line.startswith(f"error: {flag} {float(value) if field == 'imbalance' else value} does not match "
                                f"the checkpoint's {old} (a resumed run keeps"), line
     assert folder_hashes(weights_run) == before
+
+
+def test_holdout_indices_from_either_file_and_a_warning_without_one(weights_run, tmp_path, monkeypatch):
+    # started from released weights without --holdout-indices: one warning that the hold-out, drawn
+    # from --seed, may hold images the released network was trained on
+    log = (weights_run.parent / "log.txt").read_text()
+    assert log.count("may overlap the images the released network was trained on") == 1
+    assert log.count("--holdout-indices index.pth") == 1
+    # MSDNet-PyTorch's and L2W-DEN's index.pth: a permutation of the 60 training images whose last
+    # 12 (--holdout) are the hold-out; no warning then
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(1))
+    torch.save(order, tmp_path / "index.pth")
+    result = cli(*TINY, "--eval-only", "--weights", weights_run.parent / "moved.pth.tar", "--holdout-indices",
+                 tmp_path / "index.pth", "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout
+    assert json.loads((tmp_path / "eval" / "holdout_indices.json").read_text()) == order[48:].tolist()
+    # ours, a run's holdout_indices.json: the list of hold-out indices itself
+    held = [59, 0, 7, 14, 21, 28, 35, 42, 49, 56, 3, 10]
+    (tmp_path / "holdout_indices.json").write_text(json.dumps(held))
+    splits = data.load(small_cfg(synthetic_size=60, holdout=12, holdout_indices=str(tmp_path / "holdout_indices.json")))
+    assert splits.holdout_indices.tolist() == splits.threshold_set.indices == held
+    assert sorted(splits.train.indices) == sorted(set(range(60)) - set(held))
+    # what does not fit the data set: one line each, before anything is written
+    files = {"dict.json": {"held": held}, "floats.json": [float(i) for i in held], "range.json": held[:-1] + [60],
+             "repeats.json": held[:-1] + [59], "short.json": held[:5], "broken.json": "[1, 2",
+             "partial.pth": torch.arange(59), "floats.pth": order.double(), "table.pth": order.view(6, 10),
+             "text.pth": "not a tensor"}
+    for name, content in files.items():
+        if torch.is_tensor(content):
+            torch.save(content, tmp_path / name)
+        else:
+            (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    errors = {"dict.json": "is not a JSON list of indices into the 60 training images",
+              "floats.json": "is not a JSON list of indices", "range.json": "is not a JSON list of indices",
+              "repeats.json": "repeats indices", "short.json": "holds 5 hold-out indices, not --holdout 12: give "
+              "--holdout 5", "broken.json": "cannot be read as JSON (JSONDecodeError)",
+              "partial.pth": "is not a permutation of the 60 training images",
+              "floats.pth": "is not a permutation", "table.pth": "is not a permutation",
+              "text.pth": "cannot be read as a torch-saved tensor (UnpicklingError)"}
+    for name, message in errors.items():
+        with pytest.raises(data.DataError) as error:
+            data.read_holdout_indices(str(tmp_path / name), 12, torch.arange(60), 60)
+        assert str(error.value).startswith(f"--holdout-indices '{tmp_path / name}' ") and message in str(error.value)
+    with pytest.raises(data.DataError, match="gives the hold-out split, and --holdout 0 asks for none"):
+        data.read_holdout_indices(str(tmp_path / "index.pth"), 0, torch.arange(60), 60)
+    # through the command line: one line, before anything is written
+    for name, message in (("missing.pth", "does not exist"), ("short.json", errors["short.json"])):
+        line = one_line_error([*TINY, "--holdout-indices", str(tmp_path / name), "--out", str(tmp_path / "o")])
+        assert line == f"error: --holdout-indices '{tmp_path / name}' {message}", line
+    assert not (tmp_path / "o").exists()
+    # long-tailed CIFAR: the hold-out must be among the images the long-tailed set keeps
+    cfg = fake_cifar10_cfg(tmp_path, monkeypatch, dataset="cifar10-lt", holdout=2)
+    targets = torch.tensor(data.cifar("cifar10", cfg.data_dir)[0].targets)
+    kept = data.long_tailed_indices(targets, cfg.imbalance, cfg.seed).tolist()
+    dropped = next(i for i in range(len(targets)) if i not in kept)
+    (tmp_path / "lt.json").write_text(json.dumps([kept[0], dropped]))
+    with pytest.raises(data.DataError, match="holds indices of images that are not in this long-tailed set"):
+        data.load(dataclasses.replace(cfg, holdout_indices=str(tmp_path / "lt.json")))
 
 
 def test_resume_never_writes_into_another_runs_folder(weights_run, tmp_path):
