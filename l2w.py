@@ -1430,7 +1430,7 @@ def parse_config(argv=None):
     saved.pop("eval_only", None)
     if state:
         kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
-                    "a resumed run keeps the data, hold-out split and network it started with")
+                    "a resumed run keeps the data, hold-out split, network and batch size it started with")
         if missing_device(saved.get("device", "auto")):   # trained on a device this machine lacks
             saved["device"] = "auto"
     imta = flags.get("imta", saved.get("imta", Config.imta))
@@ -1505,8 +1505,8 @@ def unused_folder(folder):
 PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
                      "base", "image_size")
 # --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
-# long-tailed sets), the hold-out split and the networks the checkpoint holds.
-RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")
+# long-tailed sets), the hold-out split, the networks it holds and the batches its position counts.
+RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
 
 # ============================================================================
 # Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them

@@ -2394,9 +2394,11 @@ def test_a_moved_run_from_weights_resumes_beside_its_checkpoint_without_the_rele
 
 
 def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(weights_run):
+    # --batch-size too: the checkpoint's position in the epoch counts batches of its size (a resume
+    # mid-epoch with another size would repeat or skip images), and so does the lr schedule
     changed = {"dataset": "cifar10", "imbalance": "50", "synthetic_size": "300", "holdout": "40", "arch": "ranet",
                "exits": "3", "step": "6", "base": "7", "image_size": "224", "seed": "1", "imta": "pretrain",
-               "wpn_depth": "2", "wpn_width": "100", "holdout_indices": "index.pth"}
+               "wpn_depth": "2", "wpn_width": "100", "holdout_indices": "index.pth", "batch_size": "16"}
     assert set(changed) == set(l2w.RESUME_FIELDS)
     saved = torch.load(weights_run / "checkpoint.pt", weights_only=True)["config"]
     before = folder_hashes(weights_run)
