@@ -76,7 +76,7 @@ class Config:
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
-    lr: float = 0.8                # backbone lr, cosine to 0; 0.1 x half-batch / 64 as released
+    lr: float = 0.0                # backbone lr, cosine to 0; 0: the paper's rule for the batch size (__post_init__)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wpn_lr: float = 1e-4           # Adam, cosine to 0
@@ -114,13 +114,16 @@ class Config:
     kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
-    def __post_init__(self):   # an unknown method, meta_grad or constraint must not train something else
-        check_knobs(self)
+    def __post_init__(self):
+        check_knobs(self)   # an unknown method, meta_grad or constraint must not train something else
+        if not self.lr:   # the paper: 0.1 x batch / 64 (CIFAR), / 256 (ImageNet); as released, the batch of each
+            # update, half the global batch: 0.8 at the presets' 1024 and 4096
+            self.lr = 0.1 * (self.batch_size / 2) / (256 if self.image_size >= 64 else 64)
 
 
 # The released settings (the paper's implementation details and the authors' commands; README,
 # "The paper's experiments"). Precedence: defaults < preset < flags.
-CIFAR = dict(epochs=300, batch_size=1024, lr=0.8, q=0.75, delta=0.8, constraint="col",
+CIFAR = dict(epochs=300, batch_size=1024, q=0.75, delta=0.8, constraint="col",   # lr: Config's rule, 0.8
              meta_interval=1, holdout=5000, image_size=32)
 PRESETS = {
     "cifar10": CIFAR,
@@ -128,7 +131,7 @@ PRESETS = {
     # long-tailed CIFAR keeps 12,406 / 10,847 images at imbalance 100: a smaller hold-out
     "cifar10-lt": {**CIFAR, "holdout": 1000},
     "cifar100-lt": {**CIFAR, "holdout": 1000},
-    "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
+    "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
     # sized so that the demo (3 exits, L2W-DEN) takes under a minute on a laptop CPU; batch 64 and
     # lr 0.3 give the 30 iterations of 2 epochs enough reach for the deeper exits to learn the textures
@@ -997,7 +1000,8 @@ def train(cfg, state=None, stop_after_epoch=None):
                          "Mul-Adds per image: no thresholds can meet it")
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
-        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
+        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}; batch {cfg.batch_size}, "
+        f"lr {cfg.lr:g}")
     if cfg.imta == "pretrain":
         log("IMTA phase 1: gradient equilibrium in the backward pass")
     elif cfg.imta == "finetune":
@@ -1385,6 +1389,7 @@ def default_out(cfg):
     name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
     finetune = cfg.imta == "finetune"
     preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
+    preset.lr = dataclasses.replace(cfg, lr=PRESETS.get(cfg.dataset, {}).get("lr", 0.0)).lr   # the rule at this batch
     skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
             *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
             *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}

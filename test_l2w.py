@@ -1578,6 +1578,10 @@ def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert len(results["anytime"]) == 2 and results["class_counts"] == [6, 6, 6]
+    # no --lr: the paper's rule at this batch, 0.1 x 2 / 64, in the log and in results.json
+    assert results["config"]["lr"] == 0.003125 and "; batch 4, lr 0.003125\n" in result.stdout
+    said = [line for line in result.stdout.splitlines() if "not class folders" in line]
+    assert said == [f"ignored 3 files that are not class folders: {', '.join(map(str, strays))}"]
 
 
 @pytest.mark.parametrize("layout, message", [
@@ -2328,6 +2332,26 @@ def test_default_run_folders_differ_in_every_field_that_changes_training(monkeyp
                  dict(data_dir="/elsewhere"), dict(save_every=100)):
         assert out(**same) == outs[0], same
     assert out(method="baseline", wpn_width=10) == out(method="baseline")
+
+
+def test_lr_follows_the_papers_rule_for_the_batch_size_unless_given(monkeypatch):
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only
+    parsed = lambda *args: l2w.parse_config(list(args))[0]
+    # 0.1 x batch / 64 (CIFAR) or / 256 (ImageNet), applied to the half-batch of each update as released
+    assert parsed("--dataset", "cifar100", "--batch-size", "128").lr == 0.1 * 64 / 64
+    assert parsed("--dataset", "cifar100").lr == 0.1 * 512 / 64 == 0.8 == parsed("--dataset", "imagenet").lr
+    assert parsed("--dataset", "imagenet", "--batch-size", "512").lr == 0.1 * 256 / 256
+    assert parsed("--dataset", "folder", "--image-size", "224", "--batch-size", "256").lr == 0.1 * 128 / 256
+    assert parsed("--dataset", "cifar10-lt", "--batch-size", "256").lr == 0.1 * 128 / 64
+    assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.5").lr == 0.5   # given: it wins
+    assert parsed("--dataset", "synthetic", "--batch-size", "128").lr == l2w.PRESETS["synthetic"]["lr"]
+    assert l2w.Config(batch_size=256).lr == 0.1 * 128 / 64   # a Config built in Python holds the lr used too
+    # a run folder names --lr only where it differs from what the rule gives at the run's batch size
+    paper = os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_seed0")
+    assert parsed("--dataset", "cifar100", "--batch-size", "128").out == paper + "_batch-size128"
+    assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.1").out == paper + "_batch-size128"
+    assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.8").out == paper + "_batch-size128_lr0.8"
+    assert parsed("--dataset", "cifar100", "--lr", "0.8").out == paper
 
 
 # ----------------------------------------------------------------------------
