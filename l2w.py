@@ -92,7 +92,7 @@ class Config:
     holdout_indices: str = ""      # hold-out split from a file: a run's holdout_indices.json, or index.pth's last --holdout
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # data-loading processes per rank
+    workers: int = 4               # data-loading processes per rank (the CLI's default and presets: at most the CPUs)
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
@@ -545,9 +545,15 @@ def predict(model, loader, device, cfg):
     return [torch.cat(z) for z in zip(*(b[0] for b in batches))], torch.cat([b[1] for b in batches])
 
 
+def percent(right):
+    """The share of True in `right`, in %, from the count and rounded to 1e-4: 73.0, not float32's
+    73.00000190734863 (results.json stores what the figure means); NaN for no sample."""
+    return round(100 * right.sum().item() / right.numel(), 4) if right.numel() else math.nan
+
+
 def topk_accuracy(logits, targets, k):
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return 100.0 * (top == targets[:, None]).any(dim=1).float().mean().item()
+    return percent((top == targets[:, None]).any(dim=1))
 
 
 def anytime_evaluate(logits, targets, flops, params):
@@ -592,7 +598,7 @@ def budgeted_point(thresholds, confidence, correct, flops):
     exit_of = exit_with_thresholds(confidence, thresholds)
     n = confidence.shape[1]
     share = torch.bincount(exit_of, minlength=len(flops)).double() / n
-    return 100.0 * correct[exit_of, torch.arange(n)].float().mean().item(), float((share * flops).sum())
+    return percent(correct[exit_of, torch.arange(n)]), float((share * flops).sum())
 
 
 def correctness(logits, targets):
@@ -1186,13 +1192,13 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                      "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
                      "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
                      "speedup": seconds["whole"] / seconds["early"],
-                     "accuracy": 100.0 * (predictions == test[1]).float().mean().item(),
+                     "accuracy": percent(predictions == test[1]),
                      "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
     average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
     result = {"q": q, "accuracy": runs[0]["accuracy"],
-              "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
+              "budgeted_accuracy": percent(simulated_predictions == test[1]),
               "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
               "runs": runs}
     at = f"q {q:.4g}" if q is not None else "the last exit"
@@ -1448,6 +1454,8 @@ def parse_config(argv=None):
     except ValueError as e:   # the method's knobs (check_knobs)
         raise UsageError(str(e)) from None
     cfg.world_size = torchrun_world_size()
+    if "workers" not in flags:   # a default or preset asks for no more loader processes than CPUs (torch warns)
+        cfg.workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
                                 os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))

@@ -918,8 +918,21 @@ def test_fit_thresholds_hand_worked():
     assert l2w.exit_with_thresholds(test, torch.tensor([0.8, 0.7, -math.inf])).tolist() == [0, 1, 2]
 
 
+def test_accuracies_are_what_they_mean_without_float32_noise():
+    # 73 of 100 right is 73.0 (a float32 mean gives 73.00000190734863); 2 of 3 is 66.6667 (to 1e-4)
+    logits = torch.zeros(100, 4)
+    logits[:73, 0] = logits[73:, 1] = 1.0
+    targets = torch.zeros(100, dtype=torch.long)
+    assert l2w.topk_accuracy(logits, targets, 1) == 73.0 and l2w.topk_accuracy(logits, targets, 5) == 100.0
+    assert l2w.topk_accuracy(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), targets[:3], 1) == 66.6667
+    correct = torch.tensor([[True] * 73 + [False] * 27, [False] * 100])
+    acc, _ = l2w.budgeted_point(torch.tensor([0.5, -math.inf]), torch.ones(2, 100), correct, torch.tensor([1.0, 2.0]))
+    assert acc == 73.0
+
+
 def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets, flops):
-    """MSDNet's dynamic_evaluate written as its per-sample loops (README, "What the method does")."""
+    """MSDNet's dynamic_evaluate written as its per-sample loops (README, "What the method does");
+    accuracies rounded to 1e-4, as results.json stores them."""
     val = [z.softmax(1).max(1) for z in val_logits]
     test = [z.softmax(1).max(1) for z in test_logits]
     exits, n_val, n_test = len(val), val_targets.numel(), test_targets.numel()
@@ -949,7 +962,7 @@ def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets,
                     correct += int(test[k].indices[i].item() == test_targets[i].item())
                     taken[k] += 1
                     break
-        curve.append((100.0 * correct / n_test, sum(t / n_test * f for t, f in zip(taken, flops))))
+        curve.append((round(100.0 * correct / n_test, 4), sum(t / n_test * f for t, f in zip(taken, flops))))
     return curve
 
 
@@ -1203,6 +1216,9 @@ def test_cli_end_to_end_writes_results_json(tmp_path):
     assert early["flops"] == pytest.approx(at_q["flops"]) and early["whole_flops"] == flops[-1]
     assert [run["batch_size"] for run in early["runs"]] == [1, 32]
     assert all(run["same_as_budgeted"] == 50 and run["accuracy"] == early["accuracy"] for run in early["runs"])
+    accuracies = ([r[k] for r in evaluated["anytime"] for k in ("acc1", "acc5")] + [early["accuracy"]]
+                  + [r["acc"] for r in evaluated["dynamic"] + evaluated["holdout_dynamic"]])
+    assert all(acc == round(acc, 4) for acc in accuracies)   # counts / n to 1e-4, without float32 noise
     assert "share of the Mul-Adds speedup" in again.stdout
 
     # the same command again must not start over on top of the finished run
@@ -2180,13 +2196,13 @@ def test_select_q_worked_by_hand_and_what_it_refuses(tmp_path, capsys):
 
 def cost_and_accuracy(thresholds, logits, targets, flops):
     """The budgeted protocol sample by sample: each leaves at the first exit whose threshold its
-    confidence reaches. Returns (mean Mul-Adds, accuracy %)."""
+    confidence reaches. Returns (mean Mul-Adds, accuracy % to 1e-4, as results.json stores it)."""
     confidence = l2w.confidences(logits).tolist()
     predictions = [z.argmax(dim=1).tolist() for z in logits]
     thresholds, n = thresholds.tolist(), len(targets)
     exit_of = [next(k for k in range(len(flops)) if confidence[k][i] >= thresholds[k]) for i in range(n)]
     return (sum(flops[k] for k in exit_of) / n,
-            100 * sum(predictions[k][i] == targets[i].item() for i, k in enumerate(exit_of)) / n)
+            round(100 * sum(predictions[k][i] == targets[i].item() for i, k in enumerate(exit_of)) / n, 4))
 
 
 def assert_best_on_a_fine_grid(record, val_logits, val_targets, flops):
@@ -2352,6 +2368,17 @@ def test_lr_follows_the_papers_rule_for_the_batch_size_unless_given(monkeypatch)
     assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.1").out == paper + "_batch-size128"
     assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.8").out == paper + "_batch-size128_lr0.8"
     assert parsed("--dataset", "cifar100", "--lr", "0.8").out == paper
+
+
+def test_loader_workers_are_at_most_the_cpus_unless_given(monkeypatch):
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only
+    parsed = lambda *args: l2w.parse_config(list(args))[0]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # this process may use 2 CPUs
+    assert parsed("--dataset", "imagenet").workers == 2 == parsed("--dataset", "cifar100").workers
+    assert parsed("--dataset", "imagenet", "--workers", "8").workers == 8 and parsed("--dataset", "synthetic").workers == 0
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)   # where it does not exist: the CPUs of the machine
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert parsed("--dataset", "imagenet").workers == 6 and parsed("--dataset", "cifar100").workers == 4
 
 
 # ----------------------------------------------------------------------------
