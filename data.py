@@ -6,6 +6,7 @@ validation and for fitting the budgeted-inference thresholds (never the test set
 Random augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the
 number of loader workers or ranks, and a resumed run sees exactly the batches it would have.
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ class Splits:
     num_classes: int
     threshold_source: str     # "holdout" or "train", said in the log and results.json
     class_counts: list        # training images per class (before the hold-out is taken)
+    ignored: tuple = ()       # files beside the class folders of DIR/train and DIR/val (ImageFolder skips them too)
 
 
 class Split(Dataset):
@@ -156,10 +158,12 @@ def cifar(name, data_dir):
 
 
 def image_folders(name, data_dir, expected_classes=None):
-    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout."""
+    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout, and the
+    paths of the files beside their class folders, which are ignored (as ImageFolder does:
+    .DS_Store, README.txt, labels.csv, ...)."""
     import torchvision
 
-    classes = {}
+    classes, ignored = {}, []
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
         if not os.path.isdir(path):
@@ -167,10 +171,11 @@ def image_folders(name, data_dir, expected_classes=None):
                             f"<images> and {data_dir}/val/<class>/<images>)")
         entries = list(os.scandir(path))
         classes[split] = sorted(e.name for e in entries if e.is_dir())
-        loose = sum(e.is_file() for e in entries)
-        if loose or not classes[split]:
-            raise DataError(f"{name}: '{path}' holds {loose} images outside class folders and "
-                            f"{len(classes[split])} class folders; sort them into one folder per class")
+        others = sorted(os.path.join(path, e.name) for e in entries if not e.is_dir())
+        if not classes[split]:
+            raise DataError(f"{name}: '{path}' holds no class folder (and {len(others)} files outside class "
+                            "folders, which are ignored); sort the images into one folder per class")
+        ignored += others
     if classes["train"] != classes["val"]:
         other = {"train": "val", "val": "train"}
         split = "val" if set(classes["train"]) - set(classes["val"]) else "train"
@@ -183,8 +188,8 @@ def image_folders(name, data_dir, expected_classes=None):
         raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
                         f"found {len(classes['train'])}")
     try:
-        return tuple(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
-                     for s in ("train", "val"))
+        return (*(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
+                  for s in ("train", "val")), tuple(ignored))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{name}: {str(e).splitlines()[0]}") from None
 
@@ -239,10 +244,51 @@ def targets_of(dataset):
     return dataset.tensors[1] if isinstance(dataset, TensorDataset) else torch.as_tensor(dataset.targets)
 
 
+def read_holdout_indices(path, holdout, kept, n):
+    """--holdout-indices: the hold-out split a network was trained without, as indices into the
+    training set of `n` images, checked against it. The file is a run's holdout_indices.json (the
+    JSON list of its `holdout` hold-out indices) or MSDNet-PyTorch's / L2W-DEN's index.pth (a
+    torch-saved permutation of range(n) whose last `holdout` entries are the hold-out; the rest
+    trained the network). Long-tailed CIFAR: the indices must be among the `kept` images."""
+    what, is_json = f"--holdout-indices '{path}'", path.endswith(".json")
+    try:
+        if is_json:
+            with open(path) as f:
+                content = json.load(f)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # unreadable, not JSON, not a torch file
+        raise DataError(f"{what} cannot be read as {'JSON' if is_json else 'a torch-saved tensor'} "
+                        f"({type(e).__name__})") from None
+    if is_json:
+        if not (isinstance(content, list) and all(type(i) is int and 0 <= i < n for i in content)):
+            raise DataError(f"{what} is not a JSON list of indices into the {n} training images")
+        held = torch.tensor(content, dtype=torch.long)
+    else:
+        if not (torch.is_tensor(content) and content.dtype in (torch.int32, torch.int64)
+                and torch.equal(content.sort().values, torch.arange(n, dtype=content.dtype))):
+            raise DataError(f"{what} is not a permutation of the {n} training images (the form of MSDNet-PyTorch's "
+                            "and L2W-DEN's index.pth)")
+        held = content[n - holdout:].long()
+    if holdout == 0:
+        raise DataError(f"{what} gives the hold-out split, and --holdout 0 asks for none")
+    if len(held) != holdout:
+        raise DataError(f"{what} holds {len(held)} hold-out indices, not --holdout {holdout}: give --holdout {len(held)}")
+    if len(held.unique()) < holdout:
+        raise DataError(f"{what} repeats indices")
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept] = True
+    if not is_kept[held].all():
+        raise DataError(f"{what} holds indices of images that are not in this long-tailed set")
+    return held
+
+
 def load(cfg, holdout_indices=None):
-    """Build the splits for cfg.dataset. `holdout_indices` (from a checkpoint) win over the seed."""
+    """Build the splits for cfg.dataset. The hold-out split is drawn from the seed, unless it is
+    given: `holdout_indices` (from a checkpoint), or else the file cfg.holdout_indices."""
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(DATASETS)})")
+    ignored = ()
     if cfg.dataset == "synthetic":
         train, test = synthetic(cfg.synthetic_size, cfg.seed)
         augment = plain = None
@@ -250,7 +296,7 @@ def load(cfg, holdout_indices=None):
         if cfg.dataset.startswith("cifar"):
             train, test = cifar(cfg.dataset, cfg.data_dir)
         else:
-            train, test = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
+            train, test, ignored = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
         augment, plain = transforms(cfg.dataset, cfg.image_size)
     targets = targets_of(train)
     kept = (long_tailed_indices(targets, cfg.imbalance, cfg.seed) if cfg.dataset.endswith("-lt")
@@ -259,6 +305,8 @@ def load(cfg, holdout_indices=None):
     class_counts = torch.bincount(targets[kept], minlength=num_classes).tolist()
     train_pos, held_pos = holdout_split(targets[kept], cfg.holdout, cfg.seed)
     train_idx, held = kept[train_pos], kept[held_pos]
+    if holdout_indices is None and cfg.holdout_indices:
+        holdout_indices = read_holdout_indices(cfg.holdout_indices, cfg.holdout, kept, len(targets))
     if holdout_indices is not None:
         held = torch.as_tensor(holdout_indices)
         is_held = torch.zeros(len(targets), dtype=torch.bool)
@@ -268,4 +316,4 @@ def load(cfg, holdout_indices=None):
     return Splits(train=Split(train, train_idx.tolist(), augment, cfg.seed),
                   threshold_set=Split(train, (held if len(held) else kept).tolist(), plain),
                   test=Split(test, range(len(test)), plain), holdout_indices=held,
-                  num_classes=num_classes, threshold_source=source, class_counts=class_counts)
+                  num_classes=num_classes, threshold_source=source, class_counts=class_counts, ignored=ignored)

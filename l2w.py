@@ -76,7 +76,7 @@ class Config:
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
-    lr: float = 0.8                # backbone lr, cosine to 0; 0.1 x half-batch / 64 as released
+    lr: float = 0.0                # backbone lr, cosine to 0; 0: the paper's rule for the batch size (__post_init__)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wpn_lr: float = 1e-4           # Adam, cosine to 0
@@ -89,9 +89,10 @@ class Config:
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
     meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
     holdout: int = 5000            # training images held out for validation and thresholds
+    holdout_indices: str = ""      # hold-out split from a file: a run's holdout_indices.json, or index.pth's last --holdout
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # data-loading processes per rank
+    workers: int = 4               # data-loading processes per rank (the CLI's default and presets: at most the CPUs)
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
@@ -113,13 +114,16 @@ class Config:
     kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
-    def __post_init__(self):   # an unknown method, meta_grad or constraint must not train something else
-        check_knobs(self)
+    def __post_init__(self):
+        check_knobs(self)   # an unknown method, meta_grad or constraint must not train something else
+        if not self.lr:   # the paper: 0.1 x batch / 64 (CIFAR), / 256 (ImageNet); as released, the batch of each
+            # update, half the global batch: 0.8 at the presets' 1024 and 4096
+            self.lr = 0.1 * (self.batch_size / 2) / (256 if self.image_size >= 64 else 64)
 
 
 # The released settings (the paper's implementation details and the authors' commands; README,
 # "The paper's experiments"). Precedence: defaults < preset < flags.
-CIFAR = dict(epochs=300, batch_size=1024, lr=0.8, q=0.75, delta=0.8, constraint="col",
+CIFAR = dict(epochs=300, batch_size=1024, q=0.75, delta=0.8, constraint="col",   # lr: Config's rule, 0.8
              meta_interval=1, holdout=5000, image_size=32)
 PRESETS = {
     "cifar10": CIFAR,
@@ -127,7 +131,7 @@ PRESETS = {
     # long-tailed CIFAR keeps 12,406 / 10,847 images at imbalance 100: a smaller hold-out
     "cifar10-lt": {**CIFAR, "holdout": 1000},
     "cifar100-lt": {**CIFAR, "holdout": 1000},
-    "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
+    "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
     # the demo (3 exits, L2W-DEN), about 90 s on a 2-core CPU, chosen on the hold-out: 2,000 fresh
     # training images seen twice (62 iterations) keep the losses spread (no exit saturates), and the
@@ -546,9 +550,15 @@ def predict(model, loader, device, cfg):
     return [torch.cat(z) for z in zip(*(b[0] for b in batches))], torch.cat([b[1] for b in batches])
 
 
+def percent(right):
+    """The share of True in `right`, in %, from the count and rounded to 1e-4: 73.0, not float32's
+    73.00000190734863 (results.json stores what the figure means); NaN for no sample."""
+    return round(100 * right.sum().item() / right.numel(), 4) if right.numel() else math.nan
+
+
 def topk_accuracy(logits, targets, k):
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return 100.0 * (top == targets[:, None]).any(dim=1).float().mean().item()
+    return percent((top == targets[:, None]).any(dim=1))
 
 
 def anytime_evaluate(logits, targets, flops, params):
@@ -593,7 +603,7 @@ def budgeted_point(thresholds, confidence, correct, flops):
     exit_of = exit_with_thresholds(confidence, thresholds)
     n = confidence.shape[1]
     share = torch.bincount(exit_of, minlength=len(flops)).double() / n
-    return 100.0 * correct[exit_of, torch.arange(n)].float().mean().item(), float((share * flops).sum())
+    return percent(correct[exit_of, torch.arange(n)]), float((share * flops).sum())
 
 
 def correctness(logits, targets):
@@ -1038,6 +1048,10 @@ def train(cfg, state=None, stop_after_epoch=None):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     if cfg.weights and not state:   # the run's starting point; once it has a checkpoint, never read again
         load_weights(cfg, unwrap(model), unwrap(wpn))
+        if not cfg.holdout_indices:
+            log("warning: the hold-out split is drawn from --seed and may overlap the images the released network "
+                "was trained on (inflated confidences there skew the budgeted figures and --budget); give the split "
+                "it was trained with: --holdout-indices index.pth")
     # The WPN as training found it (random, or --weights'), to measure how far it moves.
     initial_wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
     initial_wpn.load_state_dict(state["wpn_init"] if state and "wpn_init" in state else unwrap(wpn).state_dict())
@@ -1050,13 +1064,17 @@ def train(cfg, state=None, stop_after_epoch=None):
                          "Mul-Adds per image: no thresholds can meet it")
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
-        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
+        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}; batch {cfg.batch_size}, "
+        f"lr {cfg.lr:g}")
     if cfg.imta == "pretrain":
         log("IMTA phase 1: gradient equilibrium in the backward pass")
     elif cfg.imta == "finetune":
         log(f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, "
             f"{sum(p.numel() for p in trainable_parameters(unwrap(model)).values()):,} parameters in the new heads and ISC")
     log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
+    if splits.ignored:
+        shown = ", ".join(splits.ignored[:5]) + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else "")
+        log(f"ignored {len(splits.ignored)} files that are not class folders: {shown}")
     if splits.threshold_source == "train":
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
             "with test-time transforms; no per-epoch validation")
@@ -1260,13 +1278,13 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                      "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
                      "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
                      "speedup": seconds["whole"] / seconds["early"],
-                     "accuracy": 100.0 * (predictions == test[1]).float().mean().item(),
+                     "accuracy": percent(predictions == test[1]),
                      "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
     average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
     result = {"q": q, "accuracy": runs[0]["accuracy"],
-              "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
+              "budgeted_accuracy": percent(simulated_predictions == test[1]),
               "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
               "runs": runs}
     at = f"q {q:.4g}" if q is not None else "the last exit"
@@ -1374,8 +1392,9 @@ def check_config(cfg):
         (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)"),
     ]:
         need(ok, message)
-    if cfg.weights and not cfg.resume:   # read once, when the run starts
-        check_file(cfg.weights, "--weights")
+    for path, flag in ((cfg.weights, "--weights"), (cfg.holdout_indices, "--holdout-indices")):
+        if path and not (cfg.resume or cfg.pretrained):   # read once, when the run starts
+            check_file(path, flag)
     need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
     uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
@@ -1462,6 +1481,7 @@ def default_out(cfg):
     name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
     finetune = cfg.imta == "finetune"
     preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
+    preset.lr = dataclasses.replace(cfg, lr=PRESETS.get(cfg.dataset, {}).get("lr", 0.0)).lr   # the rule at this batch
     skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
             *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
             *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}
@@ -1469,10 +1489,11 @@ def default_out(cfg):
         value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
         if f.name in skip or value == getattr(preset, f.name):
             continue
-        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
+        if f.name in ("pretrained", "weights", "holdout_indices"):   # a run's file by its folder, another by its name
             path = os.path.abspath(value)
-            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
-                                else os.path.basename(path).split(".")[0])
+            name += ("_split-" if f.name == "holdout_indices" else "_from-") + (
+                os.path.basename(os.path.dirname(path)) if os.path.basename(path) in ("checkpoint.pt", "holdout_indices.json")
+                else os.path.basename(path).split(".")[0])
         else:
             name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
     return os.path.join("runs", name)
@@ -1507,7 +1528,7 @@ def parse_config(argv=None):
     saved.pop("eval_only", None)
     if state:
         kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
-                    "a resumed run keeps the data, hold-out split and network it started with")
+                    "a resumed run keeps the data, hold-out split, network and batch size it started with")
         if missing_device(saved.get("device", "auto")):   # trained on a device this machine lacks
             saved["device"] = "auto"
     imta = flags.get("imta", saved.get("imta", Config.imta))
@@ -1520,6 +1541,8 @@ def parse_config(argv=None):
     except ValueError as e:   # the method's knobs (check_knobs)
         raise UsageError(str(e)) from None
     cfg.world_size = torchrun_world_size()
+    if "workers" not in flags:   # a default or preset asks for no more loader processes than CPUs (torch warns)
+        cfg.workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
                                 os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
@@ -1579,11 +1602,11 @@ def unused_folder(folder):
 
 # --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
 # data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
-PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
-                     "image_size")
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
+                     "base", "image_size")
 # --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
-# long-tailed sets), the hold-out split and the networks the checkpoint holds.
-RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")
+# long-tailed sets), the hold-out split, the networks it holds and the batches its position counts.
+RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
 
 # ============================================================================
 # Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them

@@ -121,6 +121,56 @@ def test_count_cost_hand_worked_on_a_tiny_network():
     assert flops == [6912 + 256 + 256 + 130] and params == [108 + 8 + 130]
 
 
+class Branches(torch.nn.Module):
+    """Three exits on 8x8 images, computed last exit first and returned stacked: exit 3 alone
+    reads `wide`; exits 2 and 3 read `down`."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.ReLU())
+        self.wide = nn.Conv2d(4, 8, 1)
+        self.down = nn.Sequential(nn.Conv2d(4, 2, 3, stride=2, padding=1, bias=False), nn.AvgPool2d(2))
+        self.heads = nn.ModuleList([nn.Linear(4, 5), nn.Linear(8, 5), nn.Linear(16, 5)])
+
+    def forward(self, x, stack=torch.stack):
+        s = self.stem(x)
+        wide, down = self.wide(s), self.down(s).flatten(1)
+        z3 = self.heads[2](torch.cat([wide.mean((2, 3)), down], 1))
+        return stack([self.heads[0](s.mean((2, 3))), self.heads[1](down), z3])
+
+
+def test_count_cost_charges_each_exit_what_computing_it_needs():
+    # The README's TwoExitNet runs block 2 before exit 1's head reads block 1. Exit 1 needs conv1
+    # 3*16*9*32*32 = 442,368, its ReLU 16*32*32 = 16,384 and Linear(16, 10) 170: 458,922; exit 2
+    # adds conv2 (stride 2) 16*32*9*16*16 = 1,179,648, its ReLU 32*16*16 = 8,192 and Linear(32, 10)
+    # 330: 1,647,092. Parameters: conv1 432 + 16, BN 32, linear 170: 650; + conv2 4,608 + 32, BN 64,
+    # linear 330: 5,684. The README's example states these figures.
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("<!-- begin own-project example -->\n```python\n")[1].split("```")[0]
+    namespace = {"nn": torch.nn, "torch": torch}
+    exec(example[example.index("class TwoExitNet"):example.index("\nmodel, wpn = ")], namespace)
+    assert 442_368 + 16_384 + 170 == 458_922 and 458_922 + 1_179_648 + 8_192 + 330 == 1_647_092
+    assert models.count_cost(namespace["TwoExitNet"](), 32) == ([458_922, 1_647_092], [650, 5_684])
+    assert ("class TwoExitNet(nn.Module):   # models.count_cost(TwoExitNet(), 32): Mul-Adds 458,922 / 1,647,092, "
+            "params 650 / 5,684\n") in example
+    # Branches (8x8): exit 1: conv 3*4*9*64 = 6,912, ReLU 4*64 = 256, Linear(4, 5) 25; exit 2: conv
+    # (stride 2) 4*2*9*16 = 1,152, avg-pool 2*2*2 outputs x 4 = 32, Linear(8, 5) 45; exit 3: the 1x1
+    # conv 4*8*64 = 2,048, Linear(16, 5) 85. Parameters: 108 + 25; 72 + 45; 32 + 8 + 85.
+    flops, params = models.count_cost(Branches(), 8)
+    exit1 = 6_912 + 256 + 25
+    assert flops == [exit1, exit1 + 1_152 + 32 + 45, exit1 + 1_152 + 32 + 45 + 2_048 + 85]
+    assert params == [108 + 25, 108 + 25 + 72 + 45, 108 + 25 + 72 + 45 + 32 + 8 + 85]
+
+    class Concatenated(Branches):   # the same (3, n, 5) tensor, not made by torch.stack: no exits to follow
+        def forward(self, x):
+            return super().forward(x, stack=lambda logits: torch.cat([z[None] for z in logits]))
+
+    with pytest.raises(ValueError, match=r"a list or tuple of them \(or torch.stack of them\), got a tensor of shape "
+                                         r"\(3, 1, 5\) not made by torch.stack"):
+        models.count_cost(Concatenated(), 8)
+
+
 # ----------------------------------------------------------------------------
 # RANet (Yang et al., CVPR 2020): Model-C-1 (6 exits) and Model-C-2 (8 exits)
 # ----------------------------------------------------------------------------
@@ -868,8 +918,21 @@ def test_fit_thresholds_hand_worked():
     assert l2w.exit_with_thresholds(test, torch.tensor([0.8, 0.7, -math.inf])).tolist() == [0, 1, 2]
 
 
+def test_accuracies_are_what_they_mean_without_float32_noise():
+    # 73 of 100 right is 73.0 (a float32 mean gives 73.00000190734863); 2 of 3 is 66.6667 (to 1e-4)
+    logits = torch.zeros(100, 4)
+    logits[:73, 0] = logits[73:, 1] = 1.0
+    targets = torch.zeros(100, dtype=torch.long)
+    assert l2w.topk_accuracy(logits, targets, 1) == 73.0 and l2w.topk_accuracy(logits, targets, 5) == 100.0
+    assert l2w.topk_accuracy(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), targets[:3], 1) == 66.6667
+    correct = torch.tensor([[True] * 73 + [False] * 27, [False] * 100])
+    acc, _ = l2w.budgeted_point(torch.tensor([0.5, -math.inf]), torch.ones(2, 100), correct, torch.tensor([1.0, 2.0]))
+    assert acc == 73.0
+
+
 def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets, flops):
-    """MSDNet's dynamic_evaluate written as its per-sample loops (README, "What the method does")."""
+    """MSDNet's dynamic_evaluate written as its per-sample loops (README, "What the method does");
+    accuracies rounded to 1e-4, as results.json stores them."""
     val = [z.softmax(1).max(1) for z in val_logits]
     test = [z.softmax(1).max(1) for z in test_logits]
     exits, n_val, n_test = len(val), val_targets.numel(), test_targets.numel()
@@ -899,7 +962,7 @@ def msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets,
                     correct += int(test[k].indices[i].item() == test_targets[i].item())
                     taken[k] += 1
                     break
-        curve.append((100.0 * correct / n_test, sum(t / n_test * f for t, f in zip(taken, flops))))
+        curve.append((round(100.0 * correct / n_test, 4), sum(t / n_test * f for t, f in zip(taken, flops))))
     return curve
 
 
@@ -1287,6 +1350,9 @@ def test_cli_end_to_end_writes_results_json(tmp_path):
     assert early["flops"] == pytest.approx(at_q["flops"]) and early["whole_flops"] == flops[-1]
     assert [run["batch_size"] for run in early["runs"]] == [1, 32]
     assert all(run["same_as_budgeted"] == 50 and run["accuracy"] == early["accuracy"] for run in early["runs"])
+    accuracies = ([r[k] for r in evaluated["anytime"] for k in ("acc1", "acc5")] + [early["accuracy"]]
+                  + [r["acc"] for r in evaluated["dynamic"] + evaluated["holdout_dynamic"]])
+    assert all(acc == round(acc, 4) for acc in accuracies)   # counts / n to 1e-4, without float32 noise
     assert "share of the Mul-Adds speedup" in again.stdout
 
     # the same command again must not start over on top of the finished run
@@ -1646,8 +1712,13 @@ def write_image_tree(root, classes, per_class=4, splits=("train", "val")):
 
 def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     write_image_tree(str(tmp_path), ["ant", "bee", "cat"], per_class=6)
+    # files beside the class folders are ignored, as torchvision's ImageFolder ignores them
+    strays = [tmp_path / "train" / ".DS_Store", tmp_path / "train" / "labels.csv", tmp_path / "val" / "README.txt"]
+    for stray in strays:
+        stray.write_text("not a class folder")
     cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3)
     splits = data.load(cfg)
+    assert splits.ignored == tuple(str(stray) for stray in strays)
     assert splits.num_classes == 3 and splits.class_counts == [6, 6, 6]
     assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (15, 3, 18)
     image, label = splits.train[(2, 0)]
@@ -1661,6 +1732,10 @@ def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert len(results["anytime"]) == 2 and results["class_counts"] == [6, 6, 6]
+    # no --lr: the paper's rule at this batch, 0.1 x 2 / 64, in the log and in results.json
+    assert results["config"]["lr"] == 0.003125 and "; batch 4, lr 0.003125\n" in result.stdout
+    said = [line for line in result.stdout.splitlines() if "not class folders" in line]
+    assert said == [f"ignored 3 files that are not class folders: {', '.join(map(str, strays))}"]
 
 
 @pytest.mark.parametrize("layout, message", [
@@ -2259,13 +2334,13 @@ def test_select_q_worked_by_hand_and_what_it_refuses(tmp_path, capsys):
 
 def cost_and_accuracy(thresholds, logits, targets, flops):
     """The budgeted protocol sample by sample: each leaves at the first exit whose threshold its
-    confidence reaches. Returns (mean Mul-Adds, accuracy %)."""
+    confidence reaches. Returns (mean Mul-Adds, accuracy % to 1e-4, as results.json stores it)."""
     confidence = l2w.confidences(logits).tolist()
     predictions = [z.argmax(dim=1).tolist() for z in logits]
     thresholds, n = thresholds.tolist(), len(targets)
     exit_of = [next(k for k in range(len(flops)) if confidence[k][i] >= thresholds[k]) for i in range(n)]
     return (sum(flops[k] for k in exit_of) / n,
-            100 * sum(predictions[k][i] == targets[i].item() for i, k in enumerate(exit_of)) / n)
+            round(100 * sum(predictions[k][i] == targets[i].item() for i, k in enumerate(exit_of)) / n, 4))
 
 
 def assert_best_on_a_fine_grid(record, val_logits, val_targets, flops):
@@ -2419,15 +2494,48 @@ def test_default_run_folders_differ_in_every_field_that_changes_training(monkeyp
                dict(meta_interval=100), dict(meta_grad="jvp"), dict(lr=0.1), dict(lr=0.1000001), dict(epochs=200),
                dict(batch_size=512), dict(momentum=0.5), dict(weight_decay=5e-4), dict(wpn_lr=1e-3),
                dict(holdout=1000), dict(amp=True), dict(seed=1), dict(q=0.5), dict(method="baseline"),
-               dict(method="baseline", lr=0.1), dict(exits=7), dict(imta="pretrain")]
+               dict(method="baseline", lr=0.1), dict(exits=7), dict(imta="pretrain"),
+               dict(holdout_indices="/released/index.pth"), dict(holdout_indices="/runs/a/holdout_indices.json")]
     outs = [out(**c) for c in changed]
     assert len(set(outs)) == len(outs)
+    assert outs[-2:] == [outs[0] + "_split-index", outs[0] + "_split-a"]
     # a preset's value, or a field that does not change what is trained, adds nothing; nor does a
     # WPN field to a baseline, which trains no WPN
     for same in (dict(wpn_width=500), dict(delta=0.8), dict(workers=2), dict(print_every=5), dict(device="cpu"),
                  dict(data_dir="/elsewhere"), dict(save_every=100)):
         assert out(**same) == outs[0], same
     assert out(method="baseline", wpn_width=10) == out(method="baseline")
+
+
+def test_lr_follows_the_papers_rule_for_the_batch_size_unless_given(monkeypatch):
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only
+    parsed = lambda *args: l2w.parse_config(list(args))[0]
+    # 0.1 x batch / 64 (CIFAR) or / 256 (ImageNet), applied to the half-batch of each update as released
+    assert parsed("--dataset", "cifar100", "--batch-size", "128").lr == 0.1 * 64 / 64
+    assert parsed("--dataset", "cifar100").lr == 0.1 * 512 / 64 == 0.8 == parsed("--dataset", "imagenet").lr
+    assert parsed("--dataset", "imagenet", "--batch-size", "512").lr == 0.1 * 256 / 256
+    assert parsed("--dataset", "folder", "--image-size", "224", "--batch-size", "256").lr == 0.1 * 128 / 256
+    assert parsed("--dataset", "cifar10-lt", "--batch-size", "256").lr == 0.1 * 128 / 64
+    assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.5").lr == 0.5   # given: it wins
+    assert parsed("--dataset", "synthetic", "--batch-size", "128").lr == l2w.PRESETS["synthetic"]["lr"]
+    assert l2w.Config(batch_size=256).lr == 0.1 * 128 / 64   # a Config built in Python holds the lr used too
+    # a run folder names --lr only where it differs from what the rule gives at the run's batch size
+    paper = os.path.join("runs", "cifar100_msdnet5_l2w_q0.75_seed0")
+    assert parsed("--dataset", "cifar100", "--batch-size", "128").out == paper + "_batch-size128"
+    assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.1").out == paper + "_batch-size128"
+    assert parsed("--dataset", "cifar100", "--batch-size", "128", "--lr", "0.8").out == paper + "_batch-size128_lr0.8"
+    assert parsed("--dataset", "cifar100", "--lr", "0.8").out == paper
+
+
+def test_loader_workers_are_at_most_the_cpus_unless_given(monkeypatch):
+    monkeypatch.setattr(l2w, "check_config", lambda cfg: None)   # the configs only
+    parsed = lambda *args: l2w.parse_config(list(args))[0]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)   # this process may use 2 CPUs
+    assert parsed("--dataset", "imagenet").workers == 2 == parsed("--dataset", "cifar100").workers
+    assert parsed("--dataset", "imagenet", "--workers", "8").workers == 8 and parsed("--dataset", "synthetic").workers == 0
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)   # where it does not exist: the CPUs of the machine
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert parsed("--dataset", "imagenet").workers == 6 and parsed("--dataset", "cifar100").workers == 4
 
 
 # ----------------------------------------------------------------------------
@@ -2461,7 +2569,9 @@ def weights_run(tmp_path_factory):
     source = models.build_model("msdnet", 10, 2)
     randomise_bn_statistics(source, 0)
     released_checkpoint(source, root / "model_best.pth.tar", imagenet=False, wpn=l2w.WPN(2, 1, 500))
-    l2w.main([*TINY, "--epochs", "1", "--weights", str(root / "model_best.pth.tar"), "--out", str(root / "run")])
+    result = cli(*TINY, "--epochs", "1", "--weights", root / "model_best.pth.tar", "--out", root / "run")
+    assert result.returncode == 0, result.stderr
+    (root / "log.txt").write_text(result.stdout)
     (root / "model_best.pth.tar").rename(root / "moved.pth.tar")
     return root / "run"
 
@@ -2492,9 +2602,11 @@ def test_a_moved_run_from_weights_resumes_beside_its_checkpoint_without_the_rele
 
 
 def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(weights_run):
+    # --batch-size too: the checkpoint's position in the epoch counts batches of its size (a resume
+    # mid-epoch with another size would repeat or skip images), and so does the lr schedule
     changed = {"dataset": "cifar10", "imbalance": "50", "synthetic_size": "300", "holdout": "40", "arch": "ranet",
                "exits": "3", "step": "6", "base": "7", "image_size": "224", "seed": "1", "imta": "pretrain",
-               "wpn_depth": "2", "wpn_width": "100"}
+               "wpn_depth": "2", "wpn_width": "100", "holdout_indices": "index.pth", "batch_size": "16"}
     assert set(changed) == set(l2w.RESUME_FIELDS)
     saved = torch.load(weights_run / "checkpoint.pt", weights_only=True)["config"]
     before = folder_hashes(weights_run)
@@ -2505,6 +2617,65 @@ def test_resume_refuses_a_flag_that_changes_the_data_the_split_or_the_network(we
         assert line.startswith(f"error: {flag} {float(value) if field == 'imbalance' else value} does not match "
                                f"the checkpoint's {old} (a resumed run keeps"), line
     assert folder_hashes(weights_run) == before
+
+
+def test_holdout_indices_from_either_file_and_a_warning_without_one(weights_run, tmp_path, monkeypatch):
+    # started from released weights without --holdout-indices: one warning that the hold-out, drawn
+    # from --seed, may hold images the released network was trained on
+    log = (weights_run.parent / "log.txt").read_text()
+    assert log.count("may overlap the images the released network was trained on") == 1
+    assert log.count("--holdout-indices index.pth") == 1
+    # MSDNet-PyTorch's and L2W-DEN's index.pth: a permutation of the 60 training images whose last
+    # 12 (--holdout) are the hold-out; no warning then
+    order = torch.randperm(60, generator=torch.Generator().manual_seed(1))
+    torch.save(order, tmp_path / "index.pth")
+    result = cli(*TINY, "--eval-only", "--weights", weights_run.parent / "moved.pth.tar", "--holdout-indices",
+                 tmp_path / "index.pth", "--out", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout
+    assert json.loads((tmp_path / "eval" / "holdout_indices.json").read_text()) == order[48:].tolist()
+    # ours, a run's holdout_indices.json: the list of hold-out indices itself
+    held = [59, 0, 7, 14, 21, 28, 35, 42, 49, 56, 3, 10]
+    (tmp_path / "holdout_indices.json").write_text(json.dumps(held))
+    splits = data.load(small_cfg(synthetic_size=60, holdout=12, holdout_indices=str(tmp_path / "holdout_indices.json")))
+    assert splits.holdout_indices.tolist() == splits.threshold_set.indices == held
+    assert sorted(splits.train.indices) == sorted(set(range(60)) - set(held))
+    # what does not fit the data set: one line each, before anything is written
+    files = {"dict.json": {"held": held}, "floats.json": [float(i) for i in held], "range.json": held[:-1] + [60],
+             "repeats.json": held[:-1] + [59], "short.json": held[:5], "broken.json": "[1, 2",
+             "partial.pth": torch.arange(59), "floats.pth": order.double(), "table.pth": order.view(6, 10),
+             "text.pth": "not a tensor"}
+    for name, content in files.items():
+        if torch.is_tensor(content):
+            torch.save(content, tmp_path / name)
+        else:
+            (tmp_path / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    errors = {"dict.json": "is not a JSON list of indices into the 60 training images",
+              "floats.json": "is not a JSON list of indices", "range.json": "is not a JSON list of indices",
+              "repeats.json": "repeats indices", "short.json": "holds 5 hold-out indices, not --holdout 12: give "
+              "--holdout 5", "broken.json": "cannot be read as JSON (JSONDecodeError)",
+              "partial.pth": "is not a permutation of the 60 training images",
+              "floats.pth": "is not a permutation", "table.pth": "is not a permutation",
+              "text.pth": "cannot be read as a torch-saved tensor (UnpicklingError)"}
+    for name, message in errors.items():
+        with pytest.raises(data.DataError) as error:
+            data.read_holdout_indices(str(tmp_path / name), 12, torch.arange(60), 60)
+        assert str(error.value).startswith(f"--holdout-indices '{tmp_path / name}' ") and message in str(error.value)
+    with pytest.raises(data.DataError, match="gives the hold-out split, and --holdout 0 asks for none"):
+        data.read_holdout_indices(str(tmp_path / "index.pth"), 0, torch.arange(60), 60)
+    # through the command line: one line, before anything is written
+    for name, message in (("missing.pth", "does not exist"), ("short.json", errors["short.json"])):
+        line = one_line_error([*TINY, "--holdout-indices", str(tmp_path / name), "--out", str(tmp_path / "o")])
+        assert line == f"error: --holdout-indices '{tmp_path / name}' {message}", line
+    assert not (tmp_path / "o").exists()
+    # long-tailed CIFAR: the hold-out must be among the images the long-tailed set keeps
+    cfg = fake_cifar10_cfg(tmp_path, monkeypatch, dataset="cifar10-lt", holdout=2)
+    targets = torch.tensor(data.cifar("cifar10", cfg.data_dir)[0].targets)
+    kept = data.long_tailed_indices(targets, cfg.imbalance, cfg.seed).tolist()
+    dropped = next(i for i in range(len(targets)) if i not in kept)
+    (tmp_path / "lt.json").write_text(json.dumps([kept[0], dropped]))
+    with pytest.raises(data.DataError, match="holds indices of images that are not in this long-tailed set"):
+        data.load(dataclasses.replace(cfg, holdout_indices=str(tmp_path / "lt.json")))
 
 
 def test_resume_never_writes_into_another_runs_folder(weights_run, tmp_path):
