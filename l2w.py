@@ -95,6 +95,8 @@ class Config:
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
+    tf32: bool = False             # TF32 in the meta-gradient's fp32 convolutions too: faster on recent GPUs, less exact
+    deterministic: bool = False    # deterministic GPU kernels (slower), so that a resume is bit-identical on a GPU too
     sync_bn: bool = False          # under torchrun: BatchNorm statistics over all ranks
     out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>_<q>_<seed>
     print_every: int = 20          # iterations between progress lines
@@ -208,11 +210,15 @@ def check_exit_logits(logits):
                     f"or a stacked (exits, n, classes) tensor; got {got}")
 
 
+def exit_cross_entropy(logits, targets):
+    """(n, K): the cross-entropy of every sample at every exit."""
+    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in check_exit_logits(logits)], dim=1)
+
+
 def cross_entropy_losses(model, images, targets):
     """Step 1: L[i, k] = cross-entropy of sample i at exit k, shape (n, K). The default per-exit
     loss; `model` is anything callable on the images (a module or a functional forward)."""
-    logits = check_exit_logits(model(images))
-    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
+    return exit_cross_entropy(model(images), targets)
 
 
 def exit_fractions(q, exits):
@@ -234,8 +240,8 @@ def meta_exit_assignment(confidence, fractions):
     exits, n = confidence.shape
     exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.arange(n, device=confidence.device)
-    for k in range(exits - 1):
-        take = math.floor(n * fractions[k].item())
+    for k, fraction in enumerate(fractions.tolist()[:-1]):   # host numbers, not device values
+        take = math.floor(n * fraction)
         order = confidence[k][free].sort(descending=True, stable=True).indices
         exit_of[free[order[:take]]] = k
         free = free[order[take:]].sort().values
@@ -244,15 +250,14 @@ def meta_exit_assignment(confidence, fractions):
 
 def meta_loss_fn(logits, targets, q):
     """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
-    budgeted inference would, then sum over exits the mean CE of the samples that leave there."""
+    budgeted inference would, then sum over exits the mean CE of the samples that leave there:
+    each sample's CE at each exit weighted 1 / (the exit's count) where it leaves, else 0 (a mask
+    would pick samples by values, whose count the host would wait for the GPU to know)."""
     logits = check_exit_logits(logits)
     exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
-    total = 0.0
-    for k, z in enumerate(logits):
-        mine = exit_of == k
-        if mine.any():
-            total = total + F.cross_entropy(z[mine], targets[mine])
-    return total
+    losses = exit_cross_entropy(logits, targets)
+    leaves = (exit_of[:, None] == torch.arange(len(logits), device=exit_of.device)).to(losses.dtype)   # one-hot
+    return (losses * leaves / leaves.sum(dim=0).clamp(min=1)).sum()
 
 
 def functional_forward(net, params, images, **kwargs):
@@ -373,18 +378,39 @@ def replayed(state):
         yield
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were. On
+    Ampere and later GPUs PyTorch lets cuDNN round fp32 convolutions' operands to TF32 (a 10-bit
+    mantissa) by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    # torch >= 2.9 sets it per operation; mixing those settings with the older flags raises
+    name, ieee, modules = (("fp32_precision", "ieee", (cudnn.conv, matmul)) if hasattr(cudnn, "conv")
+                           else ("allow_tf32", False, (cudnn, matmul)))
+    saved = [getattr(module, name) for module in modules]
+    for module in modules:
+        setattr(module, name, ieee)
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved):
+            setattr(module, name, value)
+
+
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
-              loss_fn, autocast, scalers, virtual_context):
+              loss_fn, autocast, scalers, virtual_context, meta_precision):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, whether the
-    fp16 loss scaler skipped the WPN's step)."""
+    fp16 loss scaler skipped the WPN's step), the losses as tensors on the device: reading them
+    would make the host wait for the GPU before it queues the next step."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
     draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
     # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
-    # fp32: in bf16 that gradient is mostly rounding error. This forward and its graph serve both
-    # the virtual step and the real step, which start from the same parameters and images.
-    with contextlib.nullcontext() if meta_step else autocast():
+    # fp32: in bf16 that gradient is mostly rounding error. For the same reason steps 1-5 run in
+    # IEEE fp32, not TF32 (`meta_precision`). This forward and its graph serve both the virtual
+    # step and the real step, which start from the same parameters and images.
+    with (meta_precision if meta_step else autocast)():
         losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
@@ -400,7 +426,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
                 return meta_loss_fn(functional_forward(net, theta_virtual, meta_images), meta_targets, cfg.q)
 
         wpn_optimizer.zero_grad(set_to_none=True)
-        with (virtual_context or contextlib.nullcontext)():
+        with meta_precision(), (virtual_context or contextlib.nullcontext)():
             virtual_losses = losses
             if virtual_context:   # e.g. SyncBatchNorm, whose synchronised graph cannot be differentiated again
                 draws = random_state(images.device)
@@ -413,7 +439,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
             else:
                 m = higher_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler)
         skipped = optimizer_step(wpn_optimizer, meta_scaler)   # step 5: Adam step of the WPN
-        meta_loss = m.item()
+        meta_loss = m.detach()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
     if cfg.method == "l2w":
@@ -425,7 +451,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     optimizer.zero_grad(set_to_none=True)
     scaled(loss, real_scaler).backward()
     optimizer_step(optimizer, real_scaler)
-    return loss.item(), meta_loss, skipped
+    return loss.detach(), meta_loss, skipped
 
 
 def check_meta_step(model, optimizer, cfg):
@@ -450,10 +476,11 @@ def check_meta_step(model, optimizer, cfg):
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
-               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
+               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None,
+               meta_precision=ieee_fp32):
     """One iteration, as the authors released it: the batch is split into halves A and B; A
     trains with B as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a
-    meta step), "wpn_skipped"}.
+    meta step): 0-dim tensors on the device, "wpn_skipped"}.
 
     model: its forward returns per-exit logits, cheapest exit first (may be DDP-wrapped).
     optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).
@@ -464,6 +491,8 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     scalers: fp16 loss scalers {"real": backbone's, "meta": WPN's}, or None.
     virtual_context: a context factory for steps 3-5; when given, they take a forward of
     their own in it instead of reusing step 1's graph.
+    meta_precision: a context factory for steps 1-5 of a meta step (`contextlib.nullcontext`:
+    PyTorch's TF32 settings, faster on recent GPUs).
     """
     check_knobs(cfg)
     if cfg.method == "l2w" and meta:
@@ -474,7 +503,7 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     if len(a) != 2 or a[0].shape[0] != a[1].shape[0]:
         raise ValueError(f"a batch of {images.shape[0]} cannot be split into two equal halves")
     halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta,
-                        loss_fn, autocast, scalers, virtual_context) for i in (0, 1)]
+                        loss_fn, autocast, scalers, virtual_context, meta_precision) for i in (0, 1)]
     metas = [h[1] for h in halves if h[1] is not None]
     return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
             "wpn_skipped": sum(h[2] for h in halves)}
@@ -862,10 +891,13 @@ def build(cfg, num_classes, device):
 
 def method_options(cfg, net, device):
     """The engineering, plugged into the method through `train_step`'s optional arguments: IMTA's
-    distillation loss, the autocast context of --amp, fp16's two loss scalers (the WPN's meta
-    gradients come through a different, fp32 graph and overflow at other scales than the
-    backbone's), and per-rank BatchNorm for the virtual step under --sync-bn."""
+    distillation loss, the autocast context of --amp, TF32 in the meta-gradient under --tf32,
+    fp16's two loss scalers (the WPN's meta gradients come through a different, fp32 graph and
+    overflow at other scales than the backbone's), and per-rank BatchNorm for the virtual step
+    under --sync-bn."""
     options = {"autocast": partial(torch.autocast, device.type, dtype=amp_dtype(device), enabled=cfg.amp)}
+    if cfg.tf32:
+        options["meta_precision"] = contextlib.nullcontext   # PyTorch's TF32 settings in steps 1-5 too
     if cfg.imta == "finetune":
         options["loss_fn"] = partial(imta_exit_losses, temperature=cfg.kd_temperature, gamma=cfg.kd_gamma,
                                      reduction=cfg.kd_reduction)
@@ -1013,12 +1045,16 @@ def train(cfg, state=None, stop_after_epoch=None):
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
 
     total_iters = cfg.epochs * n_batches
-    started, done_here, skipped, val = time.time(), 0, 0, None
+    seconds, done_here, skipped, val = 0.0, 0, 0, None   # seconds: in training iterations (img/s and ETA)
     preemption = Preemption(device)
+    torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: cuDNN times its kernels once
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
             skip = start_batch if epoch == start_epoch else 0
             train_loader.batch_sampler.set_epoch(epoch, skip)
+            # The epoch's loss and meta loss, summed on the device and read at progress lines only: a
+            # read makes the host wait for the GPU, which then idles until the host queues more.
+            sums, counts, started = torch.zeros(2, device=device), [0, 0], time.time()
             for i, (images, targets) in enumerate(train_loader, start=skip):
                 iteration = epoch * n_batches + i
                 for group in optimizer.param_groups:
@@ -1029,21 +1065,28 @@ def train(cfg, state=None, stop_after_epoch=None):
                 out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
                                  meta=iteration % cfg.meta_interval == 0, **options)
                 done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
+                for k, value in enumerate((out["loss"], out["meta_loss"])):
+                    if value is not None:
+                        sums[k] += value
+                        counts[k] += 1
                 if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
-                    elapsed = time.time() - started
-                    meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
+                    loss, meta = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # the epoch's means
+                    elapsed = seconds + time.time() - started
                     eta = elapsed / done_here * (total_iters - iteration - 1)
-                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
-                        f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
+                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {loss:.4f} "
+                        f"meta {'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
                         f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
                 signum = preemption.requested()
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
+                    seconds += time.time() - started
                     save(epoch, i + 1)
+                    started = time.time()
                 if signum:
                     log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
                         f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
                     raise Stopped(signum)
+            seconds += time.time() - started
             if splits.threshold_source == "holdout":
                 val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
                 if is_main():
@@ -1054,6 +1097,7 @@ def train(cfg, state=None, stop_after_epoch=None):
                 return None
     finally:
         preemption.close()
+        torch.backends.cudnn.benchmark = False   # evaluation's shapes vary (real early exit cuts every batch)
     trained_here = not cfg.eval_only and cfg.epochs > start_epoch and splits.threshold_source == "holdout"
     if not trained_here:
         val = predict(model, val_loader, device, cfg)
@@ -1347,10 +1391,10 @@ class OneLineParser(argparse.ArgumentParser):
 # Fields that do not change what a run trains (where it runs, what it reports): they name no run
 # folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
 # and those that only IMTA's distillation reads.
-NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
-                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
+NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "deterministic", "out", "print_every", "save_every",
+                "resume", "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
 META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
-               "meta_grad")
+               "meta_grad", "tf32")
 KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
 
 

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import l2w
@@ -850,6 +853,129 @@ def test_meta_interval_weights_without_updating_the_wpn():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def masked_meta_loss(logits, targets, q):
+    """The meta loss as l2w.py took it until it weighted every sample's CE: per exit, the mean CE of
+    the samples a boolean mask picks out (an exit that takes none adds nothing)."""
+    exit_of = l2w.meta_exit_assignment(l2w.confidences([z.detach() for z in logits]), l2w.exit_fractions(q, len(logits)))
+    total = 0.0
+    for k, z in enumerate(logits):
+        mine = exit_of == k
+        if mine.any():
+            total = total + F.cross_entropy(z[mine], targets[mine])
+    return total
+
+
+def test_weighted_meta_loss_equals_the_masked_one_in_value_and_gradient():
+    # float64; q = 0.1 leaves exit 2 without a sample (floor(10 * 0.09) = 0), q = 2 fills the last one
+    torch.manual_seed(0)
+    targets = torch.randint(5, (10,))
+    for q, empty in ((0.1, [1]), (0.75, []), (2.0, [])):
+        logits = torch.randn(3, 10, 5, dtype=torch.float64, requires_grad=True)   # stacked (K, n, classes)
+        exit_of = l2w.meta_exit_assignment(l2w.confidences(logits.detach()), l2w.exit_fractions(q, 3))
+        assert [k for k in range(3) if (exit_of == k).sum() == 0] == empty
+        got, want = l2w.meta_loss_fn(logits, targets, q), masked_meta_loss(list(logits), targets, q)
+        assert torch.allclose(got, want, rtol=1e-14, atol=0)
+        for a, b in zip(torch.autograd.grad(got, logits), torch.autograd.grad(want, logits)):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15) and a.abs().max() > 0
+
+
+def without_batchnorm(module):
+    """`module` with its BatchNorm2d layers replaced by the identity."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            without_batchnorm(child)
+    return module
+
+
+@pytest.mark.parametrize("arch, exits", [("msdnet", 2), ("ranet", 6)])
+def test_an_iteration_of_every_kind_reads_no_value_from_the_device(arch, exits):
+    # On PyTorch's meta device tensors have shapes and no values: any read of a value by the host
+    # (.item(), bool(), a boolean mask's size) raises. On a GPU each such read would make the host
+    # wait until the GPU has drained its queue. The meta device refuses autocast: this is fp32
+    # (bf16: test_meta_gradient_under_amp_is_close_to_fp32). BatchNorm, torch's own layer, reads
+    # nothing, and its meta kernels are slow Python (4x this test's time): replaced by the identity.
+    with torch.device("meta"):
+        model, wpn = without_batchnorm(models.build_model(arch, 10, exits)), l2w.WPN(exits, 1, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=1e-4)
+    images, targets = torch.empty(4, 3, 32, 32, device="meta"), torch.empty(4, dtype=torch.long, device="meta")
+    cfg = small_cfg(arch=arch, exits=exits)
+    for knobs, meta in ((dict(meta_grad="higher"), True), (dict(meta_grad="jvp"), True), ({}, False),
+                        (dict(method="baseline"), True)):
+        out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, **knobs),
+                             meta=meta)
+        assert out["loss"].device.type == "meta" and out["wpn_skipped"] == 0
+        assert (out["meta_loss"] is not None) == (meta and not knobs.get("method"))
+
+
+def tf32_settings():
+    """(cuDNN's fp32 convolutions, cuBLAS's fp32 matrix products): PyTorch's setting of each."""
+    if hasattr(torch.backends.cudnn, "conv"):   # torch >= 2.9
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+class SettingsAtEachProduct(TorchDispatchMode):
+    """Records (operation, tf32_settings()) at every convolution and matrix product, forward and
+    backward (and forward-mode tangents), and the markers appended to the same list."""
+
+    OPS = ("convolution", "convolution_backward", "mm", "addmm", "bmm")
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.OPS:
+            self.record.append((func.__name__.split(".")[0], tf32_settings()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypatch):
+    # Steps 1-5 of a meta iteration (step 1's forward, the virtual step, the meta forward and every
+    # backward or tangent through them) run in IEEE fp32; the real step's backward, plain
+    # iterations and the run with --tf32's option keep PyTorch's settings, read before.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")   # a user's TF32 for matrix products too
+    try:
+        default = tf32_settings()
+        ieee = ("ieee", "ieee") if hasattr(torch.backends.cudnn, "conv") else (False, False)
+        assert default != ieee and all(a != b for a, b in zip(default, ieee))
+        torch.manual_seed(0)
+        cfg = small_cfg(exits=2, batch_size=4)
+        model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
+        images, targets = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+        record = []
+        for opt, marker in ((wpn_optimizer, "steps 1-5 done"), (optimizer, "real step done")):
+            monkeypatch.setattr(opt, "step", lambda step=opt.step, marker=marker: (record.append(marker), step())[1])
+        for meta_grad, meta, options, expected in (("higher", True, {}, ieee), ("jvp", True, {}, ieee),
+                                                   ("jvp", False, {}, default),
+                                                   ("jvp", True, l2w.method_options(small_cfg(tf32=True), model,
+                                                                                    torch.device("cpu")), default)):
+            record.clear()
+            with SettingsAtEachProduct(record):
+                l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets,
+                               dataclasses.replace(cfg, meta_grad=meta_grad), meta=meta, **options)
+            halves = "".join("m" if r == "steps 1-5 done" else "r" if r == "real step done" else "." for r in record)
+            assert re.fullmatch(r"(\.+m\.+r){2}" if meta else r"(\.+r){2}", halves), halves
+            phase = "meta"
+            for r in record:
+                if isinstance(r, str):
+                    phase = "real" if r == "steps 1-5 done" else "meta"
+                else:
+                    assert r[1] == (expected if phase == "meta" and meta else default), (meta_grad, meta, phase, r)
+        # each phase holds convolutions' forwards and backwards and matrix products
+        meta_ops = {r[0] for r in record[:record.index("steps 1-5 done")]}
+        real_ops = {r[0] for r in record[record.index("steps 1-5 done") + 1:record.index("real step done")]}
+        assert {"convolution", "convolution_backward", "addmm", "mm"} <= meta_ops
+        assert {"convolution_backward", "mm"} <= real_ops
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.get_float32_matmul_precision() == previous
+
+
 # ----------------------------------------------------------------------------
 # Evaluation: budgeted protocol (MSDNet) and real early exiting
 # ----------------------------------------------------------------------------
@@ -1582,7 +1708,8 @@ def test_meta_gradient_under_amp_is_close_to_fp32(monkeypatch):
     assert torch.allclose(first_meta_gradient(setup, jvp), fp32, rtol=1e-3, atol=1e-4 * fp32.abs().max())
     error = {}
     for name, meta_grad in (("bf16", cfg), ("bf16 jvp", jvp)):
-        error[name] = (fp32 - first_meta_gradient(setup, dataclasses.replace(meta_grad, amp=True))).norm()
+        with NoHostReads():   # steps 1-5 in bf16 read no value (the meta device, which reads none, refuses autocast)
+            error[name] = (fp32 - first_meta_gradient(setup, dataclasses.replace(meta_grad, amp=True))).norm()
     # fp16 with loss scaling (what GPUs without bf16 get), run on the CPU
     monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
     for name, meta_grad in (("fp16", cfg), ("fp16 jvp", jvp)):
@@ -1593,6 +1720,74 @@ def test_meta_gradient_under_amp_is_close_to_fp32(monkeypatch):
         assert error[name] < 0.3 * fp32.norm()
         # the first-order path is as close to fp32 as the second-order one
         assert error[name + " jvp"] < max(1.25 * error[name], 0.02 * fp32.norm())
+
+
+class NoHostReads(TorchDispatchMode):
+    """Refuses the operations by which the host reads a tensor's values (.item(), bool(), a boolean
+    mask's nonzero): what the meta device refuses, for runs on the CPU (it cannot see .tolist())."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            raise AssertionError(f"the host reads a value: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def tf32(x):
+    """x rounded to TF32 (10 of fp32's 23 mantissa bits, to nearest): what cuDNN's TF32 kernels
+    do to the operands of an fp32 convolution on Ampere and later GPUs."""
+    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+class TF32Convolutions(TorchDispatchMode):
+    """Every fp32 convolution (forward, backward, tangent) with its operands rounded to TF32."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = {"convolution": 2, "convolution_backward": 3}.get(func.__name__.split(".")[0], 0)
+        args = [tf32(a) if i < operands and a.dtype == torch.float32 else a for i, a in enumerate(args)]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_gradient_precision(half=32, exits=3, meta_grad="higher", other_halves=3, seed=0, lr=0.1):
+    """The WPN's meta-gradient at one state (MSDNet, `exits` exits, `half` images per half, momentum
+    buffers filled): relative errors against float64 of fp32 and of fp32 with TF32 convolutions,
+    and the batch-to-batch spread, the mean relative difference to the meta-gradients (float64)
+    of the same state and train half with `other_halves` other meta halves. README, "--tf32"."""
+    cfg, *setup = double_setup(seed, batch=2 * half, exits=exits, meta_grad=meta_grad, lr=lr)
+    exact = first_meta_gradient(setup, cfg)
+    model, wpn, optimizer, wpn_optimizer, images, targets = copy.deepcopy(setup)
+    for buffer in optimizer.state.values():
+        buffer["momentum_buffer"] = buffer["momentum_buffer"].float()
+    fp32 = (model.float(), wpn.float(), optimizer, wpn_optimizer, images.float(), targets)
+    with TF32Convolutions():
+        tf32_gradient = first_meta_gradient(fp32, cfg)
+    relative = lambda g: ((g.double() - exact).norm() / exact.norm()).item()
+    g = torch.Generator().manual_seed(seed + 1)
+    others = [first_meta_gradient((*setup[:4], torch.cat([images[:half], torch.randn(half, 3, 32, 32, generator=g,
+                                                                                     dtype=torch.float64)]),
+                                   torch.cat([targets[:half], torch.randint(10, (half,), generator=g)])), cfg)
+              for _ in range(other_halves)]
+    return {"fp32": relative(first_meta_gradient(fp32, cfg)), "tf32": relative(tf32_gradient),
+            "spread": statistics.fmean(relative(o) for o in others) if others else None}
+
+
+def test_tf32_convolutions_would_cost_the_meta_gradient_its_precision():
+    # The emulated TF32 error is what --tf32 (or no IEEE context) costs on an Ampere or later GPU.
+    # The README's figures: python -c "import test_l2w as t; t.tf32_error()"
+    errors = meta_gradient_precision(half=8, exits=2, other_halves=0)
+    assert errors["fp32"] < 1e-2 and errors["tf32"] > 10 * errors["fp32"]   # here 0.2 % and 25 %
+
+
+def tf32_error(halves=(32,), seeds=(0, 1, 2)):
+    """The README's figures (`meta_gradient_precision`): MSDNet with 3 exits, both meta-gradients,
+    the states of three seeds."""
+    print("the WPN's meta-gradient, relative distance from float64 (MSDNet, 3 exits, random images, "
+          "one iteration in): fp32, fp32 with TF32 convolutions, and another meta half")
+    for half, meta_grad, seed in itertools.product(halves, ("higher", "jvp"), seeds):
+        errors = meta_gradient_precision(half=half, meta_grad=meta_grad, seed=seed)
+        print(f"{half} images per half, {meta_grad:6s} seed {seed}: fp32 {errors['fp32']:.1e}, TF32 {errors['tf32']:.1%}, "
+              f"batch-to-batch {errors['spread']:.0%}", flush=True)
 
 
 def test_fp16_wpn_keeps_learning_when_the_backbone_scale_grows(monkeypatch):
