@@ -91,7 +91,7 @@ class Config:
     holdout: int = 5000            # training images held out for validation and thresholds
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # data-loading processes per rank
+    workers: int = 4               # data-loading processes per rank (folders, ImageNet; CIFAR is made on the device)
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
@@ -560,7 +560,7 @@ def predict(model, loader, device, cfg):
     batches = []
     for images, labels in loader:
         images, _ = to_device(images, labels, device, cfg)
-        batches.append(([z.float().cpu() for z in net(images)], labels))
+        batches.append(([z.float().cpu() for z in net(images)], labels.cpu()))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
         shares = [None] * dist.get_world_size() if is_main() else None
         dist.gather_object(batches, shares, dst=0)
@@ -794,11 +794,14 @@ def set_rng_state(state, device):
 
 
 def make_loader(dataset, cfg, device, shuffle):
-    """Loader over (epoch, index) batches from data.ShardedBatches: shuffling and augmentation
-    are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under torchrun each
-    rank loads its share of every global batch."""
+    """Loader of (images, targets) over (epoch, index) batches from data.ShardedBatches: shuffling
+    and augmentation are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under
+    torchrun each rank loads its share of every global batch. CIFAR's batches are made on the
+    device in whole; other images are read and augmented one by one in loader workers."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = data.ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
+    if isinstance(dataset, data.DeviceImages):
+        return data.DeviceBatches(dataset, sampler)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                       persistent_workers=cfg.workers > 0)
 
@@ -982,7 +985,7 @@ def train(cfg, state=None, stop_after_epoch=None):
     if pretrained and pretrained["config"].get("imta") != "pretrain":
         log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
             "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
-    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices")))
+    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"), device))
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, splits.num_classes, device)
     scalers = options.get("scalers")
     if pretrained:
@@ -1169,15 +1172,16 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
 
 
 def timed(step, images, device):
-    """(seconds, step(images)) of one call, CUDA synchronised before and after (`images` None:
-    step())."""
+    """(seconds, step(images), peak GPU memory in bytes or None) of one call, `device`
+    synchronised before and after (`images` None: step())."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     out = step() if images is None else step(images)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 @torch.inference_mode()
@@ -1209,7 +1213,7 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                     timed(step, images, device)
             outputs = {}
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
-                elapsed, outputs[name] = timed(steps[name], images, device)
+                elapsed, outputs[name], _ = timed(steps[name], images, device)
                 seconds[name] += elapsed
             predictions.append(outputs["early"][0].cpu())
             exit_of.append(outputs["early"][1].cpu())
@@ -1657,8 +1661,10 @@ def select_q(paths, out_json, points=5):
 
 def bench(cfg):
     device = setup_device(cfg)
+    torch.backends.cudnn.benchmark = not cfg.deterministic   # as in training
     torch.manual_seed(cfg.seed)
-    num_classes = data.DATASETS[cfg.dataset] or 1000
+    splits = data.load(cfg, device=device) if cfg.dataset != "synthetic" else None   # its pipeline is timed too
+    num_classes = splits.num_classes if splits else data.DATASETS[cfg.dataset]
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
@@ -1679,16 +1685,22 @@ def bench(cfg):
     times, memory = {name: [] for name, _ in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps[i % 3:] + steps[:i % 3]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[name].append(timed(step, None, device)[0])
-            memory[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            seconds, _, memory[name] = timed(step, None, device)
+            times[name].append(seconds)
     results = {name: statistics.median(t[2:]) for name, t in times.items()}
     for name, seconds in results.items():
         peak = f"   peak memory {memory[name] / 2**20:.0f} MiB" if memory[name] is not None else ""
         print(f"{name:6s} {seconds * 1000:9.1f} ms/iter {cfg.batch_size / seconds:9.1f} img/s{peak}")
     print(f"ratio  higher/plain {results['higher'] / results['plain']:.2f}x  jvp/plain "
           f"{results['jvp'] / results['plain']:.2f}x  jvp/higher {results['jvp'] / results['higher']:.2f}x")
+    if splits:   # the training data pipeline (--bench-iters batches after one): does it or the iteration bound a run?
+        batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
+        next(batches, None)   # warm-up: loader workers start
+        seconds, images_loaded, _ = timed(lambda: sum(len(to_device(*batch, device, cfg)[0])
+                                                      for batch in itertools.islice(batches, cfg.bench_iters)), None, device)
+        print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
+              + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
+                 f"{cfg.workers} loader workers)"))
     if device.type == "cpu":
         print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     return results

@@ -1197,7 +1197,7 @@ def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
     assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (90, 10, 20)
     assert splits.threshold_source == "holdout" and splits.num_classes == 10
     # hold-out images use test-time transforms: deterministic, normalised with the authors' stats
-    raw = splits.threshold_set.base.data[splits.holdout_indices[0].item()]
+    raw = torchvision.datasets.CIFAR10(str(tmp_path), train=True).data[splits.holdout_indices[0].item()]
     mean, std = data.CIFAR_STATS["cifar10"]
     expected = (torch.tensor(raw).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert torch.allclose(splits.threshold_set[0][0], expected, atol=1e-6)
@@ -1205,6 +1205,60 @@ def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
     # --holdout 0: thresholds from all training images, with test-time transforms
     splits = data.load(dataclasses.replace(cfg, holdout=0))
     assert splits.threshold_source == "train" and len(splits.train) == len(splits.threshold_set) == 100
+
+
+def cifar_like(n, seed=0):
+    """n random CIFAR-shaped uint8 images and labels, as DeviceImages keeps them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(10, (n,), generator=g)
+
+
+def test_cifar_batches_are_cropped_and_flipped_as_torchvision_does(monkeypatch):
+    # Each sample of a batch made on the device equals torchvision's RandomCrop(32, padding=4) and
+    # RandomHorizontalFlip, ToTensor and Normalize on its PIL image, at that sample's offset and flip.
+    import torchvision.transforms as T
+    from PIL import Image
+    images, labels = cifar_like(24)
+    stats = data.CIFAR_STATS["cifar100"]
+    split = data.DeviceImages(images, labels, range(4, 24), stats, augment=True, seed=4294967295)
+    batch, batch_labels = split.batch([(3, i) for i in range(20)])
+    offset, flip = split.augmentation(3)
+    assert set(flip[4:].tolist()) == {False, True} and torch.equal(batch_labels, labels[4:])
+    for i in range(4, 24):
+        top, left = offset[i].tolist()
+        monkeypatch.setattr(T.RandomCrop, "get_params", staticmethod(lambda image, size: (top, left, 32, 32)))
+        torchvision_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(p=float(flip[i])),
+                                           T.ToTensor(), T.Normalize(*stats)])
+        assert torch.equal(batch[i - 4], torchvision_transform(Image.fromarray(images[i].permute(1, 2, 0).numpy())))
+    # the hold-out and test sets: normalised only
+    plain = data.DeviceImages(images, labels, range(24), stats, augment=False)
+    assert torch.equal(plain.batch([(3, 5)])[0][0], T.Normalize(*stats)(images[5].float() / 255))
+
+
+def test_cifar_augmentation_draws_every_offset_and_flip_at_its_rate_from_seed_epoch_and_sample():
+    n = 50_000
+    split = data.DeviceImages(torch.zeros(1, 3, 32, 32, dtype=torch.uint8).expand(n, -1, -1, -1),
+                              torch.zeros(n, dtype=torch.long), range(n), data.CIFAR_STATS["cifar10"], True, seed=7)
+    offset, flip = (t.clone() for t in split.augmentation(0))
+    counts = torch.bincount(offset[:, 0] * 9 + offset[:, 1], minlength=81).double()
+    expected = n / 81
+    assert len(counts) == 81 and ((counts - expected) ** 2 / expected).sum() < 140   # chi-square, 80 d.o.f.: p < 1e-4
+    assert counts.min() > 0 and abs(flip.double().mean() - 0.5) < 5 * 0.5 / math.sqrt(n)
+    again = data.DeviceImages(split.images[:n], split.labels, range(n), data.CIFAR_STATS["cifar10"], True, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(again.augmentation(0), (offset, flip)))   # (seed, epoch) alone
+    other_epoch = split.augmentation(1)
+    assert (other_epoch[0] != offset).any(dim=1).double().mean() > 0.95   # 80/81 differ, drawn anew
+
+
+def test_cifar_batches_are_the_same_for_one_rank_and_two():
+    images, labels = cifar_like(40)
+    split = data.DeviceImages(images, labels, range(3, 40), data.CIFAR_STATS["cifar10"], True, seed=5)
+    batches = lambda rank, world: [b for b in data.DeviceBatches(split, data.ShardedBatches(37, 8, 5, rank, world))]
+    single, ranks = batches(0, 1), [batches(r, 2) for r in (0, 1)]
+    assert len(single) == 4 and all(len(r) == 4 for r in ranks)
+    for b, (x, y) in enumerate(single):
+        assert torch.equal(x, torch.cat([ranks[0][b][0], ranks[1][b][0]]))
+        assert torch.equal(y, torch.cat([ranks[0][b][1], ranks[1][b][1]]))
 
 
 def test_synthetic_set_is_seeded_and_only_fine_detail_names_the_hard_half():
@@ -1361,9 +1415,10 @@ def fake_cifar10_cfg(tmp_path, monkeypatch, **overrides):
 
 
 def test_resume_mid_epoch_after_sigterm_is_exact(tmp_path, monkeypatch):
-    # CIFAR-format files, random crops and flips, two loader workers: a run stopped by SIGTERM in
-    # the middle of its second epoch and resumed must end bit-identical to the straight run.
-    cfg = fake_cifar10_cfg(tmp_path, monkeypatch)
+    # CIFAR-format files, random crops and flips (made on the device), the largest seed the command
+    # line takes: a run stopped by SIGTERM in the middle of its second epoch and resumed must end
+    # bit-identical to the straight run.
+    cfg = fake_cifar10_cfg(tmp_path, monkeypatch, seed=2 ** 32 - 1)
     straight = l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "straight")))
 
     saved, calls, train_step = [], [0], l2w.train_step
@@ -1518,10 +1573,17 @@ def test_config_precedence_defaults_preset_flags():
     assert cfg.method == "baseline" and cfg.momentum == l2w.Config.momentum
 
 
-def test_bench_reports_the_three_iterations_and_their_ratios():
-    result = cli("--bench", "--dataset", "synthetic", "--exits", "2", "--batch-size", "8", "--bench-iters", "1",
-                 "--device", "cpu")
+def test_bench_reports_the_three_iterations_and_their_ratios_and_the_data_pipeline(tmp_path, monkeypatch):
+    # on a CIFAR-10 of 50,000 training images in torchvision's format
+    import torchvision
+    lists = write_fake_cifar10(str(tmp_path), per_batch=10_000, n_test=20)
+    for name, value in zip(("train_list", "test_list", "meta"), lists):
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)   # checksums of our files
+    result = cli("--bench", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--exits", "2", "--batch-size", "8",
+                 "--bench-iters", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
+    assert re.search(r"^data +[\d.]+ img/s: the training data pipeline \(augmented on the device\)$", result.stdout,
+                     re.M), result.stdout
     ms = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
           if line.startswith(("plain ", "higher ", "jvp "))}
     assert set(ms) == {"plain", "higher", "jvp"}
@@ -1632,9 +1694,10 @@ def write_image_tree(root, classes, per_class=4, splits=("train", "val")):
                 Image.fromarray(pixels).save(os.path.join(root, split, c, f"{i}.png"))
 
 
-def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
+def test_folder_dataset_loads_and_trains_end_to_end(tmp_path, monkeypatch):
+    # with the largest seed the command line takes (per-image seeds once overflowed above 1,844,665)
     write_image_tree(str(tmp_path), ["ant", "bee", "cat"], per_class=6)
-    cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3)
+    cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3, seed=2 ** 32 - 1)
     splits = data.load(cfg)
     assert splits.num_classes == 3 and splits.class_counts == [6, 6, 6]
     assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (15, 3, 18)
@@ -1642,13 +1705,61 @@ def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     assert image.shape == (3, 32, 32) and label in (0, 1, 2)
     assert torch.equal(splits.train[(2, 0)][0], image)          # augmentation seeded per (epoch, sample)
     assert not torch.equal(splits.train[(3, 0)][0], image)
+    # an epoch draws each image's crop and flip from a generator of its own: no torch.manual_seed per
+    # image (which also reseeds every GPU's generator)
+    with monkeypatch.context() as m:
+        seeded = []
+        m.setattr(torch, "manual_seed", seeded.append)
+        epoch = list(l2w.make_loader(splits.train, dataclasses.replace(cfg, batch_size=4), torch.device("cpu"), True))
+        assert sum(len(y) for _, y in epoch) == 12 and seeded == []
     out = tmp_path / "run"
     result = cli("--dataset", "folder", "--data-dir", str(tmp_path), "--image-size", "32", "--exits", "2",
                  "--epochs", "1", "--batch-size", "4", "--holdout", "3", "--workers", "2", "--out", str(out),
-                 "--device", "cpu")
+                 "--device", "cpu", "--seed", str(2 ** 32 - 1))
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert len(results["anytime"]) == 2 and results["class_counts"] == [6, 6, 6]
+
+
+def test_imagenet_style_crops_are_torchvisions_boxes_drawn_from_a_generator_of_their_own():
+    # RandomResizedCrop's box, drawn from the image's own generator (torchvision's class draws from
+    # the process's random stream): the same distribution as torchvision's boxes, and ImageNet's
+    # test transform, resize to 256/224 of the size and centre crop, as torchvision's classes
+    import torchvision.transforms as T
+    from PIL import Image
+    width, height, draws = 160, 90, 3000
+    g = torch.Generator().manual_seed(0)
+    ours = [data.resized_crop_box(width, height, g) for _ in range(draws)]
+    torch.manual_seed(0)
+    theirs = [T.RandomResizedCrop.get_params(Image.new("RGB", (width, height)), (0.08, 1.0), (3 / 4, 4 / 3))
+              for _ in range(draws)]
+    for boxes in (ours, theirs):
+        assert all(0 <= top <= height - h and 0 <= left <= width - w for top, left, h, w in boxes)
+    summary = lambda boxes: (statistics.fmean(h * w / (width * height) for _, _, h, w in boxes),
+                             statistics.fmean(math.log(w / h) for _, _, h, w in boxes),
+                             statistics.fmean((top + h / 2) / height for top, _, h, _ in boxes))
+    for a, b in zip(summary(ours), summary(theirs)):
+        assert abs(a - b) < 0.025, (summary(ours), summary(theirs))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    expected = T.Compose([T.Resize(73), T.CenterCrop(64), T.ToTensor(), T.Normalize(*data.IMAGENET_STATS)])(image)
+    train, test = data.folder_transforms(64)
+    assert torch.equal(test(image, None), expected)
+    assert train(image, torch.Generator().manual_seed(1)).shape == (3, 64, 64)
+    assert torch.equal(train(image, torch.Generator().manual_seed(1)), train(image, torch.Generator().manual_seed(1)))
+    # small folder images: resize, RandomCrop(size, padding=size/8), flip, as torchvision's classes at
+    # the offset and flip the generator drew (in that order)
+    train, _ = data.folder_transforms(32)
+    flips = set()
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        (top, left), flip = torch.randint(9, (2,), generator=g).tolist(), torch.rand(1, generator=g).item() < 0.5
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(T.RandomCrop, "get_params", staticmethod(lambda image, size: (top, left, 32, 32)))
+            expected = T.Compose([T.Resize((32, 32)), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(float(flip)),
+                                  T.ToTensor(), T.Normalize(*data.IMAGENET_STATS)])(image)
+        assert torch.equal(train(image, torch.Generator().manual_seed(seed)), expected)
+        flips.add(flip)
+    assert flips == {False, True}
 
 
 @pytest.mark.parametrize("layout, message", [
