@@ -613,11 +613,14 @@ def exit_with_thresholds(confidence, thresholds):
 
 def budgeted_point(thresholds, confidence, correct, flops):
     """Accuracy (%) and mean Mul-Adds per image when each sample leaves at the first exit whose
-    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64."""
+    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64. Computed on
+    confidence's device (a GPU's logits work as they are)."""
+    thresholds, flops = thresholds.to(confidence.device), flops.to(confidence.device)
     exit_of = exit_with_thresholds(confidence, thresholds)
     n = confidence.shape[1]
     share = torch.bincount(exit_of, minlength=len(flops)).double() / n
-    return 100.0 * correct[exit_of, torch.arange(n)].float().mean().item(), float((share * flops).sum())
+    return (100.0 * correct[exit_of, torch.arange(n, device=confidence.device)].float().mean().item(),
+            float((share * flops).sum()))
 
 
 def correctness(logits, targets):
@@ -808,13 +811,20 @@ def make_loader(dataset, cfg, device, shuffle):
 
 def setup_device(cfg):
     """Single process: the requested device. Under torchrun (WORLD_SIZE > 1): one process per
-    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU."""
+    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU. A GPU is made the current one
+    before anything starts CUDA, so that every call that means "the current GPU" (synchronising,
+    peak memory, new tensors) means it. --deterministic: deterministic kernels only."""
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts: before any GPU work
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+    if cfg.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if cfg.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 

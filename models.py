@@ -64,9 +64,10 @@ def init_msdnet(module):
 
 
 def take(tensors, keep):
-    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward."""
+    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward,
+    in its memory format (indexing keeps channels_last, index_select does not)."""
     if isinstance(tensors, torch.Tensor):
-        return tensors.index_select(0, keep)
+        return tensors[keep]
     return [take(t, keep) for t in tensors]
 
 
@@ -302,10 +303,19 @@ class IMTANet(nn.Module):
 
 def resize(x, size):
     """Bilinear resize (align_corners=True, as released); free under the counting convention.
-    At the same size it is the identity, so it is skipped."""
+    At the same size it is the identity, so it is skipped. Taken as products with interpolation
+    matrices, rows @ x @ columns^T, whose backward, unlike F.interpolate's, is deterministic on
+    GPUs (--deterministic); the result keeps x's memory format."""
     if x.shape[-2:] == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+    def weights(n_out, n_in):   # (n_out, n_in): each output's hat-shaped weights around its source position
+        source = torch.arange(n_out, dtype=x.dtype, device=x.device) * ((n_in - 1) / max(n_out - 1, 1))
+        return (1 - (source[:, None] - torch.arange(n_in, dtype=x.dtype, device=x.device)).abs()).clamp(min=0)
+
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = weights(size[0], x.shape[-2]) @ x @ weights(size[1], x.shape[-1]).T
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 class RANetStem(nn.Module):

@@ -203,6 +203,23 @@ def test_ranet_other_exit_counts_are_refused_naming_the_two_models(exits):
         models.build_model("ranet", 10, exits)
 
 
+def test_ranet_resize_equals_bilinear_interpolation_in_values_and_gradients_and_keeps_channels_last():
+    # matrix products, whose backward is deterministic on GPUs, in place of F.interpolate's
+    torch.manual_seed(0)
+    for shape, size in (((2, 3, 8, 8), (16, 16)), ((2, 3, 32, 32), (16, 16)), ((1, 2, 7, 5), (3, 11)), ((1, 1, 1, 1), (4, 4))):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        got, want = models.resize(x, size), F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-13)
+        grad = torch.randn_like(want)
+        assert torch.allclose(*(torch.autograd.grad(y, x, grad)[0] for y in (got, want)), rtol=0, atol=1e-13)
+        x = x.detach().float().contiguous(memory_format=torch.channels_last)
+        assert models.resize(x, size).is_contiguous(memory_format=torch.channels_last)
+    # and take(), which cuts the state carried to later exits in real early exit
+    x = torch.randn(5, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    kept = models.take([x, [x]], torch.tensor([4, 1]))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and torch.equal(t, x[[4, 1]]) for t in (kept[0], kept[1][0]))
+
+
 def test_ranet_only_cifar_sized_images():
     with pytest.raises(ValueError, match="image_size 224"):
         models.build_model("ranet", 10, 6, image_size=224)
@@ -1923,6 +1940,57 @@ def test_fp16_wpn_keeps_learning_when_the_backbone_scale_grows(monkeypatch):
     assert sum(updated[-4:]) >= 3   # ... and the WPN still takes steps at the end
 
 
+def test_device_cuda_n_is_made_current_first_and_timing_synchronises_it(monkeypatch):
+    # No GPU here: CUDA's functions record their calls; any other use of CUDA would raise. The run
+    # stops where it would build the network on the card.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("set_device", "synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, device)) or 0)
+    monkeypatch.setattr(l2w, "build", lambda *args: (_ for _ in ()).throw(Recorded()))
+    with pytest.raises(Recorded):
+        l2w.main(["--bench", "--dataset", "synthetic", "--device", "cuda:1"])
+    assert calls == [("set_device", torch.device("cuda", 1))]
+    calls.clear()
+    seconds, out, peak = l2w.timed(lambda: "done", None, torch.device("cuda", 1))   # as --bench and --early-exit time
+    card = torch.device("cuda", 1)
+    assert out == "done" and peak == 0 and calls == [("synchronize", card), ("reset_peak_memory_stats", card),
+                                                     ("synchronize", card), ("max_memory_allocated", card)]
+
+
+def test_progress_counts_training_time_only_and_cudnn_benchmarks_training_unless_deterministic(tmp_path, monkeypatch,
+                                                                                               capsys):
+    # A clock that moves 1 s per iteration and 1000 s per evaluation and per checkpoint: img/s and
+    # the ETA must see the iterations only. cuDNN's benchmark mode (kernels timed once per shape)
+    # is on for training, whose shapes repeat, off for evaluation and under --deterministic.
+    now, seen = [0.0], []
+    monkeypatch.setattr(l2w, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=time.perf_counter))
+    for name, cost in (("train_step", 1), ("predict", 1000), ("atomic_write", 1000)):
+        def timed_call(*args, real=getattr(l2w, name), name=name, cost=cost, **kwargs):
+            now[0] += cost
+            seen.append((name, torch.backends.cudnn.benchmark))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(l2w, name, timed_call)
+    cfg = small_cfg(exits=2, epochs=2, batch_size=8, synthetic_size=30, holdout=6, print_every=1, save_every=2)
+    l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    progress = [line for line in capsys.readouterr().out.splitlines() if " img/s " in line]
+    assert len(progress) == 6 and all(" 8 img/s ETA " in line for line in progress), progress
+    assert [line.split("ETA ")[1] for line in progress] == [f"0:00:0{5 - i}" for i in range(6)]
+    predicted = [b for name, b in seen if name == "predict"]   # hold-out after each epoch, then the test set
+    assert {b for name, b in seen if name == "train_step"} == {True} and predicted == [True, True, False]
+    assert torch.backends.cudnn.benchmark is False
+    # --deterministic: deterministic kernels, asked for before CUDA starts, and no benchmark mode
+    requested = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", requested.append)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen.clear()
+    l2w.train(dataclasses.replace(cfg, epochs=1, deterministic=True, out=str(tmp_path / "det")))
+    assert requested == [True] and torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    assert {b for name, b in seen if name == "train_step"} == {False}
+
+
 def test_amp_picks_fp16_on_gpus_without_native_bf16(monkeypatch):
     # torch.cuda.is_bf16_supported() is True on pre-Ampere GPUs too (emulated, slow): not a criterion
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -2686,6 +2754,15 @@ def test_evaluations_never_replace_each_others_results(weights_run, tmp_path, mo
     l2w.main(["--eval-only", "--resume", str(tmp_path / "run" / "checkpoint.pt")])
     assert folder_hashes(tmp_path / "run" / "eval") == first and (tmp_path / "run" / "eval-2" / "results.json").exists()
     assert "eval-2/results.json" in capsys.readouterr().out
+
+
+def test_budgeted_point_takes_logits_on_another_device_than_its_thresholds():
+    # A GPU's logits with the CPU's thresholds and Mul-Adds: on the meta device (no values) a CPU
+    # operand in an operation raises; what is left to raise is what needs values: bincount's size.
+    confidence, correct = torch.rand(3, 10, device="meta"), torch.ones(3, 10, dtype=torch.bool, device="meta")
+    with pytest.raises(NotImplementedError, match="bincount"):
+        l2w.budgeted_point(torch.tensor([0.5, 0.5, -math.inf]), confidence, correct,
+                           torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 
 def test_a_sample_that_reaches_no_threshold_runs_to_the_last_exit_in_both_protocols():
