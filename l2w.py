@@ -995,7 +995,8 @@ def train(cfg, state=None, stop_after_epoch=None):
     if pretrained and pretrained["config"].get("imta") != "pretrain":
         log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
             "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
-    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"), device))
+    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"),
+                                                   device=device))
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, splits.num_classes, device)
     scalers = options.get("scalers")
     if pretrained:

@@ -2428,8 +2428,8 @@ def test_select_q_picks_what_the_hold_out_curves_say_and_reads_no_test_label(q_s
 
     # The same checkpoints evaluated with every test label changed: the hold-out curves and the
     # choice stay, the test-set numbers do not.
-    def other_test_labels(cfg, holdout_indices=None, load=data.load):
-        splits = load(cfg, holdout_indices)
+    def other_test_labels(cfg, holdout_indices=None, load=data.load, **device):
+        splits = load(cfg, holdout_indices, **device)
         images, labels = splits.test.base.tensors
         splits.test.base = torch.utils.data.TensorDataset(images, (labels + 1) % 10)
         return splits
