@@ -960,10 +960,7 @@ def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypa
         default = tf32_settings()
         ieee = ("ieee", "ieee") if hasattr(torch.backends.cudnn, "conv") else (False, False)
         assert default != ieee and all(a != b for a, b in zip(default, ieee))
-        torch.manual_seed(0)
-        cfg = small_cfg(exits=2, batch_size=4)
-        model, wpn, optimizer, wpn_optimizer, _ = l2w.build(cfg, 10, torch.device("cpu"))
-        images, targets = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+        cfg, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()   # small, all kinds of layer
         record = []
         for opt, marker in ((wpn_optimizer, "steps 1-5 done"), (optimizer, "real step done")):
             monkeypatch.setattr(opt, "step", lambda step=opt.step, marker=marker: (record.append(marker), step())[1])
@@ -974,7 +971,7 @@ def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypa
             record.clear()
             with SettingsAtEachProduct(record):
                 l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets,
-                               dataclasses.replace(cfg, meta_grad=meta_grad), meta=meta, **options)
+                               with_knobs(cfg, meta_grad=meta_grad), meta=meta, **options)
             halves = "".join("m" if r == "steps 1-5 done" else "r" if r == "real step done" else "." for r in record)
             assert re.fullmatch(r"(\.+m\.+r){2}" if meta else r"(\.+r){2}", halves), halves
             phase = "meta"
