@@ -15,6 +15,7 @@ IMTA: Li, Zhang, Qi, Yang, Huang, "Improved Techniques for Training Adaptive Dee
 ICCV 2019: Gradient Equilibrium (MSDNet(gradient_equilibrium=True)) for the first training phase,
 Inline Subnetwork Collaboration and One-for-all distillation (IMTANet) for the second.
 """
+import functools
 import math
 import re
 
@@ -308,14 +309,20 @@ def resize(x, size):
     GPUs (--deterministic); the result keeps x's memory format."""
     if x.shape[-2:] == size:
         return x
-
-    def weights(n_out, n_in):   # (n_out, n_in): each output's hat-shaped weights around its source position
-        source = torch.arange(n_out, dtype=x.dtype, device=x.device) * ((n_in - 1) / max(n_out - 1, 1))
-        return (1 - (source[:, None] - torch.arange(n_in, dtype=x.dtype, device=x.device)).abs()).clamp(min=0)
-
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    out = weights(size[0], x.shape[-2]) @ x @ weights(size[1], x.shape[-1]).T
+    rows, columns = (interpolation_weights(n_out, n_in, x.dtype, x.device) for n_out, n_in in zip(size, x.shape[-2:]))
+    out = rows @ x @ columns.T
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@functools.lru_cache(maxsize=None)
+def interpolation_weights(n_out, n_in, dtype, device):
+    """(n_out, n_in): linear interpolation (align_corners=True), each output's hat-shaped weights
+    around its source position. Kept, since building them costs more than using them at small
+    batches (real early exit); built outside inference mode, so that they serve training too."""
+    with torch.inference_mode(False):
+        source = torch.arange(n_out, dtype=dtype, device=device) * ((n_in - 1) / max(n_out - 1, 1))
+        return (1 - (source[:, None] - torch.arange(n_in, dtype=dtype, device=device)).abs()).clamp(min=0)
 
 
 class RANetStem(nn.Module):
