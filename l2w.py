@@ -92,10 +92,12 @@ class Config:
     holdout_indices: str = ""      # hold-out split from a file: a run's holdout_indices.json, or index.pth's last --holdout
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # data-loading processes per rank (the CLI's default and presets: at most the CPUs)
+    workers: int = 4               # loader processes per rank (folders, ImageNet; CIFAR is made on the device), at most the CPUs
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
+    tf32: bool = False             # TF32 in the meta-gradient's fp32 convolutions too: faster on recent GPUs, less exact
+    deterministic: bool = False    # deterministic GPU kernels (slower), so that a resume is bit-identical on a GPU too
     sync_bn: bool = False          # under torchrun: BatchNorm statistics over all ranks
     out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>_<q>_<seed>
     print_every: int = 20          # iterations between progress lines
@@ -213,15 +215,15 @@ def check_exit_logits(logits):
                     f"or a stacked (exits, n, classes) tensor; got {got}")
 
 
+def exit_cross_entropy(logits, targets):
+    """(n, K): the cross-entropy of every sample at every exit."""
+    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in check_exit_logits(logits)], dim=1)
+
+
 def cross_entropy_losses(model, images, targets):
     """Step 1: L[i, k] = cross-entropy of sample i at exit k, shape (n, K). The default per-exit
     loss; `model` is anything callable on the images (a module or a functional forward)."""
-    return exit_losses(check_exit_logits(model(images)), targets)
-
-
-def exit_losses(logits, targets):
-    """(n, K) cross-entropy of every sample at every exit, from the logits of each exit."""
-    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
+    return exit_cross_entropy(model(images), targets)
 
 
 def exit_fractions(q, exits):
@@ -243,8 +245,8 @@ def meta_exit_assignment(confidence, fractions):
     exits, n = confidence.shape
     exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.arange(n, device=confidence.device)
-    for k in range(exits - 1):
-        take = math.floor(n * fractions[k].item())
+    for k, fraction in enumerate(fractions.tolist()[:-1]):   # host numbers, not device values
+        take = math.floor(n * fraction)
         order = confidence[k][free].sort(descending=True, stable=True).indices
         exit_of[free[order[:take]]] = k
         free = free[order[take:]].sort().values
@@ -253,15 +255,14 @@ def meta_exit_assignment(confidence, fractions):
 
 def meta_loss_fn(logits, targets, q):
     """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
-    budgeted inference would, then sum over exits the mean CE of the samples that leave there."""
+    budgeted inference would, then sum over exits the mean CE of the samples that leave there:
+    each sample's CE at each exit weighted 1 / (the exit's count) where it leaves, else 0 (a mask
+    would pick samples by values, whose count the host would wait for the GPU to know)."""
     logits = check_exit_logits(logits)
     exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
-    total = 0.0
-    for k, z in enumerate(logits):
-        mine = exit_of == k
-        if mine.any():
-            total = total + F.cross_entropy(z[mine], targets[mine])
-    return total
+    losses = exit_cross_entropy(logits, targets)
+    leaves = (exit_of[:, None] == torch.arange(len(logits), device=exit_of.device)).to(losses.dtype)   # one-hot
+    return (losses * leaves / leaves.sum(dim=0).clamp(min=1)).sum()
 
 
 def functional_forward(net, params, images, **kwargs):
@@ -382,18 +383,39 @@ def replayed(state):
         yield
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were. On
+    Ampere and later GPUs PyTorch lets cuDNN round fp32 convolutions' operands to TF32 (a 10-bit
+    mantissa) by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    # torch >= 2.9 sets it per operation; mixing those settings with the older flags raises
+    name, ieee, modules = (("fp32_precision", "ieee", (cudnn.conv, matmul)) if hasattr(cudnn, "conv")
+                           else ("allow_tf32", False, (cudnn, matmul)))
+    saved = [getattr(module, name) for module in modules]
+    for module in modules:
+        setattr(module, name, ieee)
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved):
+            setattr(module, name, value)
+
+
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
-              loss_fn, autocast, scalers, virtual_context):
+              loss_fn, autocast, scalers, virtual_context, meta_precision):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, whether the
-    fp16 loss scaler skipped the WPN's step)."""
+    fp16 loss scaler skipped the WPN's step), the losses as tensors on the device: reading them
+    would make the host wait for the GPU before it queues the next step."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
     draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
     # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
-    # fp32: in bf16 that gradient is mostly rounding error. This forward and its graph serve both
-    # the virtual step and the real step, which start from the same parameters and images.
-    with contextlib.nullcontext() if meta_step else autocast():
+    # fp32: in bf16 that gradient is mostly rounding error. For the same reason steps 1-5 run in
+    # IEEE fp32, not TF32 (`meta_precision`). This forward and its graph serve both the virtual
+    # step and the real step, which start from the same parameters and images.
+    with (meta_precision if meta_step else autocast)():
         losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
@@ -409,7 +431,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
                 return meta_loss_fn(functional_forward(net, theta_virtual, meta_images), meta_targets, cfg.q)
 
         wpn_optimizer.zero_grad(set_to_none=True)
-        with (virtual_context or contextlib.nullcontext)():
+        with meta_precision(), (virtual_context or contextlib.nullcontext)():
             virtual_losses = losses
             if virtual_context:   # e.g. SyncBatchNorm, whose synchronised graph cannot be differentiated again
                 draws = random_state(images.device)
@@ -422,7 +444,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
             else:
                 m = higher_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler)
         skipped = optimizer_step(wpn_optimizer, meta_scaler)   # step 5: Adam step of the WPN
-        meta_loss = m.item()
+        meta_loss = m.detach()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
     if cfg.method == "l2w":
@@ -434,7 +456,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     optimizer.zero_grad(set_to_none=True)
     scaled(loss, real_scaler).backward()
     optimizer_step(optimizer, real_scaler)
-    return loss.item(), meta_loss, skipped
+    return loss.detach(), meta_loss, skipped
 
 
 def check_meta_step(model, optimizer, cfg):
@@ -459,10 +481,11 @@ def check_meta_step(model, optimizer, cfg):
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
-               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
+               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None,
+               meta_precision=ieee_fp32):
     """One iteration, as the authors released it: the batch is split into halves A and B; A
     trains with B as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a
-    meta step), "wpn_skipped"}.
+    meta step): 0-dim tensors on the device, "wpn_skipped"}.
 
     model: its forward returns per-exit logits, cheapest exit first (may be DDP-wrapped).
     optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).
@@ -473,6 +496,8 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     scalers: fp16 loss scalers {"real": backbone's, "meta": WPN's}, or None.
     virtual_context: a context factory for steps 3-5; when given, they take a forward of
     their own in it instead of reusing step 1's graph.
+    meta_precision: a context factory for steps 1-5 of a meta step (`contextlib.nullcontext`:
+    PyTorch's TF32 settings, faster on recent GPUs).
     """
     check_knobs(cfg)
     if cfg.method == "l2w" and meta:
@@ -483,7 +508,7 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     if len(a) != 2 or a[0].shape[0] != a[1].shape[0]:
         raise ValueError(f"a batch of {images.shape[0]} cannot be split into two equal halves")
     halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta,
-                        loss_fn, autocast, scalers, virtual_context) for i in (0, 1)]
+                        loss_fn, autocast, scalers, virtual_context, meta_precision) for i in (0, 1)]
     metas = [h[1] for h in halves if h[1] is not None]
     return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
             "wpn_skipped": sum(h[2] for h in halves)}
@@ -540,7 +565,7 @@ def predict(model, loader, device, cfg):
     batches = []
     for images, labels in loader:
         images, _ = to_device(images, labels, device, cfg)
-        batches.append(([z.float().cpu() for z in net(images)], labels))
+        batches.append(([z.float().cpu() for z in net(images)], labels.cpu()))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
         shares = [None] * dist.get_world_size() if is_main() else None
         dist.gather_object(batches, shares, dst=0)
@@ -599,11 +624,13 @@ def exit_with_thresholds(confidence, thresholds):
 
 def budgeted_point(thresholds, confidence, correct, flops):
     """Accuracy (%) and mean Mul-Adds per image when each sample leaves at the first exit whose
-    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64."""
+    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64. Computed on
+    confidence's device (a GPU's logits work as they are)."""
+    thresholds, flops = thresholds.to(confidence.device), flops.to(confidence.device)
     exit_of = exit_with_thresholds(confidence, thresholds)
     n = confidence.shape[1]
     share = torch.bincount(exit_of, minlength=len(flops)).double() / n
-    return percent(correct[exit_of, torch.arange(n)]), float((share * flops).sum())
+    return percent(correct[exit_of, torch.arange(n, device=confidence.device)]), float((share * flops).sum())
 
 
 def correctness(logits, targets):
@@ -756,7 +783,7 @@ def learned_weights(model, wpn, images, targets, cfg, initial_wpn=None, batch_si
     net = unwrap(model).eval()
     device = next(net.parameters()).device
     logits = [torch.cat(z) for z in zip(*(net(x.to(device)) for x in images.split(batch_size)))]
-    return weight_profile(exit_losses([z.float().cpu() for z in logits], targets), wpn, cfg, initial_wpn)
+    return weight_profile(exit_cross_entropy([z.float().cpu() for z in logits], targets), wpn, cfg, initial_wpn)
 
 
 # ============================================================================
@@ -830,24 +857,34 @@ def set_rng_state(state, device):
 
 
 def make_loader(dataset, cfg, device, shuffle):
-    """Loader over (epoch, index) batches from data.ShardedBatches: shuffling and augmentation
-    are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under torchrun each
-    rank loads its share of every global batch."""
+    """Loader of (images, targets) over (epoch, index) batches from data.ShardedBatches: shuffling
+    and augmentation are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under
+    torchrun each rank loads its share of every global batch. CIFAR's batches are made on the
+    device in whole; other images are read and augmented one by one in loader workers."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = data.ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
+    if isinstance(dataset, data.DeviceImages):
+        return data.DeviceBatches(dataset, sampler)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                       persistent_workers=cfg.workers > 0)
 
 
 def setup_device(cfg):
     """Single process: the requested device. Under torchrun (WORLD_SIZE > 1): one process per
-    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU."""
+    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU. A GPU is made the current one
+    before anything starts CUDA, so that every call that means "the current GPU" (synchronising,
+    peak memory, new tensors) means it. --deterministic: deterministic kernels only."""
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts: before any GPU work
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+    if cfg.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if cfg.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
@@ -927,10 +964,13 @@ def build(cfg, num_classes, device):
 
 def method_options(cfg, net, device):
     """The engineering, plugged into the method through `train_step`'s optional arguments: IMTA's
-    distillation loss, the autocast context of --amp, fp16's two loss scalers (the WPN's meta
-    gradients come through a different, fp32 graph and overflow at other scales than the
-    backbone's), and per-rank BatchNorm for the virtual step under --sync-bn."""
+    distillation loss, the autocast context of --amp, TF32 in the meta-gradient under --tf32,
+    fp16's two loss scalers (the WPN's meta gradients come through a different, fp32 graph and
+    overflow at other scales than the backbone's), and per-rank BatchNorm for the virtual step
+    under --sync-bn."""
     options = {"autocast": partial(torch.autocast, device.type, dtype=amp_dtype(device), enabled=cfg.amp)}
+    if cfg.tf32:
+        options["meta_precision"] = contextlib.nullcontext   # PyTorch's TF32 settings in steps 1-5 too
     if cfg.imta == "finetune":
         options["loss_fn"] = partial(imta_exit_losses, temperature=cfg.kd_temperature, gamma=cfg.kd_gamma,
                                      reduction=cfg.kd_reduction)
@@ -1015,7 +1055,8 @@ def train(cfg, state=None, stop_after_epoch=None):
     if pretrained and pretrained["config"].get("imta") != "pretrain":
         log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
             "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
-    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices")))
+    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"),
+                                                   device=device))
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, splits.num_classes, device)
     scalers = options.get("scalers")
     if pretrained:
@@ -1090,19 +1131,29 @@ def train(cfg, state=None, stop_after_epoch=None):
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
 
     total_iters = cfg.epochs * n_batches
-    started, done_here, skipped, val = time.time(), 0, 0, None
-    # One record per finished epoch (results.json["history"]), and the running epoch's sums, which
-    # a mid-epoch checkpoint carries so that a resumed run records the same means.
+    seconds, done_here, skipped, val = 0.0, 0, 0, None   # seconds: in training iterations (img/s and ETA)
+    # One record per finished epoch (results.json["history"]); `tally`, the running epoch's sums,
+    # travels in a mid-epoch checkpoint so that a resumed run records the same means.
     history, tally = list((state or {}).get("history", [])), (state or {}).get("tally")
     preemption = Preemption(device)
+    torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: cuDNN times its kernels once
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
             skip = start_batch if epoch == start_epoch else 0
-            if not (skip and tally):
-                tally = {"loss": 0.0, "meta_loss": 0.0, "iterations": 0, "meta_iterations": 0, "seconds": 0.0}
             train_loader.batch_sampler.set_epoch(epoch, skip)
+            if not (skip and tally):
+                tally = {"sums": torch.zeros(2), "counts": [0, 0], "seconds": 0.0}
+            # The epoch's loss and meta loss, summed on the device and read at progress lines only: a
+            # read makes the host wait for the GPU, which then idles until the host queues more.
+            sums, counts, started = tally["sums"].to(device), tally["counts"], time.time()
+
+            def clock():   # training time since `started` into the run's and the epoch's seconds
+                nonlocal seconds, started
+                elapsed, started = time.time() - started, time.time()
+                seconds += elapsed
+                tally.update(sums=sums.cpu(), seconds=tally["seconds"] + elapsed)
+
             for i, (images, targets) in enumerate(train_loader, start=skip):
-                step_started = time.time()
                 iteration = epoch * n_batches + i
                 for group in optimizer.param_groups:
                     group["lr"] = cosine(cfg.lr, iteration, total_iters)
@@ -1112,56 +1163,66 @@ def train(cfg, state=None, stop_after_epoch=None):
                 out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
                                  meta=iteration % cfg.meta_interval == 0, **options)
                 done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
-                tally["loss"] += out["loss"]
-                tally["iterations"] += 1
-                if out["meta_loss"] is not None:
-                    tally["meta_loss"] += out["meta_loss"]
-                    tally["meta_iterations"] += 1
-                tally["seconds"] += time.time() - step_started
+                for k, value in enumerate((out["loss"], out["meta_loss"])):
+                    if value is not None:
+                        sums[k] += value
+                        counts[k] += 1
                 if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
-                    elapsed = time.time() - started
-                    meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
+                    loss, meta = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # the epoch's means
+                    elapsed = seconds + time.time() - started
                     eta = elapsed / done_here * (total_iters - iteration - 1)
-                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
-                        f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
+                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {loss:.4f} "
+                        f"meta {'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
                         f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
                 signum = preemption.requested()
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
+                    clock()
                     save(epoch, i + 1)
+                    started = time.time()
                 if signum:
                     log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
                         f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
                     raise Stopped(signum)
-            record = {"epoch": epoch + 1, "loss": tally["loss"] / max(tally["iterations"], 1),
-                      "meta_loss": tally["meta_loss"] / tally["meta_iterations"] if tally["meta_iterations"] else None,
-                      "lr": optimizer.param_groups[0]["lr"], "wpn_lr": wpn_optimizer.param_groups[0]["lr"],
-                      "holdout_top1": None, "seconds": None, "images_per_s":
-                      tally["iterations"] * cfg.batch_size / tally["seconds"] if tally["seconds"] else None,
-                      "weights": None}
-            evaluation_started = time.time()
+            clock()
+            history.append(epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer))
             if splits.threshold_source == "holdout":
                 val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
                 if is_main():
+                    record = history[-1]
                     record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
                     if cfg.method == "l2w":
-                        record["weights"] = weight_profile(exit_losses(*val), wpn, cfg, initial_wpn)
+                        record["weights"] = weight_profile(exit_cross_entropy(*val), wpn, cfg, initial_wpn)
                     log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: "
                         + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
                         + ("" if record["weights"] is None else " | WPN weight vs loss, Spearman per exit: "
                            + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])))
-            record["seconds"] = tally["seconds"] + time.time() - evaluation_started   # training and hold-out
-            history.append(record)
+            history[-1]["seconds"] += time.time() - started   # training and the hold-out's evaluation
             tally = None
             save(epoch + 1, 0)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 return None
     finally:
         preemption.close()
+        torch.backends.cudnn.benchmark = False   # evaluation's shapes vary (real early exit cuts every batch)
     trained_here = not cfg.eval_only and cfg.epochs > start_epoch and splits.threshold_source == "holdout"
     if not trained_here:
         val = predict(model, val_loader, device, cfg)
     return evaluate(cfg, model, wpn, splits, device, val, flops, params, history)
+
+
+def epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer):
+    """results.json["history"]'s record of a finished epoch, from its `tally`: the means of the loss
+    and of the meta loss (None without a meta step) over its iterations, the learning rates of its
+    last iteration and its training images per second. The training loop adds the hold-out's top-1
+    per exit, the WPN's `weight_profile` and the seconds of the hold-out's evaluation."""
+    (loss, meta_loss), (iterations, meta_iterations) = tally["sums"].tolist(), tally["counts"]
+    return {"epoch": epoch + 1, "loss": loss / iterations if iterations else None,
+            "meta_loss": meta_loss / meta_iterations if meta_iterations else None,
+            "lr": optimizer.param_groups[0]["lr"], "wpn_lr": wpn_optimizer.param_groups[0]["lr"],
+            "holdout_top1": None, "seconds": tally["seconds"],
+            "images_per_s": iterations * cfg.batch_size / tally["seconds"] if tally["seconds"] else None,
+            "weights": None}
 
 
 def load_weights(cfg, model, wpn):
@@ -1229,15 +1290,16 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params, history):
 
 
 def timed(step, images, device):
-    """(seconds, step(images)) of one call, CUDA synchronised before and after (`images` None:
-    step())."""
+    """(seconds, step(images), peak GPU memory in bytes or None) of one call, `device`
+    synchronised before and after (`images` None: step())."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     out = step() if images is None else step(images)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 @torch.inference_mode()
@@ -1269,7 +1331,7 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                     timed(step, images, device)
             outputs = {}
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
-                elapsed, outputs[name] = timed(steps[name], images, device)
+                elapsed, outputs[name], _ = timed(steps[name], images, device)
                 seconds[name] += elapsed
             predictions.append(outputs["early"][0].cpu())
             exit_of.append(outputs["early"][1].cpu())
@@ -1452,10 +1514,10 @@ class OneLineParser(argparse.ArgumentParser):
 # Fields that do not change what a run trains (where it runs, what it reports): they name no run
 # folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
 # and those that only IMTA's distillation reads.
-NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
-                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
+NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "deterministic", "out", "print_every", "save_every",
+                "resume", "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
 META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
-               "meta_grad")
+               "meta_grad", "tf32")
 KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
 
 
@@ -1834,8 +1896,10 @@ def summarize(paths, out_json):
 
 def bench(cfg):
     device = setup_device(cfg)
+    torch.backends.cudnn.benchmark = not cfg.deterministic   # as in training
     torch.manual_seed(cfg.seed)
-    num_classes = data.DATASETS[cfg.dataset] or 1000
+    splits = data.load(cfg, device=device) if cfg.dataset != "synthetic" else None   # its pipeline is timed too
+    num_classes = splits.num_classes if splits else data.DATASETS[cfg.dataset]
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
@@ -1856,16 +1920,22 @@ def bench(cfg):
     times, memory = {name: [] for name, _ in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps[i % 3:] + steps[:i % 3]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[name].append(timed(step, None, device)[0])
-            memory[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            seconds, _, memory[name] = timed(step, None, device)
+            times[name].append(seconds)
     results = {name: statistics.median(t[2:]) for name, t in times.items()}
     for name, seconds in results.items():
         peak = f"   peak memory {memory[name] / 2**20:.0f} MiB" if memory[name] is not None else ""
         print(f"{name:6s} {seconds * 1000:9.1f} ms/iter {cfg.batch_size / seconds:9.1f} img/s{peak}")
     print(f"ratio  higher/plain {results['higher'] / results['plain']:.2f}x  jvp/plain "
           f"{results['jvp'] / results['plain']:.2f}x  jvp/higher {results['jvp'] / results['higher']:.2f}x")
+    if splits:   # the training data pipeline (--bench-iters batches after one): does it or the iteration bound a run?
+        batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
+        next(batches, None)   # warm-up: loader workers start
+        seconds, images_loaded, _ = timed(lambda: sum(len(to_device(*batch, device, cfg)[0])
+                                                      for batch in itertools.islice(batches, cfg.bench_iters)), None, device)
+        print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
+              + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
+                 f"{cfg.workers} loader workers)"))
     if device.type == "cpu":
         print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
     return results

@@ -15,6 +15,7 @@ IMTA: Li, Zhang, Qi, Yang, Huang, "Improved Techniques for Training Adaptive Dee
 ICCV 2019: Gradient Equilibrium (MSDNet(gradient_equilibrium=True)) for the first training phase,
 Inline Subnetwork Collaboration and One-for-all distillation (IMTANet) for the second.
 """
+import functools
 import itertools
 import math
 import re
@@ -65,9 +66,10 @@ def init_msdnet(module):
 
 
 def take(tensors, keep):
-    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward."""
+    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward,
+    in its memory format (indexing keeps channels_last, index_select does not)."""
     if isinstance(tensors, torch.Tensor):
-        return tensors.index_select(0, keep)
+        return tensors[keep]
     return [take(t, keep) for t in tensors]
 
 
@@ -303,10 +305,25 @@ class IMTANet(nn.Module):
 
 def resize(x, size):
     """Bilinear resize (align_corners=True, as released); free under the counting convention.
-    At the same size it is the identity, so it is skipped."""
+    At the same size it is the identity, so it is skipped. Taken as products with interpolation
+    matrices, rows @ x @ columns^T, whose backward, unlike F.interpolate's, is deterministic on
+    GPUs (--deterministic); the result keeps x's memory format."""
     if x.shape[-2:] == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    rows, columns = (interpolation_weights(n_out, n_in, x.dtype, x.device) for n_out, n_in in zip(size, x.shape[-2:]))
+    out = rows @ x @ columns.T
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@functools.lru_cache(maxsize=None)
+def interpolation_weights(n_out, n_in, dtype, device):
+    """(n_out, n_in): linear interpolation (align_corners=True), each output's hat-shaped weights
+    around its source position. Kept, since building them costs more than using them at small
+    batches (real early exit); built outside inference mode, so that they serve training too."""
+    with torch.inference_mode(False):
+        source = torch.arange(n_out, dtype=dtype, device=device) * ((n_in - 1) / max(n_out - 1, 1))
+        return (1 - (source[:, None] - torch.arange(n_in, dtype=dtype, device=device)).abs()).clamp(min=0)
 
 
 class RANetStem(nn.Module):

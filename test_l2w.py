@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import l2w
@@ -248,6 +251,23 @@ def test_ranet_first_exit_runs_no_finer_sub_network():
 def test_ranet_other_exit_counts_are_refused_naming_the_two_models(exits):
     with pytest.raises(ValueError, match=r"6 exits \(Model-C-1\) or 8 exits \(Model-C-2\)"):
         models.build_model("ranet", 10, exits)
+
+
+def test_ranet_resize_equals_bilinear_interpolation_in_values_and_gradients_and_keeps_channels_last():
+    # matrix products, whose backward is deterministic on GPUs, in place of F.interpolate's
+    torch.manual_seed(0)
+    for shape, size in (((2, 3, 8, 8), (16, 16)), ((2, 3, 32, 32), (16, 16)), ((1, 2, 7, 5), (3, 11)), ((1, 1, 1, 1), (4, 4))):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        got, want = models.resize(x, size), F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-13)
+        grad = torch.randn_like(want)
+        assert torch.allclose(*(torch.autograd.grad(y, x, grad)[0] for y in (got, want)), rtol=0, atol=1e-13)
+        x = x.detach().float().contiguous(memory_format=torch.channels_last)
+        assert models.resize(x, size).is_contiguous(memory_format=torch.channels_last)
+    # and take(), which cuts the state carried to later exits in real early exit
+    x = torch.randn(5, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    kept = models.take([x, [x]], torch.tensor([4, 1]))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and torch.equal(t, x[[4, 1]]) for t in (kept[0], kept[1][0]))
 
 
 def test_ranet_only_cifar_sized_images():
@@ -900,6 +920,127 @@ def test_meta_interval_weights_without_updating_the_wpn():
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def masked_meta_loss(logits, targets, q):
+    """The meta loss as l2w.py took it until it weighted every sample's CE: per exit, the mean CE of
+    the samples a boolean mask picks out (an exit that takes none adds nothing)."""
+    exit_of = l2w.meta_exit_assignment(l2w.confidences([z.detach() for z in logits]), l2w.exit_fractions(q, len(logits)))
+    total = 0.0
+    for k, z in enumerate(logits):
+        mine = exit_of == k
+        if mine.any():
+            total = total + F.cross_entropy(z[mine], targets[mine])
+    return total
+
+
+def test_weighted_meta_loss_equals_the_masked_one_in_value_and_gradient():
+    # float64; q = 0.1 leaves exit 2 without a sample (floor(10 * 0.09) = 0), q = 2 fills the last one
+    torch.manual_seed(0)
+    targets = torch.randint(5, (10,))
+    for q, empty in ((0.1, [1]), (0.75, []), (2.0, [])):
+        logits = torch.randn(3, 10, 5, dtype=torch.float64, requires_grad=True)   # stacked (K, n, classes)
+        exit_of = l2w.meta_exit_assignment(l2w.confidences(logits.detach()), l2w.exit_fractions(q, 3))
+        assert [k for k in range(3) if (exit_of == k).sum() == 0] == empty
+        got, want = l2w.meta_loss_fn(logits, targets, q), masked_meta_loss(list(logits), targets, q)
+        assert torch.allclose(got, want, rtol=1e-14, atol=0)
+        for a, b in zip(torch.autograd.grad(got, logits), torch.autograd.grad(want, logits)):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-15) and a.abs().max() > 0
+
+
+def without_batchnorm_and_relu(module):
+    """`module` with its BatchNorm2d and ReLU layers replaced by the identity."""
+    for name, child in module.named_children():
+        if isinstance(child, (torch.nn.BatchNorm2d, torch.nn.ReLU)):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            without_batchnorm_and_relu(child)
+    return module
+
+
+@pytest.mark.parametrize("arch, exits", [("msdnet", 2), ("ranet", 6)])
+def test_an_iteration_of_every_kind_reads_no_value_from_the_device(arch, exits):
+    # On PyTorch's meta device tensors have shapes and no values: any read of a value by the host
+    # (.item(), bool(), a boolean mask's size) raises. On a GPU each such read would make the host
+    # wait until the GPU has drained its queue. The meta device refuses autocast: this is fp32
+    # (bf16: test_meta_gradient_under_amp_is_close_to_fp32). BatchNorm and ReLU, torch's own
+    # layers, read nothing, and their meta kernels are slow Python (8x this test's time): replaced
+    # by the identity; the networks' own code (scales, fusion, resizing, heads) stays.
+    with torch.device("meta"):
+        model, wpn = without_batchnorm_and_relu(models.build_model(arch, 10, exits)), l2w.WPN(exits, 1, 16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=1e-4)
+    images, targets = torch.empty(4, 3, 32, 32, device="meta"), torch.empty(4, dtype=torch.long, device="meta")
+    cfg = small_cfg(arch=arch, exits=exits)
+    for knobs, meta in ((dict(meta_grad="higher"), True), (dict(meta_grad="jvp"), True), ({}, False),
+                        (dict(method="baseline"), True)):
+        out = l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, **knobs),
+                             meta=meta)
+        assert out["loss"].device.type == "meta" and out["wpn_skipped"] == 0
+        assert (out["meta_loss"] is not None) == (meta and not knobs.get("method"))
+
+
+def tf32_settings():
+    """(cuDNN's fp32 convolutions, cuBLAS's fp32 matrix products): PyTorch's setting of each."""
+    if hasattr(torch.backends.cudnn, "conv"):   # torch >= 2.9
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+class SettingsAtEachProduct(TorchDispatchMode):
+    """Records (operation, tf32_settings()) at every convolution and matrix product, forward and
+    backward (and forward-mode tangents), and the markers appended to the same list."""
+
+    OPS = ("convolution", "convolution_backward", "mm", "addmm", "bmm")
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.OPS:
+            self.record.append((func.__name__.split(".")[0], tf32_settings()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypatch):
+    # Steps 1-5 of a meta iteration (step 1's forward, the virtual step, the meta forward and every
+    # backward or tangent through them) run in IEEE fp32; the real step's backward, plain
+    # iterations and the run with --tf32's option keep PyTorch's settings, read before.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")   # a user's TF32 for matrix products too
+    try:
+        default = tf32_settings()
+        ieee = ("ieee", "ieee") if hasattr(torch.backends.cudnn, "conv") else (False, False)
+        assert default != ieee and all(a != b for a, b in zip(default, ieee))
+        cfg, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()   # small, all kinds of layer
+        record = []
+        for opt, marker in ((wpn_optimizer, "steps 1-5 done"), (optimizer, "real step done")):
+            monkeypatch.setattr(opt, "step", lambda step=opt.step, marker=marker: (record.append(marker), step())[1])
+        for meta_grad, meta, options, expected in (("higher", True, {}, ieee), ("jvp", True, {}, ieee),
+                                                   ("jvp", False, {}, default),
+                                                   ("jvp", True, l2w.method_options(small_cfg(tf32=True), model,
+                                                                                    torch.device("cpu")), default)):
+            record.clear()
+            with SettingsAtEachProduct(record):
+                l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets,
+                               with_knobs(cfg, meta_grad=meta_grad), meta=meta, **options)
+            halves = "".join("m" if r == "steps 1-5 done" else "r" if r == "real step done" else "." for r in record)
+            assert re.fullmatch(r"(\.+m\.+r){2}" if meta else r"(\.+r){2}", halves), halves
+            phase = "meta"
+            for r in record:
+                if isinstance(r, str):
+                    phase = "real" if r == "steps 1-5 done" else "meta"
+                else:
+                    assert r[1] == (expected if phase == "meta" and meta else default), (meta_grad, meta, phase, r)
+        # each phase holds convolutions' forwards and backwards and matrix products
+        meta_ops = {r[0] for r in record[:record.index("steps 1-5 done")]}
+        real_ops = {r[0] for r in record[record.index("steps 1-5 done") + 1:record.index("real step done")]}
+        assert {"convolution", "convolution_backward", "addmm", "mm"} <= meta_ops
+        assert {"convolution_backward", "mm"} <= real_ops
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert torch.get_float32_matmul_precision() == previous
+
+
 # ----------------------------------------------------------------------------
 # Evaluation: budgeted protocol (MSDNet) and real early exiting
 # ----------------------------------------------------------------------------
@@ -1183,7 +1324,7 @@ def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
     assert (len(splits.train), len(splits.threshold_set), len(splits.test)) == (90, 10, 20)
     assert splits.threshold_source == "holdout" and splits.num_classes == 10
     # hold-out images use test-time transforms: deterministic, normalised with the authors' stats
-    raw = splits.threshold_set.base.data[splits.holdout_indices[0].item()]
+    raw = torchvision.datasets.CIFAR10(str(tmp_path), train=True).data[splits.holdout_indices[0].item()]
     mean, std = data.CIFAR_STATS["cifar10"]
     expected = (torch.tensor(raw).permute(2, 0, 1).float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert torch.allclose(splits.threshold_set[0][0], expected, atol=1e-6)
@@ -1191,6 +1332,60 @@ def test_cifar_loading_on_files_in_torchvision_format(tmp_path, monkeypatch):
     # --holdout 0: thresholds from all training images, with test-time transforms
     splits = data.load(dataclasses.replace(cfg, holdout=0))
     assert splits.threshold_source == "train" and len(splits.train) == len(splits.threshold_set) == 100
+
+
+def cifar_like(n, seed=0):
+    """n random CIFAR-shaped uint8 images and labels, as DeviceImages keeps them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(10, (n,), generator=g)
+
+
+def test_cifar_batches_are_cropped_and_flipped_as_torchvision_does(monkeypatch):
+    # Each sample of a batch made on the device equals torchvision's RandomCrop(32, padding=4) and
+    # RandomHorizontalFlip, ToTensor and Normalize on its PIL image, at that sample's offset and flip.
+    import torchvision.transforms as T
+    from PIL import Image
+    images, labels = cifar_like(24)
+    stats = data.CIFAR_STATS["cifar100"]
+    split = data.DeviceImages(images, labels, range(4, 24), stats, augment=True, seed=4294967295)
+    batch, batch_labels = split.batch([(3, i) for i in range(20)])
+    offset, flip = split.augmentation(3)
+    assert set(flip[4:].tolist()) == {False, True} and torch.equal(batch_labels, labels[4:])
+    for i in range(4, 24):
+        top, left = offset[i].tolist()
+        monkeypatch.setattr(T.RandomCrop, "get_params", staticmethod(lambda image, size: (top, left, 32, 32)))
+        torchvision_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(p=float(flip[i])),
+                                           T.ToTensor(), T.Normalize(*stats)])
+        assert torch.equal(batch[i - 4], torchvision_transform(Image.fromarray(images[i].permute(1, 2, 0).numpy())))
+    # the hold-out and test sets: normalised only
+    plain = data.DeviceImages(images, labels, range(24), stats, augment=False)
+    assert torch.equal(plain.batch([(3, 5)])[0][0], T.Normalize(*stats)(images[5].float() / 255))
+
+
+def test_cifar_augmentation_draws_every_offset_and_flip_at_its_rate_from_seed_epoch_and_sample():
+    n = 50_000
+    split = data.DeviceImages(torch.zeros(1, 3, 32, 32, dtype=torch.uint8).expand(n, -1, -1, -1),
+                              torch.zeros(n, dtype=torch.long), range(n), data.CIFAR_STATS["cifar10"], True, seed=7)
+    offset, flip = (t.clone() for t in split.augmentation(0))
+    counts = torch.bincount(offset[:, 0] * 9 + offset[:, 1], minlength=81).double()
+    expected = n / 81
+    assert len(counts) == 81 and ((counts - expected) ** 2 / expected).sum() < 140   # chi-square, 80 d.o.f.: p < 1e-4
+    assert counts.min() > 0 and abs(flip.double().mean() - 0.5) < 5 * 0.5 / math.sqrt(n)
+    again = data.DeviceImages(split.images[:n], split.labels, range(n), data.CIFAR_STATS["cifar10"], True, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(again.augmentation(0), (offset, flip)))   # (seed, epoch) alone
+    other_epoch = split.augmentation(1)
+    assert (other_epoch[0] != offset).any(dim=1).double().mean() > 0.95   # 80/81 differ, drawn anew
+
+
+def test_cifar_batches_are_the_same_for_one_rank_and_two():
+    images, labels = cifar_like(40)
+    split = data.DeviceImages(images, labels, range(3, 40), data.CIFAR_STATS["cifar10"], True, seed=5)
+    batches = lambda rank, world: [b for b in data.DeviceBatches(split, data.ShardedBatches(37, 8, 5, rank, world))]
+    single, ranks = batches(0, 1), [batches(r, 2) for r in (0, 1)]
+    assert len(single) == 4 and all(len(r) == 4 for r in ranks)
+    for b, (x, y) in enumerate(single):
+        assert torch.equal(x, torch.cat([ranks[0][b][0], ranks[1][b][0]]))
+        assert torch.equal(y, torch.cat([ranks[0][b][1], ranks[1][b][1]]))
 
 
 def test_synthetic_set_is_seeded_and_only_fine_detail_names_the_hard_half():
@@ -1435,9 +1630,10 @@ def fake_cifar10_cfg(tmp_path, monkeypatch, **overrides):
 
 
 def test_resume_mid_epoch_after_sigterm_is_exact(tmp_path, monkeypatch):
-    # CIFAR-format files, random crops and flips, two loader workers: a run stopped by SIGTERM in
-    # the middle of its second epoch and resumed must end bit-identical to the straight run.
-    cfg = fake_cifar10_cfg(tmp_path, monkeypatch)
+    # CIFAR-format files, random crops and flips (made on the device), the largest seed the command
+    # line takes: a run stopped by SIGTERM in the middle of its second epoch and resumed must end
+    # bit-identical to the straight run.
+    cfg = fake_cifar10_cfg(tmp_path, monkeypatch, seed=2 ** 32 - 1)
     straight = l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "straight")))
 
     saved, calls, train_step = [], [0], l2w.train_step
@@ -1596,10 +1792,17 @@ def test_config_precedence_defaults_preset_flags():
     assert cfg.method == "baseline" and cfg.momentum == l2w.Config.momentum
 
 
-def test_bench_reports_the_three_iterations_and_their_ratios():
-    result = cli("--bench", "--dataset", "synthetic", "--exits", "2", "--batch-size", "8", "--bench-iters", "1",
-                 "--device", "cpu")
+def test_bench_reports_the_three_iterations_and_their_ratios_and_the_data_pipeline(tmp_path, monkeypatch):
+    # on a CIFAR-10 of 50,000 training images in torchvision's format
+    import torchvision
+    lists = write_fake_cifar10(str(tmp_path), per_batch=10_000, n_test=20)
+    for name, value in zip(("train_list", "test_list", "meta"), lists):
+        monkeypatch.setattr(torchvision.datasets.CIFAR10, name, value)   # checksums of our files
+    result = cli("--bench", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--exits", "2", "--batch-size", "8",
+                 "--bench-iters", "1", "--device", "cpu")
     assert result.returncode == 0, result.stderr
+    assert re.search(r"^data +[\d.]+ img/s: the training data pipeline \(augmented on the device\)$", result.stdout,
+                     re.M), result.stdout
     ms = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()
           if line.startswith(("plain ", "higher ", "jvp "))}
     assert set(ms) == {"plain", "higher", "jvp"}
@@ -1710,13 +1913,14 @@ def write_image_tree(root, classes, per_class=4, splits=("train", "val")):
                 Image.fromarray(pixels).save(os.path.join(root, split, c, f"{i}.png"))
 
 
-def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
+def test_folder_dataset_loads_and_trains_end_to_end(tmp_path, monkeypatch):
+    # with the largest seed the command line takes (per-image seeds once overflowed above 1,844,665)
     write_image_tree(str(tmp_path), ["ant", "bee", "cat"], per_class=6)
     # files beside the class folders are ignored, as torchvision's ImageFolder ignores them
     strays = [tmp_path / "train" / ".DS_Store", tmp_path / "train" / "labels.csv", tmp_path / "val" / "README.txt"]
     for stray in strays:
         stray.write_text("not a class folder")
-    cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3)
+    cfg = small_cfg(dataset="folder", data_dir=str(tmp_path), image_size=32, holdout=3, seed=2 ** 32 - 1)
     splits = data.load(cfg)
     assert splits.ignored == tuple(str(stray) for stray in strays)
     assert splits.num_classes == 3 and splits.class_counts == [6, 6, 6]
@@ -1725,10 +1929,17 @@ def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     assert image.shape == (3, 32, 32) and label in (0, 1, 2)
     assert torch.equal(splits.train[(2, 0)][0], image)          # augmentation seeded per (epoch, sample)
     assert not torch.equal(splits.train[(3, 0)][0], image)
+    # an epoch draws each image's crop and flip from a generator of its own: no torch.manual_seed per
+    # image (which also reseeds every GPU's generator)
+    with monkeypatch.context() as m:
+        seeded = []
+        m.setattr(torch, "manual_seed", seeded.append)
+        epoch = list(l2w.make_loader(splits.train, dataclasses.replace(cfg, batch_size=4), torch.device("cpu"), True))
+        assert sum(len(y) for _, y in epoch) == 12 and seeded == []
     out = tmp_path / "run"
     result = cli("--dataset", "folder", "--data-dir", str(tmp_path), "--image-size", "32", "--exits", "2",
                  "--epochs", "1", "--batch-size", "4", "--holdout", "3", "--workers", "2", "--out", str(out),
-                 "--device", "cpu")
+                 "--device", "cpu", "--seed", str(2 ** 32 - 1))
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     assert len(results["anytime"]) == 2 and results["class_counts"] == [6, 6, 6]
@@ -1736,6 +1947,47 @@ def test_folder_dataset_loads_and_trains_end_to_end(tmp_path):
     assert results["config"]["lr"] == 0.003125 and "; batch 4, lr 0.003125\n" in result.stdout
     said = [line for line in result.stdout.splitlines() if "not class folders" in line]
     assert said == [f"ignored 3 files that are not class folders: {', '.join(map(str, strays))}"]
+
+
+def test_imagenet_style_crops_are_torchvisions_boxes_drawn_from_a_generator_of_their_own():
+    # RandomResizedCrop's box, drawn from the image's own generator (torchvision's class draws from
+    # the process's random stream): the same distribution as torchvision's boxes, and ImageNet's
+    # test transform, resize to 256/224 of the size and centre crop, as torchvision's classes
+    import torchvision.transforms as T
+    from PIL import Image
+    width, height, draws = 160, 90, 3000
+    g = torch.Generator().manual_seed(0)
+    ours = [data.resized_crop_box(width, height, g) for _ in range(draws)]
+    torch.manual_seed(0)
+    theirs = [T.RandomResizedCrop.get_params(Image.new("RGB", (width, height)), (0.08, 1.0), (3 / 4, 4 / 3))
+              for _ in range(draws)]
+    for boxes in (ours, theirs):
+        assert all(0 <= top <= height - h and 0 <= left <= width - w for top, left, h, w in boxes)
+    summary = lambda boxes: (statistics.fmean(h * w / (width * height) for _, _, h, w in boxes),
+                             statistics.fmean(math.log(w / h) for _, _, h, w in boxes),
+                             statistics.fmean((top + h / 2) / height for top, _, h, _ in boxes))
+    for a, b in zip(summary(ours), summary(theirs)):
+        assert abs(a - b) < 0.025, (summary(ours), summary(theirs))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 160, 3), dtype=np.uint8))
+    expected = T.Compose([T.Resize(73), T.CenterCrop(64), T.ToTensor(), T.Normalize(*data.IMAGENET_STATS)])(image)
+    train, test = data.folder_transforms(64)
+    assert torch.equal(test(image, None), expected)
+    assert train(image, torch.Generator().manual_seed(1)).shape == (3, 64, 64)
+    assert torch.equal(train(image, torch.Generator().manual_seed(1)), train(image, torch.Generator().manual_seed(1)))
+    # small folder images: resize, RandomCrop(size, padding=size/8), flip, as torchvision's classes at
+    # the offset and flip the generator drew (in that order)
+    train, _ = data.folder_transforms(32)
+    flips = set()
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        (top, left), flip = torch.randint(9, (2,), generator=g).tolist(), torch.rand(1, generator=g).item() < 0.5
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(T.RandomCrop, "get_params", staticmethod(lambda image, size: (top, left, 32, 32)))
+            expected = T.Compose([T.Resize((32, 32)), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(float(flip)),
+                                  T.ToTensor(), T.Normalize(*data.IMAGENET_STATS)])(image)
+        assert torch.equal(train(image, torch.Generator().manual_seed(seed)), expected)
+        flips.add(flip)
+    assert flips == {False, True}
 
 
 @pytest.mark.parametrize("layout, message", [
@@ -1783,6 +2035,67 @@ def first_meta_gradient(setup, cfg, scalers=None):
     return recorded[0]
 
 
+class NoHostReads(TorchDispatchMode):
+    """Refuses the operations by which the host reads a tensor's values (.item(), bool(), a boolean
+    mask's nonzero): what the meta device refuses, for runs on the CPU (it cannot see .tolist())."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.READS:
+            raise AssertionError(f"the host reads a value: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def tf32(x):
+    """x rounded to TF32 (10 of fp32's 23 mantissa bits, to nearest): what cuDNN's TF32 kernels
+    do to the operands of an fp32 convolution on Ampere and later GPUs."""
+    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+class TF32Convolutions(TorchDispatchMode):
+    """Every fp32 convolution (forward, backward, tangent) with its operands rounded to TF32."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = {"convolution": 2, "convolution_backward": 3}.get(func.__name__.split(".")[0], 0)
+        args = [tf32(a) if i < operands and a.dtype == torch.float32 else a for i, a in enumerate(args)]
+        return func(*args, **(kwargs or {}))
+
+
+def meta_gradient_precision(half=32, exits=3, meta_grad="higher", other_halves=3, seed=0, lr=0.1):
+    """The WPN's meta-gradient at one state (MSDNet, `exits` exits, `half` images per half, momentum
+    buffers filled): relative errors against float64 of fp32 and of fp32 with TF32 convolutions,
+    and the batch-to-batch spread, the mean relative difference to the meta-gradients (float64)
+    of the same state and train half with `other_halves` other meta halves. README, "--tf32"."""
+    cfg, *setup = double_setup(seed, batch=2 * half, exits=exits, meta_grad=meta_grad, lr=lr)
+    exact = first_meta_gradient(setup, cfg)
+    model, wpn, optimizer, wpn_optimizer, images, targets = copy.deepcopy(setup)
+    for buffer in optimizer.state.values():
+        buffer["momentum_buffer"] = buffer["momentum_buffer"].float()
+    fp32 = (model.float(), wpn.float(), optimizer, wpn_optimizer, images.float(), targets)
+    with TF32Convolutions():
+        tf32_gradient = first_meta_gradient(fp32, cfg)
+    relative = lambda g: ((g.double() - exact).norm() / exact.norm()).item()
+    g = torch.Generator().manual_seed(seed + 1)
+    others = [first_meta_gradient((*setup[:4], torch.cat([images[:half], torch.randn(half, 3, 32, 32, generator=g,
+                                                                                     dtype=torch.float64)]),
+                                   torch.cat([targets[:half], torch.randint(10, (half,), generator=g)])), cfg)
+              for _ in range(other_halves)]
+    return {"fp32": relative(first_meta_gradient(fp32, cfg)), "tf32": relative(tf32_gradient),
+            "spread": statistics.fmean(relative(o) for o in others) if others else None}
+
+
+def tf32_error(halves=(32,), seeds=(0, 1, 2)):
+    """The README's figures (`meta_gradient_precision`): MSDNet with 3 exits, both meta-gradients,
+    the states of three seeds."""
+    print("the WPN's meta-gradient, relative distance from float64 (MSDNet, 3 exits, random images, "
+          "one iteration in): fp32, fp32 with TF32 convolutions, and another meta half")
+    for half, meta_grad, seed in itertools.product(halves, ("higher", "jvp"), seeds):
+        errors = meta_gradient_precision(half=half, meta_grad=meta_grad, seed=seed)
+        print(f"{half} images per half, {meta_grad:6s} seed {seed}: fp32 {errors['fp32']:.1e}, TF32 {errors['tf32']:.1%}, "
+              f"batch-to-batch {errors['spread']:.0%}", flush=True)
+
+
 def test_meta_gradient_under_amp_is_close_to_fp32(monkeypatch):
     torch.manual_seed(0)
     cfg = small_cfg(lr=0.5, batch_size=16)
@@ -1792,10 +2105,17 @@ def test_meta_gradient_under_amp_is_close_to_fp32(monkeypatch):
     setup = (model, wpn, optimizer, wpn_optimizer, images, targets)
     fp32 = first_meta_gradient(setup, cfg)
     jvp = dataclasses.replace(cfg, meta_grad="jvp")
-    assert torch.allclose(first_meta_gradient(setup, jvp), fp32, rtol=1e-3, atol=1e-4 * fp32.abs().max())
+    fp32_jvp = first_meta_gradient(setup, jvp)
+    assert torch.allclose(fp32_jvp, fp32, rtol=1e-3, atol=1e-4 * fp32.abs().max())
+    # TF32 convolutions (emulated), what --tf32 gives on Ampere and later GPUs: far from fp32, whose
+    # two meta-gradients agree (here 28 % against 6e-7; README figures: t.tf32_error())
+    with TF32Convolutions():
+        tf32_distance = (fp32 - first_meta_gradient(setup, cfg)).norm()
+    assert tf32_distance > 0.01 * fp32.norm() and tf32_distance > 1000 * (fp32_jvp - fp32).norm()
     error = {}
     for name, meta_grad in (("bf16", cfg), ("bf16 jvp", jvp)):
-        error[name] = (fp32 - first_meta_gradient(setup, dataclasses.replace(meta_grad, amp=True))).norm()
+        with NoHostReads():   # steps 1-5 in bf16 read no value (the meta device, which reads none, refuses autocast)
+            error[name] = (fp32 - first_meta_gradient(setup, dataclasses.replace(meta_grad, amp=True))).norm()
     # fp16 with loss scaling (what GPUs without bf16 get), run on the CPU
     monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
     for name, meta_grad in (("fp16", cfg), ("fp16 jvp", jvp)):
@@ -1828,6 +2148,57 @@ def test_fp16_wpn_keeps_learning_when_the_backbone_scale_grows(monkeypatch):
     assert scalers["real"].get_scale() >= 2.0 ** 50   # the backbone's scale grew all along
     assert skipped > 0 and scalers["meta"].get_scale() < 2.0 ** 40   # overflows were seen and answered
     assert sum(updated[-4:]) >= 3   # ... and the WPN still takes steps at the end
+
+
+def test_device_cuda_n_is_made_current_first_and_timing_synchronises_it(monkeypatch):
+    # No GPU here: CUDA's functions record their calls; any other use of CUDA would raise. The run
+    # stops where it would build the network on the card.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("set_device", "synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, device)) or 0)
+    monkeypatch.setattr(l2w, "build", lambda *args: (_ for _ in ()).throw(Recorded()))
+    with pytest.raises(Recorded):
+        l2w.main(["--bench", "--dataset", "synthetic", "--device", "cuda:1"])
+    assert calls == [("set_device", torch.device("cuda", 1))]
+    calls.clear()
+    seconds, out, peak = l2w.timed(lambda: "done", None, torch.device("cuda", 1))   # as --bench and --early-exit time
+    card = torch.device("cuda", 1)
+    assert out == "done" and peak == 0 and calls == [("synchronize", card), ("reset_peak_memory_stats", card),
+                                                     ("synchronize", card), ("max_memory_allocated", card)]
+
+
+def test_progress_counts_training_time_only_and_cudnn_benchmarks_training_unless_deterministic(tmp_path, monkeypatch,
+                                                                                               capsys):
+    # A clock that moves 1 s per iteration and 1000 s per evaluation and per checkpoint: img/s and
+    # the ETA must see the iterations only. cuDNN's benchmark mode (kernels timed once per shape)
+    # is on for training, whose shapes repeat, off for evaluation and under --deterministic.
+    now, seen = [0.0], []
+    monkeypatch.setattr(l2w, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=time.perf_counter))
+    for name, cost in (("train_step", 1), ("predict", 1000), ("atomic_write", 1000)):
+        def timed_call(*args, real=getattr(l2w, name), name=name, cost=cost, **kwargs):
+            now[0] += cost
+            seen.append((name, torch.backends.cudnn.benchmark))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(l2w, name, timed_call)
+    cfg = small_cfg(exits=2, epochs=2, batch_size=8, synthetic_size=30, holdout=6, print_every=1, save_every=2)
+    l2w.train(dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    progress = [line for line in capsys.readouterr().out.splitlines() if " img/s " in line]
+    assert len(progress) == 6 and all(" 8 img/s ETA " in line for line in progress), progress
+    assert [line.split("ETA ")[1] for line in progress] == [f"0:00:0{5 - i}" for i in range(6)]
+    predicted = [b for name, b in seen if name == "predict"]   # hold-out after each epoch, then the test set
+    assert {b for name, b in seen if name == "train_step"} == {True} and predicted == [True, True, False]
+    assert torch.backends.cudnn.benchmark is False
+    # --deterministic: deterministic kernels, asked for before CUDA starts, and no benchmark mode
+    requested = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", requested.append)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen.clear()
+    l2w.train(dataclasses.replace(cfg, epochs=1, deterministic=True, out=str(tmp_path / "det")))
+    assert requested == [True] and torch.backends.cudnn.deterministic and os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    assert {b for name, b in seen if name == "train_step"} == {False}
 
 
 def test_amp_picks_fp16_on_gpus_without_native_bf16(monkeypatch):
@@ -2267,8 +2638,8 @@ def test_select_q_picks_what_the_hold_out_curves_say_and_reads_no_test_label(q_s
 
     # The same checkpoints evaluated with every test label changed: the hold-out curves and the
     # choice stay, the test-set numbers do not.
-    def other_test_labels(cfg, holdout_indices=None, load=data.load):
-        splits = load(cfg, holdout_indices)
+    def other_test_labels(cfg, holdout_indices=None, load=data.load, **device):
+        splits = load(cfg, holdout_indices, **device)
         images, labels = splits.test.base.tensors
         splits.test.base = torch.utils.data.TensorDataset(images, (labels + 1) % 10)
         return splits
@@ -2708,6 +3079,15 @@ def test_evaluations_never_replace_each_others_results(weights_run, tmp_path, mo
     l2w.main(["--eval-only", "--resume", str(tmp_path / "run" / "checkpoint.pt")])
     assert folder_hashes(tmp_path / "run" / "eval") == first and (tmp_path / "run" / "eval-2" / "results.json").exists()
     assert "eval-2/results.json" in capsys.readouterr().out
+
+
+def test_budgeted_point_takes_logits_on_another_device_than_its_thresholds():
+    # A GPU's logits with the CPU's thresholds and Mul-Adds: on the meta device (no values) a CPU
+    # operand in an operation raises; what is left to raise is what needs values: bincount's size.
+    confidence, correct = torch.rand(3, 10, device="meta"), torch.ones(3, 10, dtype=torch.bool, device="meta")
+    with pytest.raises(NotImplementedError, match="bincount"):
+        l2w.budgeted_point(torch.tensor([0.5, 0.5, -math.inf]), confidence, correct,
+                           torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
 
 
 def test_a_sample_that_reaches_no_threshold_runs_to_the_last_exit_in_both_protocols():
