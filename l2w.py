@@ -821,6 +821,20 @@ CHECKPOINT_KEYS = ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoc
                    "holdout_indices")
 
 
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def check_file(path, what):
+    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        raise UsageError(f"{what} '{path}' is a folder, not a file"
+                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} '{path}' does not exist")
+
+
 def load_checkpoint(path):
     """A checkpoint written by `train`. Loaded with weights_only=True: tensors, numbers, strings
     and containers only, so a file from elsewhere cannot run code."""
@@ -1196,7 +1210,8 @@ def train(cfg, state=None, stop_after_epoch=None):
                     log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: "
                         + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
                         + ("" if record["weights"] is None else " | WPN weight vs loss, Spearman per exit: "
-                           + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])))
+                           + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])
+                           + f"; weights moved {statistics.fmean(record['weights']['moved']):.2f} from the start"))
             history[-1]["seconds"] += time.time() - started   # training and the hold-out's evaluation
             tally = None
             save(epoch + 1, 0)
@@ -1380,10 +1395,6 @@ def mul_adds(text):
 CLI_TYPES = {"budget": mul_adds}   # flags read by more than the field's type
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
 def finite(low, strict=False):   # a float's range: nan and inf are out of every one
     return lambda v: math.isfinite(v) and (v > low if strict else v >= low)
 
@@ -1472,16 +1483,6 @@ def check_config(cfg):
         check_input_size(cfg.arch, cfg.exits, cfg.image_size, cfg.step, cfg.base, cfg.imta == "pretrain")
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def check_file(path, what):
-    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "checkpoint.pt")
-        raise UsageError(f"{what} '{path}' is a folder, not a file"
-                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} '{path}' does not exist")
 
 
 def check_writable(folder):
@@ -1687,9 +1688,10 @@ def read_results(path, command="--plot"):
 
 
 def run_labels(runs):
-    """Method, network and data of each run's config; the seed too where that alone tells runs apart."""
-    labels = [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" for c in (r["config"] for r in runs)]
-    return [f"{label} seed {r['config']['seed']}" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+    """Method, network and data of each run's config, and its seed where the runs' seeds differ."""
+    seeds = [r["config"]["seed"] for r in runs]
+    return [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" + (f" seed {seed}" if len(set(seeds)) > 1 else "")
+            for c, seed in zip((r["config"] for r in runs), seeds)]
 
 
 def plot_curves(paths, out_png):
@@ -1743,6 +1745,7 @@ def plot_curves(paths, out_png):
                               label=f"{label}: exit {k + 1}")
     axes.set(xlabel=f"Mul-Adds per image ({unit})", ylabel="top-1 accuracy (%)", title="test set")
     holdout_axes.set(xlabel="epoch", ylabel="hold-out top-1 accuracy (%)", title="hold-out, each exit, by epoch")
+    holdout_axes.xaxis.get_major_locator().set_params(integer=True)
     for panel, (label, history) in enumerate(weighted, start=3):
         weight_axes = figure.add_subplot(rows, columns, panel)
         weight_axes.axhline(1, color="gray", linewidth=0.8)   # every weight of the baseline

@@ -1422,12 +1422,15 @@ def demo(tmp_path_factory):
     return cfg, l2w.train(cfg), out
 
 
-def test_demo_deepest_exit_is_best_and_the_budgeted_curve_rises(demo):
+def test_demo_the_wpn_moves_and_no_exit_saturates_as_the_readme_says(demo):
+    # The README's claims, which held for seeds 0, 1, 2 with 1 and 2 threads: the WPN's weights on
+    # the hold-out's losses moved from its starting point's by 0.1 or more on average (weights
+    # average 1), and the losses keep a spread: on the hold-out no exit reaches 95 % and the last
+    # exit beats the first.
     cfg, results, _ = demo
-    first, last = results["anytime"][0]["acc1"], results["anytime"][-1]["acc1"]
-    cheapest, dearest = results["dynamic"][0], results["dynamic"][-1]
-    assert last >= first + 3, (first, last)
-    assert dearest["acc"] >= cheapest["acc"] + 2 and dearest["flops"] > cheapest["flops"], (cheapest, dearest)
+    last = results["history"][-1]
+    assert statistics.fmean(last["weights"]["moved"]) >= 0.1, last["weights"]
+    assert max(last["holdout_top1"]) < 95 and last["holdout_top1"][-1] > last["holdout_top1"][0], last
 
 
 def numpy_ranks(x):
@@ -1467,6 +1470,18 @@ def test_the_wpn_weights_in_the_history_are_what_the_checkpoint_gives_recomputed
         tenths = np.array_split(w[np.argsort(losses[:, k], kind="stable"), k], 10)
         assert record["deciles"][k] == pytest.approx([t.mean() for t in tenths], abs=1e-6)
     assert len(results["history"]) == cfg.epochs and [h["epoch"] for h in results["history"]] == [1, cfg.epochs]
+
+
+def test_readme_reads_the_weights_off_a_checkpoint_as_the_history_has_them(demo, capsys):
+    cfg, results, out = demo
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("<!-- begin weights example -->\n```python\n")[1].split("```")[0]
+    example = example.replace("runs/synthetic_msdnet3_l2w_q0.75_seed0", str(out))
+    assert example.count(str(out)) == 1
+    exec(compile(example, "README weights example", "exec"), {"__name__": "example"})
+    printed = ast.literal_eval(capsys.readouterr().out)
+    for key, value in results["history"][-1]["weights"].items():
+        assert np.allclose(printed[key], value, atol=1e-6), key
 
 
 def test_numpy_ranks_average_ties_as_spearman_does():
