@@ -275,6 +275,17 @@ def test_ranet_only_cifar_sized_images():
         models.build_model("ranet", 10, 6, image_size=224)
 
 
+def test_the_sizes_the_input_check_skips_fit_and_it_judges_the_others():
+    # check_input_size skips 32 and 224: each variant takes them (shapes only, on the meta device)
+    with torch.device("meta"):
+        for arch, exits, size in (("msdnet", 2, 32), ("msdnet", 2, 224), ("ranet", 6, 32), ("ranet", 8, 32)):
+            logits = models.build_model(arch, 10, exits, size).eval()(torch.zeros(1, 3, size, size))
+            assert [tuple(z.shape) for z in logits] == [(1, 10)] * exits
+    models.check_input_size("msdnet", 3, 160)   # other sizes are run: 160 fits, 64 does not
+    with pytest.raises(ValueError, match="cannot reduce 64x64 images"):
+        models.check_input_size("msdnet", 3, 64)
+
+
 @pytest.mark.parametrize("exits, meta_grad", [(6, "higher"), (8, "jvp")])   # jvp = higher: tested below
 def test_ranet_trains_through_train_step_on_the_synthetic_set(exits, meta_grad):
     torch.manual_seed(0)
@@ -1138,7 +1149,7 @@ def calibrate_batchnorm(model, images):
 def test_early_exit_predict_equals_the_simulated_protocol_and_skips_computation(arch, exits):
     torch.manual_seed(0)
     model = calibrate_batchnorm(models.build_model(arch, 10, exits), torch.randn(64, 3, 32, 32))
-    holdout, images = torch.randn(60, 3, 32, 32), torch.randn(23, 3, 32, 32)
+    holdout, images = torch.randn(60, 3, 32, 32), torch.randn(15, 3, 32, 32)
     with torch.no_grad():
         thresholds = l2w.fit_thresholds(l2w.confidences(model(holdout)), l2w.exit_fractions(0.9, exits))
     # which exits' samples each block and head serves: the number of exits yielded before it runs
@@ -1163,7 +1174,7 @@ def test_early_exit_predict_equals_the_simulated_protocol_and_skips_computation(
 
     for m in served:
         m.register_forward_pre_hook(count_samples)
-    for batch_size in (1, 7, 23):
+    for batch_size in (1, 4, 15):
         # the simulated protocol on the same batches: full forward pass, then the thresholds
         with torch.no_grad():
             logits = [torch.cat(z) for z in zip(*(model(b) for b in images.split(batch_size)))]
