@@ -76,7 +76,7 @@ class Config:
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
-    lr: float = 0.0                # backbone lr, cosine to 0; 0: the paper's rule for the batch size (__post_init__)
+    lr: float = 0.0                # backbone lr, cosine to 0; 0: the paper's 0.1 x half-batch / 64 (CIFAR), / 256 (ImageNet)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wpn_lr: float = 1e-4           # Adam, cosine to 0
@@ -135,7 +135,7 @@ PRESETS = {
     "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # the demo (3 exits, L2W-DEN), about 90 s on a 2-core CPU, chosen on the hold-out: 2,000 fresh
+    # the demo (3 exits, L2W-DEN), about 75 s on a 2-core CPU, chosen on the hold-out: 2,000 fresh
     # training images seen twice (62 iterations) keep the losses spread (no exit saturates), and the
     # WPN's Adam at 1e-3 (10x the paper's, which takes ~29,000 steps) moves its weights in 124 steps
     "synthetic": dict(epochs=2, batch_size=64, lr=0.3, wpn_lr=1e-3, q=0.75, delta=0.8, constraint="col",
@@ -551,10 +551,11 @@ def imta_exit_losses(model, images, targets, temperature, gamma, reduction="mean
 # ============================================================================
 
 @torch.no_grad()
-def predict(model, loader, device, cfg):
+def predict(model, loader, device, cfg, with_teacher=False):
     """Logits of every exit for a whole split, in order: (list of K (n, classes) tensors, targets)
-    on the CPU. Under torchrun each rank predicts its share of every batch with rank 0's weights
-    and BatchNorm statistics (those the checkpoint holds); only rank 0 gets the whole (others None)."""
+    on the CPU; `with_teacher` (IMTA's phase 2) appends the distillation teacher's logits to the list.
+    Under torchrun each rank predicts its share of every batch with rank 0's weights and BatchNorm
+    statistics (those the checkpoint holds); only rank 0 gets the whole (others None)."""
     net = unwrap(model).eval()
     if dist.is_initialized():
         # DDP copies rank 0's buffers into every rank at each training forward, after which each
@@ -565,7 +566,10 @@ def predict(model, loader, device, cfg):
     batches = []
     for images, labels in loader:
         images, _ = to_device(images, labels, device, cfg)
-        batches.append(([z.float().cpu() for z in net(images)], labels.cpu()))
+        logits = net(images, with_teacher=True) if with_teacher else net(images)
+        if with_teacher:   # (the new heads' logits, the teacher's)
+            logits = [*logits[0], logits[1]]
+        batches.append(([z.float().cpu() for z in logits], labels.cpu()))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
         shares = [None] * dist.get_world_size() if is_main() else None
         dist.gather_object(batches, shares, dst=0)
@@ -749,7 +753,8 @@ def average_ranks(x):
 @torch.no_grad()
 def wpn_weights(wpn, losses, cfg):
     """Step 2 on an (n, K) loss matrix: the weights `wpn` gives with the run's delta and
-    constraint (the means over the whole matrix), as float64 on the CPU."""
+    constraint, as float64 on the CPU. The matrix is one set: `row` and `mat` take their means
+    over all of it (in training, over a half-batch)."""
     net = unwrap(wpn)
     return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
 
@@ -783,7 +788,7 @@ def learned_weights(model, wpn, images, targets, cfg, initial_wpn=None, batch_si
     net = unwrap(model).eval()
     device = next(net.parameters()).device
     logits = [torch.cat(z) for z in zip(*(net(x.to(device)) for x in images.split(batch_size)))]
-    return weight_profile(exit_cross_entropy([z.float().cpu() for z in logits], targets), wpn, cfg, initial_wpn)
+    return weight_profile(exit_cross_entropy([z.float().cpu() for z in logits], targets.cpu()), wpn, cfg, initial_wpn)
 
 
 # ============================================================================
@@ -1107,9 +1112,12 @@ def train(cfg, state=None, stop_after_epoch=None):
             log("warning: the hold-out split is drawn from --seed and may overlap the images the released network "
                 "was trained on (inflated confidences there skew the budgeted figures and --budget); give the split "
                 "it was trained with: --holdout-indices index.pth")
-    # The WPN as training found it (random, or --weights'), to measure how far it moves.
-    initial_wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
-    initial_wpn.load_state_dict(state["wpn_init"] if state and "wpn_init" in state else unwrap(wpn).state_dict())
+    # The WPN as training found it (random, or --weights'), to measure how far it moves (unknown
+    # for a checkpoint written before runs kept it).
+    start = state.get("wpn_init") if state else unwrap(wpn).state_dict()
+    initial_wpn = None if start is None else WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
+    if initial_wpn is not None:
+        initial_wpn.load_state_dict(start)
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
@@ -1141,7 +1149,8 @@ def train(cfg, state=None, stop_after_epoch=None):
                           "scalers": {k: s.state_dict() for k, s in scalers.items()} if scalers else None,
                           "epoch": epoch, "batch": batch, "rng": rng_state(device),
                           "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices,
-                          "history": history, "tally": tally, "wpn_init": initial_wpn.state_dict()}
+                          "history": history, "tally": tally,
+                          "wpn_init": None if initial_wpn is None else initial_wpn.state_dict()}
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
 
     total_iters = cfg.epochs * n_batches
@@ -1201,17 +1210,25 @@ def train(cfg, state=None, stop_after_epoch=None):
             clock()
             history.append(epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer))
             if splits.threshold_source == "holdout":
-                val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
+                # the last epoch's also fits thresholds; in IMTA's phase 2 the WPN weighs distillation losses
+                distilled = cfg.method == "l2w" and cfg.imta == "finetune"
+                val = predict(model, val_loader, device, cfg, with_teacher=distilled)
                 if is_main():
                     record = history[-1]
+                    if distilled:
+                        (*logits, teacher), targets = val
+                        val = logits, targets
                     record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
                     if cfg.method == "l2w":
-                        record["weights"] = weight_profile(exit_cross_entropy(*val), wpn, cfg, initial_wpn)
+                        losses = (distillation_losses(val[0], teacher, val[1], cfg.kd_temperature, cfg.kd_gamma,
+                                                      cfg.kd_reduction) if distilled else exit_cross_entropy(*val))
+                        record["weights"] = weight_profile(losses, wpn, cfg, initial_wpn)
                     log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: "
                         + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
                         + ("" if record["weights"] is None else " | WPN weight vs loss, Spearman per exit: "
                            + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])
-                           + f"; weights moved {statistics.fmean(record['weights']['moved']):.2f} from the start"))
+                           + ("" if record["weights"]["moved"] is None else
+                              f"; weights moved {statistics.fmean(record['weights']['moved']):.2f} from the start")))
             history[-1]["seconds"] += time.time() - started   # training and the hold-out's evaluation
             tally = None
             save(epoch + 1, 0)
@@ -1458,6 +1475,8 @@ def check_config(cfg):
          "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT"),
         (not cfg.budget or cfg.holdout > 0,
          "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)"),
+        (not cfg.holdout_indices or cfg.holdout > 0, "--holdout-indices gives the hold-out split, and --holdout 0 "
+         "asks for none"),
         (not (cfg.early_exit and cfg.world_size > 1), "--early-exit times inference in one process; run it without torchrun"),
         (not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
@@ -1583,6 +1602,8 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=CLI_TYPES.get(f.name, f.type), metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
+    if flags.get("lr") == 0:   # Config's lr 0 stands for the paper's rule: not a rate one can ask for
+        raise UsageError("--lr must be a finite number > 0 (leave it out for the paper's rule at the batch size)")
     if flags.get("resume") and flags.get("weights"):
         raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
@@ -1797,7 +1818,7 @@ def select_q(paths, out_json, points=5):
     if first["method"] != "l2w" or len(set(qs)) < len(qs):
         raise UsageError("--select-q compares L2W-DEN runs (--method l2w), each with another --q")
     curves = [r["holdout_dynamic"] for r in runs]
-    low, high = max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+    low, high = common_range(curves)
     budgets = [low + (high - low) * i / 100 for i in range(101)]
     rows = []
     for q, path, curve in sorted(zip(qs, paths, curves)):
@@ -1816,13 +1837,21 @@ def select_q(paths, out_json, points=5):
     return chosen["q"]
 
 
+def common_range(curves):
+    """The range of Mul-Adds per image that every budgeted curve covers: (low, high)."""
+    return max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+
+
 def curve_mean(curve, low, high, points=101):
     """Mean accuracy of a budgeted curve over `points` budgets evenly spread on [low, high], the
     curve read linearly between its points (equal costs: their mean accuracy)."""
     costs = sorted({p["flops"] for p in curve})
     accs = [statistics.fmean(p["acc"] for p in curve if p["flops"] == c) for c in costs]
-    at = lambda b: accs[0] if b <= costs[0] else next(
-        a0 + (a1 - a0) * (b - c0) / (c1 - c0) for c0, c1, a0, a1 in zip(costs, costs[1:], accs, accs[1:]) if b <= c1)
+
+    def at(b):   # (the last budget may round a hair past `high`, this curve's dearest point)
+        b = min(b, costs[-1])
+        return accs[0] if b <= costs[0] else next(a0 + (a1 - a0) * (b - c0) / (c1 - c0) for c0, c1, a0, a1
+                                                  in zip(costs, costs[1:], accs, accs[1:]) if b <= c1)
     return statistics.fmean(at(low + (high - low) * i / (points - 1)) for i in range(points))
 
 
@@ -1834,7 +1863,7 @@ def summarize(paths, out_json):
     L2W-DEN minus baseline, seed by seed. It reads the test figures to report them: it chooses
     nothing. Prints the tables and writes them to `out_json`."""
     runs = [read_results(p, "--summary") for p in paths]
-    low, high = max(r["dynamic"][0]["flops"] for r in runs), min(r["dynamic"][-1]["flops"] for r in runs)
+    low, high = common_range([r["dynamic"] for r in runs])
     if low > high:
         raise UsageError("--summary: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
     trained = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "seed")]
@@ -1901,8 +1930,7 @@ def bench(cfg):
     device = setup_device(cfg)
     torch.backends.cudnn.benchmark = not cfg.deterministic   # as in training
     torch.manual_seed(cfg.seed)
-    splits = data.load(cfg, device=device) if cfg.dataset != "synthetic" else None   # its pipeline is timed too
-    num_classes = splits.num_classes if splits else data.DATASETS[cfg.dataset]
+    num_classes = data.DATASETS[cfg.dataset] or 1000   # (the iterations take random images)
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
@@ -1931,17 +1959,29 @@ def bench(cfg):
         print(f"{name:6s} {seconds * 1000:9.1f} ms/iter {cfg.batch_size / seconds:9.1f} img/s{peak}")
     print(f"ratio  higher/plain {results['higher'] / results['plain']:.2f}x  jvp/plain "
           f"{results['jvp'] / results['plain']:.2f}x  jvp/higher {results['jvp'] / results['higher']:.2f}x")
-    if splits:   # the training data pipeline (--bench-iters batches after one): does it or the iteration bound a run?
-        batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
-        next(batches, None)   # warm-up: loader workers start
-        seconds, images_loaded, _ = timed(lambda: sum(len(to_device(*batch, device, cfg)[0])
-                                                      for batch in itertools.islice(batches, cfg.bench_iters)), None, device)
-        print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
-              + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
-                 f"{cfg.workers} loader workers)"))
     if device.type == "cpu":
         print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    if cfg.dataset != "synthetic":
+        data_pipeline(cfg, device)
     return results
+
+
+def data_pipeline(cfg, device):
+    """The training data pipeline's images/s (--bench-iters batches after one): does it or the
+    iteration bound a run? Loaded after the iterations' timings, so that their peak memory holds
+    no images; without the data (and no way to download it), one line says so."""
+    try:
+        splits = data.load(cfg, device=device)
+    except data.DataError as e:
+        print(f"data   not timed: {e}")
+        return
+    batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
+    next(batches, None)   # warm-up: loader workers start
+    seconds, images_loaded, _ = timed(lambda: sum(len(to_device(*batch, device, cfg)[0])
+                                                  for batch in itertools.islice(batches, cfg.bench_iters)), None, device)
+    print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
+          + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
+             f"{cfg.workers} loader workers)"))
 
 
 # ============================================================================

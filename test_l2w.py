@@ -1273,6 +1273,15 @@ def test_summary_groups_runs_by_seed_and_pairs_l2w_with_its_baseline_worked_by_h
     apart = summary_run(tmp_path / "other", "l2w", 2, [90, 95], [(30e6, 90), (40e6, 95)])
     result = cli("--summary", runs[0], apart)
     assert result.returncode == 2 and "share no range of Mul-Adds" in result.stderr
+    # a curve listed out of cost order; a range whose last budget rounds a hair past its end
+    low, high = 2906387.8, 14167348.6
+    assert low + (high - low) * 100 / 100 > high
+    shuffled = summary_run(tmp_path / "shuffled", "l2w", 3, [60, 70], [(high, 80), (low, 60), (8e6, 75)])
+    assert cli("--summary", shuffled, "--out", tmp_path / "s.json").returncode == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["range"] == [low, high]
+    assert report["groups"][0]["budgeted_mean"] == pytest.approx(
+        np.interp(np.linspace(low, high, 101), [low, 8e6, high], [60, 75, 80]).mean())
 
 
 # ----------------------------------------------------------------------------
@@ -1481,6 +1490,22 @@ def test_the_wpn_weights_in_the_history_are_what_the_checkpoint_gives_recomputed
         tenths = np.array_split(w[np.argsort(losses[:, k], kind="stable"), k], 10)
         assert record["deciles"][k] == pytest.approx([t.mean() for t in tenths], abs=1e-6)
     assert len(results["history"]) == cfg.epochs and [h["epoch"] for h in results["history"]] == [1, cfg.epochs]
+
+
+def test_a_checkpoint_without_the_wpns_start_resumes_and_says_nothing_of_how_far_it_moved(tmp_path, capsys):
+    # (a checkpoint written before runs kept the WPN's starting point): the profile is taken, but
+    # "moved" is unknown, not measured from where the resumed run happened to start
+    cfg = small_cfg(exits=2, synthetic_size=80, holdout=16, out=str(tmp_path / "run"))
+    l2w.train(cfg)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["wpn_init"] is not None
+    del state["wpn_init"]
+    torch.save(state, path)
+    results = l2w.train(dataclasses.replace(cfg, epochs=2, resume=str(path)))
+    first, second = (h["weights"] for h in results["history"])
+    assert first["moved"] is not None and second["moved"] is None and len(second["spearman"]) == 2
+    assert "weights moved" not in capsys.readouterr().out.split("epoch 2/2 hold-out")[1]
 
 
 def test_readme_reads_the_weights_off_a_checkpoint_as_the_history_has_them(demo, capsys):
@@ -1837,6 +1862,11 @@ def test_bench_reports_the_three_iterations_and_their_ratios_and_the_data_pipeli
     assert float(ratios["jvp/plain"]) == pytest.approx(ms["jvp"] / ms["plain"], rel=0.01, abs=0.01)
     assert float(ratios["jvp/higher"]) == pytest.approx(ms["jvp"] / ms["higher"], rel=0.01, abs=0.01)
     assert ms["higher"] > ms["plain"] and ms["jvp"] > ms["plain"]   # the meta step costs
+    # without the data the iterations (random images) are timed all the same; one line says why not the data
+    result = cli("--bench", "--dataset", "folder", "--data-dir", str(tmp_path / "none"), "--image-size", "32",
+                 "--exits", "2", "--batch-size", "8", "--bench-iters", "1", "--device", "cpu")
+    assert result.returncode == 0 and "jvp/higher" in result.stdout, result.stderr
+    assert re.search(r"^data   not timed: .*none", result.stdout, re.M), result.stdout
 
 
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
@@ -1886,6 +1916,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         "--step must be >= 1": ["--step", "0"],
         "--base must be >= 1": ["--base", "0"],
         "--momentum must be in [0, 1)": ["--momentum", "1.5"],
+        "--lr must be a finite number > 0 (leave it out": ["--lr", "0"],
+        "--holdout-indices gives the hold-out split, and --holdout 0": ["--holdout-indices", str(a_file), "--holdout", "0"],
         "--meta-interval must be >= 1": ["--meta-interval", "0"],
         "--save-every must be >= 0": ["--save-every", "-1"],
         "lacks holdout_indices": ["--resume", str(partial)],
@@ -2572,6 +2604,19 @@ def test_imta_pretrain_then_finetune_through_the_cli(imta_phase1, tmp_path):
     assert sum(second["model"][n].numel() for n in new_parameters) == 9_758
     assert all(isinstance(v, torch.Tensor) for v in second["model"].values())
     assert torch.equal(torch.as_tensor(second["holdout_indices"]), torch.as_tensor(first["holdout_indices"]))
+    # the WPN's profile is taken on what it weighs in this phase: the hold-out's distillation losses
+    cfg = l2w.Config(**second["config"])
+    net = models.IMTANet(models.build_model("msdnet", 10, 3), 10).eval()
+    net.load_state_dict(second["model"])
+    wpn, start = l2w.WPN(3, cfg.wpn_depth, cfg.wpn_width), l2w.WPN(3, cfg.wpn_depth, cfg.wpn_width)
+    wpn.load_state_dict(second["wpn"])
+    start.load_state_dict(second["wpn_init"])
+    images, targets = zip(*data.load(cfg, second["holdout_indices"]).threshold_set)
+    with torch.no_grad():
+        losses = l2w.imta_exit_losses(net, torch.stack(images), torch.tensor(targets), 3.0, 0.9)
+    want, got = l2w.weight_profile(losses, wpn, cfg, start), results["history"][-1]["weights"]
+    assert got["spearman"] == pytest.approx(want["spearman"]) and got["moved"] == pytest.approx(want["moved"])
+    np.testing.assert_allclose(got["deciles"], want["deciles"], rtol=1e-6)
 
     # self-contained: evaluated without the phase-1 file, the same numbers
     phase1.unlink()
