@@ -5,11 +5,18 @@ validation and for fitting the budgeted-inference thresholds (never the test set
 
 Random augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the
 number of loader workers or ranks, and a resumed run sees exactly the batches it would have.
+CIFAR is augmented in whole batches on the training device (`DeviceImages`); folders and
+ImageNet image by image in loader workers (`Split`).
 """
+import hashlib
+import json
+import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
 # The authors' normalisation (their released code); ImageNet's for ImageNet and folders.
@@ -40,11 +47,19 @@ class Splits:
     num_classes: int
     threshold_source: str     # "holdout" or "train", said in the log and results.json
     class_counts: list        # training images per class (before the hold-out is taken)
+    ignored: tuple = ()       # files beside the class folders of DIR/train and DIR/val (ImageFolder skips them too)
+
+
+def seed_of(*keys):
+    """A 64-bit seed for torch.Generator from (seed, epoch[, sample]): a hash, which no seed below
+    2^32, epoch or sample index can overflow."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little")
 
 
 class Split(Dataset):
-    """Samples `indices` of `base` through `transform`. An item is an index or (epoch, index);
-    the random transform is seeded from (seed, epoch, index)."""
+    """Samples `indices` of `base` through `transform(image, generator)`. An item is an index or
+    (epoch, index); the generator, which alone draws the random transform's parameters, is
+    seeded from (seed, epoch, index): nothing reseeds the process's random streams."""
 
     def __init__(self, base, indices, transform=None, seed=0):
         self.base, self.indices, self.transform, self.seed = base, list(indices), transform, seed
@@ -56,10 +71,51 @@ class Split(Dataset):
         epoch, i = item if isinstance(item, tuple) else (0, item)
         image, label = self.base[self.indices[i]]
         if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + self.indices[i])
-                image = self.transform(image)
+            image = self.transform(image, torch.Generator().manual_seed(seed_of(self.seed, epoch, self.indices[i])))
         return image, label
+
+
+class DeviceImages(Dataset):
+    """Samples `indices` of uint8 `images` (N, 3, H, W) and their `labels`, kept as tensors on the
+    training device, where whole batches are augmented and normalised (`batch`): CIFAR's random
+    crop (zero padding 4) and horizontal flip, each sample's offset and flip from (seed, epoch,
+    sample index) alone (`augmentation`). An item is an index or (epoch, index), as for `Split`."""
+
+    def __init__(self, images, labels, indices, stats, augment, seed=0):
+        self.images, self.labels, self.augment, self.seed = images, labels, augment, seed
+        self.indices = torch.as_tensor(indices, dtype=torch.long, device=images.device)
+        self.mean, self.std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in stats)
+        self.table = (None, None)   # (epoch, augmentation(epoch)): the epoch being walked
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        images, labels = self.batch([item if isinstance(item, tuple) else (0, item)])
+        return images[0], labels[0]
+
+    def augmentation(self, epoch, padding=4):
+        """Every sample's crop offset (top, left) in [0, 2 padding] and flip for `epoch`: (N, 2), (N,)."""
+        if self.table[0] != epoch:
+            g = torch.Generator().manual_seed(seed_of(self.seed, epoch))
+            n = len(self.images)
+            offset, flip = torch.randint(2 * padding + 1, (n, 2), generator=g), torch.rand(n, generator=g) < 0.5
+            self.table = epoch, (offset.to(self.images.device), flip.to(self.images.device))
+        return self.table[1]
+
+    def batch(self, items, padding=4):
+        """(images, labels) of [(epoch, i), ...], augmented where `augment` says, normalised."""
+        # non_blocking: a plain copy to a GPU would wait for the work queued there before it
+        index = self.indices[torch.tensor([i for _, i in items]).to(self.indices.device, non_blocking=True)]
+        images = self.images[index]
+        if self.augment:   # (square images)
+            offset, flip = (t[index] for t in self.augmentation(items[0][0], padding))
+            size, steps = images.shape[-1], torch.arange(images.shape[-1], device=images.device)
+            rows = (offset[:, :1] + steps)[:, None, :, None].expand(-1, 3, -1, size + 2 * padding)
+            columns = torch.where(flip[:, None], offset[:, 1:] + steps.flip(0), offset[:, 1:] + steps)
+            padded = F.pad(images, [padding] * 4)   # zeros: RandomCrop(32, padding=4)'s black border
+            images = padded.gather(2, rows).gather(3, columns[:, None, None, :].expand(-1, 3, size, -1))
+        return images.float().div_(255).sub_(self.mean).div_(self.std), self.labels[index]   # ToTensor, Normalize
 
 
 class ShardedBatches(Sampler):
@@ -89,6 +145,20 @@ class ShardedBatches(Sampler):
             mine = batch[self.rank * share:(self.rank + 1) * share].tolist()
             if mine:   # a short last batch may leave nothing for the last ranks
                 yield [(self.epoch, i) for i in mine]
+
+
+class DeviceBatches:
+    """The loader of a `DeviceImages` split: the batches of `batch_sampler` (`ShardedBatches`), each
+    made on the device in a few tensor operations, as (images, labels)."""
+
+    def __init__(self, dataset, batch_sampler):
+        self.dataset, self.batch_sampler = dataset, batch_sampler
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        return (self.dataset.batch(items) for items in self.batch_sampler)
 
 
 def holdout_split(targets, holdout, seed):
@@ -121,23 +191,48 @@ def long_tailed_indices(targets, imbalance, seed=0):
     return torch.cat(keep).sort().values
 
 
-def transforms(name, image_size):
-    """(train, test) transforms: the authors' for CIFAR and ImageNet (their release); folders get
-    ImageNet's at 224 and CIFAR-style crops at small sizes."""
-    import torchvision.transforms as T
+def folder_transforms(image_size):
+    """(train, test) transforms of a folder or ImageNet: `folder_transform` at that size."""
+    return (partial(folder_transform, size=image_size, train=True),
+            partial(folder_transform, size=image_size, train=False))
 
-    if name.startswith("cifar"):
-        normalise = T.Normalize(*CIFAR_STATS[name.removesuffix("-lt")])
-        return (T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalise]),
-                T.Compose([T.ToTensor(), normalise]))
-    normalise = T.Normalize(*IMAGENET_STATS)
-    if image_size >= 64:
-        return (T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalise]),
-                T.Compose([T.Resize(image_size * 256 // 224), T.CenterCrop(image_size), T.ToTensor(), normalise]))
-    resize = T.Resize((image_size, image_size))
-    return (T.Compose([resize, T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
-                       T.ToTensor(), normalise]),
-            T.Compose([resize, T.ToTensor(), normalise]))
+
+def folder_transform(image, generator, size, train):
+    """A PIL image -> normalised tensor: ImageNet's transforms at 64 pixels and more (train:
+    RandomResizedCrop; test: resize to 256/224 of the size, centre crop), CIFAR-style ones at small
+    sizes (resize; train: crop with zero padding size/8); train: then a horizontal flip. The random
+    parameters come from `generator` alone (torchvision's classes draw from the global stream)."""
+    import torchvision.transforms.functional as TF
+
+    if size >= 64 and train:
+        image = TF.resized_crop(image, *resized_crop_box(*image.size, generator), [size, size])
+    elif size >= 64:
+        image = TF.center_crop(TF.resize(image, size * 256 // 224), size)
+    else:
+        image = TF.resize(image, [size, size])
+        if train:
+            padding = size // 8
+            top, left = torch.randint(2 * padding + 1, (2,), generator=generator).tolist()
+            image = TF.crop(TF.pad(image, padding), top, left, size, size)
+    if train and torch.rand(1, generator=generator).item() < 0.5:
+        image = TF.hflip(image)
+    return TF.normalize(TF.to_tensor(image), *IMAGENET_STATS)
+
+
+def resized_crop_box(width, height, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (top, left, height, width), drawn from `generator`: up to ten tries
+    of an area share uniform in `scale` and an aspect ratio log-uniform in `ratio` that fit the
+    image, else the whole image cut to the nearest allowed ratio, centred."""
+    for _ in range(10):
+        area = width * height * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
+        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * torch.rand(1, generator=generator).item())
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = (torch.randint(n + 1, (1,), generator=generator).item() for n in (height - h, width - w))
+            return top, left, h, w
+    aspect = min(max(width / height, ratio[0]), ratio[1])
+    w, h = min(width, round(height * aspect)), min(height, round(width / aspect))
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def cifar(name, data_dir):
@@ -156,10 +251,12 @@ def cifar(name, data_dir):
 
 
 def image_folders(name, data_dir, expected_classes=None):
-    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout."""
+    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout, and the
+    paths of the files beside their class folders, which are ignored (as ImageFolder does:
+    .DS_Store, README.txt, labels.csv, ...)."""
     import torchvision
 
-    classes = {}
+    classes, ignored = {}, []
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
         if not os.path.isdir(path):
@@ -167,10 +264,11 @@ def image_folders(name, data_dir, expected_classes=None):
                             f"<images> and {data_dir}/val/<class>/<images>)")
         entries = list(os.scandir(path))
         classes[split] = sorted(e.name for e in entries if e.is_dir())
-        loose = sum(e.is_file() for e in entries)
-        if loose or not classes[split]:
-            raise DataError(f"{name}: '{path}' holds {loose} images outside class folders and "
-                            f"{len(classes[split])} class folders; sort them into one folder per class")
+        others = sorted(os.path.join(path, e.name) for e in entries if not e.is_dir())
+        if not classes[split]:
+            raise DataError(f"{name}: '{path}' holds no class folder (and {len(others)} files outside class "
+                            "folders, which are ignored); sort the images into one folder per class")
+        ignored += others
     if classes["train"] != classes["val"]:
         other = {"train": "val", "val": "train"}
         split = "val" if set(classes["train"]) - set(classes["val"]) else "train"
@@ -183,8 +281,8 @@ def image_folders(name, data_dir, expected_classes=None):
         raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
                         f"found {len(classes['train'])}")
     try:
-        return tuple(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
-                     for s in ("train", "val"))
+        return (*(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
+                  for s in ("train", "val")), tuple(ignored))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{name}: {str(e).splitlines()[0]}") from None
 
@@ -201,16 +299,16 @@ def read_image(path):
 
 
 def synthetic(size, seed, num_classes=10):
-    """A learnable CIFAR-shaped set (3x32x32, 10 classes) in which depth pays off on the hard half.
+    """A learnable CIFAR-shaped set (3x32x32, 10 classes) whose samples range from easy to hard.
 
     Every class has a smooth colour layout (a random 4x4 grid, upsampled) and a fine texture (a
     random 8x8 motif of 2x2-pixel cells, tiled). An easy sample shows both; a hard one shows its
     class's texture over a random layout of no class, so only the fine detail names it. Textures
-    are shifted at random, so they are found by detecting them anywhere, not by a template. The
-    first exit, a few layers over the coarsest scale, separates the easy samples; the hard ones
-    need the fine-scale features that later layers bring down to the coarse scale (so the
-    demo's deepest exit is then the best, and the budgeted curve rises with the budget). Unit
-    Gaussian noise on every pixel. Returns (train, test) with `size` and `size // 3` samples.
+    are shifted at random, so they are found by detecting them anywhere, not by a template, and
+    each sample's texture has its own strength (uniform in [1, 2] times the noise's), so that
+    difficulty is graded and the training losses keep a spread: the faint textures are learnt
+    late, and by the deeper exits first. Unit Gaussian noise on every pixel. Returns (train, test)
+    with `size` and `size // 3` samples.
     """
     g = torch.Generator().manual_seed(seed)
     smooth = lambda t: torch.nn.functional.interpolate(t, size=32, mode="bilinear", align_corners=False)
@@ -227,7 +325,9 @@ def synthetic(size, seed, num_classes=10):
         no_class = no_class / no_class.std()
         shifts = torch.randint(16, (n, 2), generator=g).tolist()
         shifted = torch.stack([textures[c].roll(shift, dims=(1, 2)) for c, shift in zip(labels.tolist(), shifts)])
-        images = torch.where(hard, no_class, layouts[labels]) + 2.0 * shifted + torch.randn(n, 3, 32, 32, generator=g)
+        strength = 1 + torch.rand(n, 1, 1, 1, generator=g)
+        images = (torch.where(hard, no_class, layouts[labels]) + strength * shifted
+                  + torch.randn(n, 3, 32, 32, generator=g))
         return TensorDataset(images, labels)
 
     return draw(size), draw(size // 3)
@@ -237,19 +337,58 @@ def targets_of(dataset):
     return dataset.tensors[1] if isinstance(dataset, TensorDataset) else torch.as_tensor(dataset.targets)
 
 
-def load(cfg, holdout_indices=None):
-    """Build the splits for cfg.dataset. `holdout_indices` (from a checkpoint) win over the seed."""
+def read_holdout_indices(path, holdout, kept, n):
+    """--holdout-indices: the hold-out split a network was trained without, as indices into the
+    training set of `n` images, checked against it. The file is a run's holdout_indices.json (the
+    JSON list of its `holdout` hold-out indices) or MSDNet-PyTorch's / L2W-DEN's index.pth (a
+    torch-saved permutation of range(n) whose last `holdout` entries are the hold-out; the rest
+    trained the network). Long-tailed CIFAR: the indices must be among the `kept` images."""
+    what, is_json = f"--holdout-indices '{path}'", path.endswith(".json")
+    try:
+        if is_json:
+            with open(path) as f:
+                content = json.load(f)
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # unreadable, not JSON, not a torch file
+        raise DataError(f"{what} cannot be read as {'JSON' if is_json else 'a torch-saved tensor'} "
+                        f"({type(e).__name__})") from None
+    if is_json:
+        if not (isinstance(content, list) and all(type(i) is int and 0 <= i < n for i in content)):
+            raise DataError(f"{what} is not a JSON list of indices into the {n} training images")
+        held = torch.tensor(content, dtype=torch.long)
+    else:
+        if not (torch.is_tensor(content) and content.dtype in (torch.int32, torch.int64)
+                and torch.equal(content.sort().values, torch.arange(n, dtype=content.dtype))):
+            raise DataError(f"{what} is not a permutation of the {n} training images (the form of MSDNet-PyTorch's "
+                            "and L2W-DEN's index.pth)")
+        held = content[n - holdout:].long()
+    if holdout == 0:
+        raise DataError(f"{what} gives the hold-out split, and --holdout 0 asks for none")
+    if len(held) != holdout:
+        raise DataError(f"{what} holds {len(held)} hold-out indices, not --holdout {holdout}: give --holdout {len(held)}")
+    if len(held.unique()) < holdout:
+        raise DataError(f"{what} repeats indices")
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept] = True
+    if not is_kept[held].all():
+        raise DataError(f"{what} holds indices of images that are not in this long-tailed set")
+    return held
+
+
+def load(cfg, holdout_indices=None, device="cpu"):
+    """Build the splits for cfg.dataset. The hold-out split is drawn from the seed, unless it is
+    given: `holdout_indices` (from a checkpoint), or else the file cfg.holdout_indices. CIFAR's
+    images are kept on `device`, the training device."""
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(DATASETS)})")
+    ignored = ()
     if cfg.dataset == "synthetic":
         train, test = synthetic(cfg.synthetic_size, cfg.seed)
-        augment = plain = None
+    elif cfg.dataset.startswith("cifar"):
+        train, test = cifar(cfg.dataset, cfg.data_dir)
     else:
-        if cfg.dataset.startswith("cifar"):
-            train, test = cifar(cfg.dataset, cfg.data_dir)
-        else:
-            train, test = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
-        augment, plain = transforms(cfg.dataset, cfg.image_size)
+        train, test, ignored = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
     targets = targets_of(train)
     kept = (long_tailed_indices(targets, cfg.imbalance, cfg.seed) if cfg.dataset.endswith("-lt")
             else torch.arange(len(targets)))
@@ -257,13 +396,30 @@ def load(cfg, holdout_indices=None):
     class_counts = torch.bincount(targets[kept], minlength=num_classes).tolist()
     train_pos, held_pos = holdout_split(targets[kept], cfg.holdout, cfg.seed)
     train_idx, held = kept[train_pos], kept[held_pos]
+    if holdout_indices is None and cfg.holdout_indices:
+        holdout_indices = read_holdout_indices(cfg.holdout_indices, cfg.holdout, kept, len(targets))
     if holdout_indices is not None:
         held = torch.as_tensor(holdout_indices)
         is_held = torch.zeros(len(targets), dtype=torch.bool)
         is_held[held] = True
         train_idx = kept[~is_held[kept]]
-    source = "holdout" if len(held) else "train"
-    return Splits(train=Split(train, train_idx.tolist(), augment, cfg.seed),
-                  threshold_set=Split(train, (held if len(held) else kept).tolist(), plain),
-                  test=Split(test, range(len(test)), plain), holdout_indices=held,
-                  num_classes=num_classes, threshold_source=source, class_counts=class_counts)
+    threshold_idx = held if len(held) else kept
+    if cfg.dataset.startswith("cifar"):   # the train and threshold splits share one tensor of images
+        stats = CIFAR_STATS[cfg.dataset.removesuffix("-lt")]
+        (images, labels), (test_images, test_labels) = (uint8_tensors(d, device) for d in (train, test))
+        splits = (DeviceImages(images, labels, train_idx, stats, True, cfg.seed),
+                  DeviceImages(images, labels, threshold_idx, stats, False),
+                  DeviceImages(test_images, test_labels, range(len(test)), stats, False))
+    else:
+        augment, plain = folder_transforms(cfg.image_size) if cfg.dataset != "synthetic" else (None, None)
+        splits = (Split(train, train_idx.tolist(), augment, cfg.seed), Split(train, threshold_idx.tolist(), plain),
+                  Split(test, range(len(test)), plain))
+    return Splits(*splits, holdout_indices=held, num_classes=num_classes,
+                  threshold_source="holdout" if len(held) else "train", class_counts=class_counts,
+                  ignored=ignored)
+
+
+def uint8_tensors(dataset, device):
+    """A torchvision CIFAR set as (images (N, 3, 32, 32) uint8, labels) on `device`."""
+    images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()
+    return images, torch.as_tensor(dataset.targets).to(device)

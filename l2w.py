@@ -76,7 +76,7 @@ class Config:
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
-    lr: float = 0.8                # backbone lr, cosine to 0; 0.1 x half-batch / 64 as released
+    lr: float = 0.0                # backbone lr, cosine to 0; 0: the paper's 0.1 x half-batch / 64 (CIFAR), / 256 (ImageNet)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wpn_lr: float = 1e-4           # Adam, cosine to 0
@@ -89,12 +89,15 @@ class Config:
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
     meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
     holdout: int = 5000            # training images held out for validation and thresholds
+    holdout_indices: str = ""      # hold-out split from a file: a run's holdout_indices.json, or index.pth's last --holdout
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # data-loading processes per rank
+    workers: int = 4               # loader processes per rank (folders, ImageNet; CIFAR is made on the device), at most the CPUs
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
+    tf32: bool = False             # TF32 in the meta-gradient's fp32 convolutions too: faster on recent GPUs, less exact
+    deterministic: bool = False    # deterministic GPU kernels (slower), so that a resume is bit-identical on a GPU too
     sync_bn: bool = False          # under torchrun: BatchNorm statistics over all ranks
     out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>_<q>_<seed>
     print_every: int = 20          # iterations between progress lines
@@ -113,13 +116,16 @@ class Config:
     kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
-    def __post_init__(self):   # an unknown method, meta_grad or constraint must not train something else
-        check_knobs(self)
+    def __post_init__(self):
+        check_knobs(self)   # an unknown method, meta_grad or constraint must not train something else
+        if not self.lr:   # the paper: 0.1 x batch / 64 (CIFAR), / 256 (ImageNet); as released, the batch of each
+            # update, half the global batch: 0.8 at the presets' 1024 and 4096
+            self.lr = 0.1 * (self.batch_size / 2) / (256 if self.image_size >= 64 else 64)
 
 
 # The released settings (the paper's implementation details and the authors' commands; README,
 # "The paper's experiments"). Precedence: defaults < preset < flags.
-CIFAR = dict(epochs=300, batch_size=1024, lr=0.8, q=0.75, delta=0.8, constraint="col",
+CIFAR = dict(epochs=300, batch_size=1024, q=0.75, delta=0.8, constraint="col",   # lr: Config's rule, 0.8
              meta_interval=1, holdout=5000, image_size=32)
 PRESETS = {
     "cifar10": CIFAR,
@@ -127,12 +133,13 @@ PRESETS = {
     # long-tailed CIFAR keeps 12,406 / 10,847 images at imbalance 100: a smaller hold-out
     "cifar10-lt": {**CIFAR, "holdout": 1000},
     "cifar100-lt": {**CIFAR, "holdout": 1000},
-    "imagenet": dict(epochs=100, batch_size=4096, lr=0.8, q=0.5, delta=0.3, constraint="mat",
+    "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # sized so that the demo (3 exits, L2W-DEN) takes under a minute on a laptop CPU; batch 64 and
-    # lr 0.3 give the 30 iterations of 2 epochs enough reach for the deeper exits to learn the textures
-    "synthetic": dict(epochs=2, batch_size=64, lr=0.3, q=0.75, delta=0.8, constraint="col",
-                      meta_interval=1, holdout=500, workers=0, print_every=5, image_size=32),
+    # the demo (3 exits, L2W-DEN), about 75 s on a 2-core CPU, chosen on the hold-out: 2,000 fresh
+    # training images seen twice (62 iterations) keep the losses spread (no exit saturates), and the
+    # WPN's Adam at 1e-3 (10x the paper's, which takes ~29,000 steps) moves its weights in 124 steps
+    "synthetic": dict(epochs=2, batch_size=64, lr=0.3, wpn_lr=1e-3, q=0.75, delta=0.8, constraint="col",
+                      meta_interval=1, holdout=500, synthetic_size=2500, workers=0, print_every=10, image_size=32),
 }
 # IMTA's distillation settings (its released code), for --imta finetune; other data sets keep
 # the Config defaults, IMTA's CIFAR values (T = 3, gamma = 0.9).
@@ -208,11 +215,15 @@ def check_exit_logits(logits):
                     f"or a stacked (exits, n, classes) tensor; got {got}")
 
 
+def exit_cross_entropy(logits, targets):
+    """(n, K): the cross-entropy of every sample at every exit."""
+    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in check_exit_logits(logits)], dim=1)
+
+
 def cross_entropy_losses(model, images, targets):
     """Step 1: L[i, k] = cross-entropy of sample i at exit k, shape (n, K). The default per-exit
     loss; `model` is anything callable on the images (a module or a functional forward)."""
-    logits = check_exit_logits(model(images))
-    return torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits], dim=1)
+    return exit_cross_entropy(model(images), targets)
 
 
 def exit_fractions(q, exits):
@@ -234,8 +245,8 @@ def meta_exit_assignment(confidence, fractions):
     exits, n = confidence.shape
     exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.arange(n, device=confidence.device)
-    for k in range(exits - 1):
-        take = math.floor(n * fractions[k].item())
+    for k, fraction in enumerate(fractions.tolist()[:-1]):   # host numbers, not device values
+        take = math.floor(n * fraction)
         order = confidence[k][free].sort(descending=True, stable=True).indices
         exit_of[free[order[:take]]] = k
         free = free[order[take:]].sort().values
@@ -244,15 +255,14 @@ def meta_exit_assignment(confidence, fractions):
 
 def meta_loss_fn(logits, targets, q):
     """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
-    budgeted inference would, then sum over exits the mean CE of the samples that leave there."""
+    budgeted inference would, then sum over exits the mean CE of the samples that leave there:
+    each sample's CE at each exit weighted 1 / (the exit's count) where it leaves, else 0 (a mask
+    would pick samples by values, whose count the host would wait for the GPU to know)."""
     logits = check_exit_logits(logits)
     exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
-    total = 0.0
-    for k, z in enumerate(logits):
-        mine = exit_of == k
-        if mine.any():
-            total = total + F.cross_entropy(z[mine], targets[mine])
-    return total
+    losses = exit_cross_entropy(logits, targets)
+    leaves = (exit_of[:, None] == torch.arange(len(logits), device=exit_of.device)).to(losses.dtype)   # one-hot
+    return (losses * leaves / leaves.sum(dim=0).clamp(min=1)).sum()
 
 
 def functional_forward(net, params, images, **kwargs):
@@ -373,18 +383,39 @@ def replayed(state):
         yield
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were. On
+    Ampere and later GPUs PyTorch lets cuDNN round fp32 convolutions' operands to TF32 (a 10-bit
+    mantissa) by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    # torch >= 2.9 sets it per operation; mixing those settings with the older flags raises
+    name, ieee, modules = (("fp32_precision", "ieee", (cudnn.conv, matmul)) if hasattr(cudnn, "conv")
+                           else ("allow_tf32", False, (cudnn, matmul)))
+    saved = [getattr(module, name) for module in modules]
+    for module in modules:
+        setattr(module, name, ieee)
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved):
+            setattr(module, name, value)
+
+
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
-              loss_fn, autocast, scalers, virtual_context):
+              loss_fn, autocast, scalers, virtual_context, meta_precision):
     """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, whether the
-    fp16 loss scaler skipped the WPN's step)."""
+    fp16 loss scaler skipped the WPN's step), the losses as tensors on the device: reading them
+    would make the host wait for the GPU before it queues the next step."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
     draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
     # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
-    # fp32: in bf16 that gradient is mostly rounding error. This forward and its graph serve both
-    # the virtual step and the real step, which start from the same parameters and images.
-    with contextlib.nullcontext() if meta_step else autocast():
+    # fp32: in bf16 that gradient is mostly rounding error. For the same reason steps 1-5 run in
+    # IEEE fp32, not TF32 (`meta_precision`). This forward and its graph serve both the virtual
+    # step and the real step, which start from the same parameters and images.
+    with (meta_precision if meta_step else autocast)():
         losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
@@ -400,7 +431,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
                 return meta_loss_fn(functional_forward(net, theta_virtual, meta_images), meta_targets, cfg.q)
 
         wpn_optimizer.zero_grad(set_to_none=True)
-        with (virtual_context or contextlib.nullcontext)():
+        with meta_precision(), (virtual_context or contextlib.nullcontext)():
             virtual_losses = losses
             if virtual_context:   # e.g. SyncBatchNorm, whose synchronised graph cannot be differentiated again
                 draws = random_state(images.device)
@@ -413,7 +444,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
             else:
                 m = higher_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler)
         skipped = optimizer_step(wpn_optimizer, meta_scaler)   # step 5: Adam step of the WPN
-        meta_loss = m.item()
+        meta_loss = m.detach()
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
     if cfg.method == "l2w":
@@ -425,7 +456,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     optimizer.zero_grad(set_to_none=True)
     scaled(loss, real_scaler).backward()
     optimizer_step(optimizer, real_scaler)
-    return loss.item(), meta_loss, skipped
+    return loss.detach(), meta_loss, skipped
 
 
 def check_meta_step(model, optimizer, cfg):
@@ -450,10 +481,11 @@ def check_meta_step(model, optimizer, cfg):
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
-               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None):
+               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None,
+               meta_precision=ieee_fp32):
     """One iteration, as the authors released it: the batch is split into halves A and B; A
     trains with B as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a
-    meta step), "wpn_skipped"}.
+    meta step): 0-dim tensors on the device, "wpn_skipped"}.
 
     model: its forward returns per-exit logits, cheapest exit first (may be DDP-wrapped).
     optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).
@@ -464,6 +496,8 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     scalers: fp16 loss scalers {"real": backbone's, "meta": WPN's}, or None.
     virtual_context: a context factory for steps 3-5; when given, they take a forward of
     their own in it instead of reusing step 1's graph.
+    meta_precision: a context factory for steps 1-5 of a meta step (`contextlib.nullcontext`:
+    PyTorch's TF32 settings, faster on recent GPUs).
     """
     check_knobs(cfg)
     if cfg.method == "l2w" and meta:
@@ -474,7 +508,7 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     if len(a) != 2 or a[0].shape[0] != a[1].shape[0]:
         raise ValueError(f"a batch of {images.shape[0]} cannot be split into two equal halves")
     halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta,
-                        loss_fn, autocast, scalers, virtual_context) for i in (0, 1)]
+                        loss_fn, autocast, scalers, virtual_context, meta_precision) for i in (0, 1)]
     metas = [h[1] for h in halves if h[1] is not None]
     return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
             "wpn_skipped": sum(h[2] for h in halves)}
@@ -517,10 +551,11 @@ def imta_exit_losses(model, images, targets, temperature, gamma, reduction="mean
 # ============================================================================
 
 @torch.no_grad()
-def predict(model, loader, device, cfg):
+def predict(model, loader, device, cfg, with_teacher=False):
     """Logits of every exit for a whole split, in order: (list of K (n, classes) tensors, targets)
-    on the CPU. Under torchrun each rank predicts its share of every batch with rank 0's weights
-    and BatchNorm statistics (those the checkpoint holds); only rank 0 gets the whole (others None)."""
+    on the CPU; `with_teacher` (IMTA's phase 2) appends the distillation teacher's logits to the list.
+    Under torchrun each rank predicts its share of every batch with rank 0's weights and BatchNorm
+    statistics (those the checkpoint holds); only rank 0 gets the whole (others None)."""
     net = unwrap(model).eval()
     if dist.is_initialized():
         # DDP copies rank 0's buffers into every rank at each training forward, after which each
@@ -531,7 +566,10 @@ def predict(model, loader, device, cfg):
     batches = []
     for images, labels in loader:
         images, _ = to_device(images, labels, device, cfg)
-        batches.append(([z.float().cpu() for z in net(images)], labels))
+        logits = net(images, with_teacher=True) if with_teacher else net(images)
+        if with_teacher:   # (the new heads' logits, the teacher's)
+            logits = [*logits[0], logits[1]]
+        batches.append(([z.float().cpu() for z in logits], labels.cpu()))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
         shares = [None] * dist.get_world_size() if is_main() else None
         dist.gather_object(batches, shares, dst=0)
@@ -541,9 +579,15 @@ def predict(model, loader, device, cfg):
     return [torch.cat(z) for z in zip(*(b[0] for b in batches))], torch.cat([b[1] for b in batches])
 
 
+def percent(right):
+    """The share of True in `right`, in %, from the count and rounded to 1e-4: 73.0, not float32's
+    73.00000190734863 (results.json stores what the figure means); NaN for no sample."""
+    return round(100 * right.sum().item() / right.numel(), 4) if right.numel() else math.nan
+
+
 def topk_accuracy(logits, targets, k):
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return 100.0 * (top == targets[:, None]).any(dim=1).float().mean().item()
+    return percent((top == targets[:, None]).any(dim=1))
 
 
 def anytime_evaluate(logits, targets, flops, params):
@@ -584,11 +628,13 @@ def exit_with_thresholds(confidence, thresholds):
 
 def budgeted_point(thresholds, confidence, correct, flops):
     """Accuracy (%) and mean Mul-Adds per image when each sample leaves at the first exit whose
-    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64."""
+    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64. Computed on
+    confidence's device (a GPU's logits work as they are)."""
+    thresholds, flops = thresholds.to(confidence.device), flops.to(confidence.device)
     exit_of = exit_with_thresholds(confidence, thresholds)
     n = confidence.shape[1]
     share = torch.bincount(exit_of, minlength=len(flops)).double() / n
-    return 100.0 * correct[exit_of, torch.arange(n)].float().mean().item(), float((share * flops).sum())
+    return percent(correct[exit_of, torch.arange(n, device=confidence.device)]), float((share * flops).sum())
 
 
 def correctness(logits, targets):
@@ -694,6 +740,57 @@ def early_exit_predict(model, images, thresholds):
     return predictions, exit_of
 
 
+def average_ranks(x):
+    """Ranks 1..n of x's values, ties given the mean of the ranks they span (Spearman's rule)."""
+    order = x.argsort(stable=True)
+    _, tie_group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = (last - (counts - 1) / 2)[tie_group]
+    return ranks
+
+
+@torch.no_grad()
+def wpn_weights(wpn, losses, cfg):
+    """Step 2 on an (n, K) loss matrix: the weights `wpn` gives with the run's delta and
+    constraint, as float64 on the CPU. The matrix is one set: `row` and `mat` take their means
+    over all of it (in training, over a half-batch)."""
+    net = unwrap(wpn)
+    return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
+
+
+def weight_profile(losses, wpn, cfg, initial_wpn=None):
+    """What the WPN has learned, read off a held-out (n, K) loss matrix. Per exit k: the `mean`
+    weight; `spearman`, the rank correlation of w[:, k] with L[:, k] (None where either is
+    constant); `deciles`, the mean weight of each tenth of the samples sorted by L[:, k], easiest
+    first; and given the WPN's starting point, `moved`, the mean |w - w_start| of the weights the
+    two give to the same losses. The paper's claim: easy samples should weigh more at the early
+    exits (spearman < 0 there) and hard ones at the last exits (spearman > 0)."""
+    weights = wpn_weights(wpn, losses, cfg)
+    losses = losses.double().cpu()
+    profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
+               "moved": None if initial_wpn is None else
+               (weights - wpn_weights(initial_wpn, losses, cfg)).abs().mean(0).tolist()}
+    for w, loss in zip(weights.T, losses.T):
+        rank_w, rank_l = average_ranks(w), average_ranks(loss)
+        rank_w, rank_l = rank_w - rank_w.mean(), rank_l - rank_l.mean()
+        spread = (rank_w.square().sum() * rank_l.square().sum()).sqrt()
+        profile["spearman"].append((rank_w @ rank_l / spread).item() if spread > 0 else None)
+        profile["deciles"].append([part.mean().item() if len(part) else None
+                                   for part in w[loss.argsort(stable=True)].tensor_split(10)])
+    return profile
+
+
+@torch.no_grad()
+def learned_weights(model, wpn, images, targets, cfg, initial_wpn=None, batch_size=256):
+    """`weight_profile` of a network and its WPN (e.g. a checkpoint's) on held-out images with
+    test-time transforms, the network in eval mode, the images taken as one set."""
+    net = unwrap(model).eval()
+    device = next(net.parameters()).device
+    logits = [torch.cat(z) for z in zip(*(net(x.to(device)) for x in images.split(batch_size)))]
+    return weight_profile(exit_cross_entropy([z.float().cpu() for z in logits], targets.cpu()), wpn, cfg, initial_wpn)
+
+
 # ============================================================================
 # Training loop: cosine schedules, progress, atomic checkpoints, exact resume
 # ============================================================================
@@ -727,6 +824,20 @@ def write_json(path, obj):
 
 CHECKPOINT_KEYS = ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoch", "batch", "rng",
                    "holdout_indices")
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def check_file(path, what):
+    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, "checkpoint.pt")
+        raise UsageError(f"{what} '{path}' is a folder, not a file"
+                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} '{path}' does not exist")
 
 
 def load_checkpoint(path):
@@ -765,24 +876,34 @@ def set_rng_state(state, device):
 
 
 def make_loader(dataset, cfg, device, shuffle):
-    """Loader over (epoch, index) batches from data.ShardedBatches: shuffling and augmentation
-    are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under torchrun each
-    rank loads its share of every global batch."""
+    """Loader of (images, targets) over (epoch, index) batches from data.ShardedBatches: shuffling
+    and augmentation are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under
+    torchrun each rank loads its share of every global batch. CIFAR's batches are made on the
+    device in whole; other images are read and augmented one by one in loader workers."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = data.ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
+    if isinstance(dataset, data.DeviceImages):
+        return data.DeviceBatches(dataset, sampler)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                       persistent_workers=cfg.workers > 0)
 
 
 def setup_device(cfg):
     """Single process: the requested device. Under torchrun (WORLD_SIZE > 1): one process per
-    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU."""
+    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU. A GPU is made the current one
+    before anything starts CUDA, so that every call that means "the current GPU" (synchronising,
+    peak memory, new tensors) means it. --deterministic: deterministic kernels only."""
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts: before any GPU work
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+    if cfg.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if cfg.world_size > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
@@ -862,10 +983,13 @@ def build(cfg, num_classes, device):
 
 def method_options(cfg, net, device):
     """The engineering, plugged into the method through `train_step`'s optional arguments: IMTA's
-    distillation loss, the autocast context of --amp, fp16's two loss scalers (the WPN's meta
-    gradients come through a different, fp32 graph and overflow at other scales than the
-    backbone's), and per-rank BatchNorm for the virtual step under --sync-bn."""
+    distillation loss, the autocast context of --amp, TF32 in the meta-gradient under --tf32,
+    fp16's two loss scalers (the WPN's meta gradients come through a different, fp32 graph and
+    overflow at other scales than the backbone's), and per-rank BatchNorm for the virtual step
+    under --sync-bn."""
     options = {"autocast": partial(torch.autocast, device.type, dtype=amp_dtype(device), enabled=cfg.amp)}
+    if cfg.tf32:
+        options["meta_precision"] = contextlib.nullcontext   # PyTorch's TF32 settings in steps 1-5 too
     if cfg.imta == "finetune":
         options["loss_fn"] = partial(imta_exit_losses, temperature=cfg.kd_temperature, gamma=cfg.kd_gamma,
                                      reduction=cfg.kd_reduction)
@@ -950,7 +1074,8 @@ def train(cfg, state=None, stop_after_epoch=None):
     if pretrained and pretrained["config"].get("imta") != "pretrain":
         log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
             "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
-    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices")))
+    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"),
+                                                   device=device))
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, splits.num_classes, device)
     scalers = options.get("scalers")
     if pretrained:
@@ -983,6 +1108,16 @@ def train(cfg, state=None, stop_after_epoch=None):
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
     if cfg.weights and not state:   # the run's starting point; once it has a checkpoint, never read again
         load_weights(cfg, unwrap(model), unwrap(wpn))
+        if not cfg.holdout_indices:
+            log("warning: the hold-out split is drawn from --seed and may overlap the images the released network "
+                "was trained on (inflated confidences there skew the budgeted figures and --budget); give the split "
+                "it was trained with: --holdout-indices index.pth")
+    # The WPN as training found it (random, or --weights'), to measure how far it moves (unknown
+    # for a checkpoint written before runs kept it).
+    start = state.get("wpn_init") if state else unwrap(wpn).state_dict()
+    initial_wpn = None if start is None else WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
+    if initial_wpn is not None:
+        initial_wpn.load_state_dict(start)
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
@@ -992,13 +1127,17 @@ def train(cfg, state=None, stop_after_epoch=None):
                          "Mul-Adds per image: no thresholds can meet it")
     log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
-        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}")
+        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}; batch {cfg.batch_size}, "
+        f"lr {cfg.lr:g}")
     if cfg.imta == "pretrain":
         log("IMTA phase 1: gradient equilibrium in the backward pass")
     elif cfg.imta == "finetune":
         log(f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, "
             f"{sum(p.numel() for p in trainable_parameters(unwrap(model)).values()):,} parameters in the new heads and ISC")
     log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
+    if splits.ignored:
+        shown = ", ".join(splits.ignored[:5]) + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else "")
+        log(f"ignored {len(splits.ignored)} files that are not class folders: {shown}")
     if splits.threshold_source == "train":
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
             "with test-time transforms; no per-epoch validation")
@@ -1009,16 +1148,34 @@ def train(cfg, state=None, stop_after_epoch=None):
                           "optimizer": optimizer.state_dict(), "wpn_optimizer": wpn_optimizer.state_dict(),
                           "scalers": {k: s.state_dict() for k, s in scalers.items()} if scalers else None,
                           "epoch": epoch, "batch": batch, "rng": rng_state(device),
-                          "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices}
+                          "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices,
+                          "history": history, "tally": tally,
+                          "wpn_init": None if initial_wpn is None else initial_wpn.state_dict()}
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
 
     total_iters = cfg.epochs * n_batches
-    started, done_here, skipped, val = time.time(), 0, 0, None
+    seconds, done_here, skipped, val = 0.0, 0, 0, None   # seconds: in training iterations (img/s and ETA)
+    # One record per finished epoch (results.json["history"]); `tally`, the running epoch's sums,
+    # travels in a mid-epoch checkpoint so that a resumed run records the same means.
+    history, tally = list((state or {}).get("history", [])), (state or {}).get("tally")
     preemption = Preemption(device)
+    torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: cuDNN times its kernels once
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
             skip = start_batch if epoch == start_epoch else 0
             train_loader.batch_sampler.set_epoch(epoch, skip)
+            if not (skip and tally):
+                tally = {"sums": torch.zeros(2), "counts": [0, 0], "seconds": 0.0}
+            # The epoch's loss and meta loss, summed on the device and read at progress lines only: a
+            # read makes the host wait for the GPU, which then idles until the host queues more.
+            sums, counts, started = tally["sums"].to(device), tally["counts"], time.time()
+
+            def clock():   # training time since `started` into the run's and the epoch's seconds
+                nonlocal seconds, started
+                elapsed, started = time.time() - started, time.time()
+                seconds += elapsed
+                tally.update(sums=sums.cpu(), seconds=tally["seconds"] + elapsed)
+
             for i, (images, targets) in enumerate(train_loader, start=skip):
                 iteration = epoch * n_batches + i
                 for group in optimizer.param_groups:
@@ -1029,35 +1186,75 @@ def train(cfg, state=None, stop_after_epoch=None):
                 out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
                                  meta=iteration % cfg.meta_interval == 0, **options)
                 done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
+                for k, value in enumerate((out["loss"], out["meta_loss"])):
+                    if value is not None:
+                        sums[k] += value
+                        counts[k] += 1
                 if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
-                    elapsed = time.time() - started
-                    meta = "-" if out["meta_loss"] is None else f"{out['meta_loss']:.4f}"
+                    loss, meta = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # the epoch's means
+                    elapsed = seconds + time.time() - started
                     eta = elapsed / done_here * (total_iters - iteration - 1)
-                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {out['loss']:.4f} "
-                        f"meta {meta} lr {optimizer.param_groups[0]['lr']:.4f} "
+                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {loss:.4f} "
+                        f"meta {'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
                         f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
                 signum = preemption.requested()
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
+                    clock()
                     save(epoch, i + 1)
+                    started = time.time()
                 if signum:
                     log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
                         f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
                     raise Stopped(signum)
+            clock()
+            history.append(epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer))
             if splits.threshold_source == "holdout":
-                val = predict(model, val_loader, device, cfg)   # the last epoch's also fits thresholds
+                # the last epoch's also fits thresholds; in IMTA's phase 2 the WPN weighs distillation losses
+                distilled = cfg.method == "l2w" and cfg.imta == "finetune"
+                val = predict(model, val_loader, device, cfg, with_teacher=distilled)
                 if is_main():
-                    accs = " ".join(f"{topk_accuracy(z, val[1], 1):.2f}" for z in val[0])
-                    log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: {accs}")
+                    record = history[-1]
+                    if distilled:
+                        (*logits, teacher), targets = val
+                        val = logits, targets
+                    record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
+                    if cfg.method == "l2w":
+                        losses = (distillation_losses(val[0], teacher, val[1], cfg.kd_temperature, cfg.kd_gamma,
+                                                      cfg.kd_reduction) if distilled else exit_cross_entropy(*val))
+                        record["weights"] = weight_profile(losses, wpn, cfg, initial_wpn)
+                    log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: "
+                        + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
+                        + ("" if record["weights"] is None else " | WPN weight vs loss, Spearman per exit: "
+                           + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])
+                           + ("" if record["weights"]["moved"] is None else
+                              f"; weights moved {statistics.fmean(record['weights']['moved']):.2f} from the start")))
+            history[-1]["seconds"] += time.time() - started   # training and the hold-out's evaluation
+            tally = None
             save(epoch + 1, 0)
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 return None
     finally:
         preemption.close()
+        torch.backends.cudnn.benchmark = False   # evaluation's shapes vary (real early exit cuts every batch)
     trained_here = not cfg.eval_only and cfg.epochs > start_epoch and splits.threshold_source == "holdout"
     if not trained_here:
         val = predict(model, val_loader, device, cfg)
-    return evaluate(cfg, model, wpn, splits, device, val, flops, params)
+    return evaluate(cfg, model, wpn, splits, device, val, flops, params, history)
+
+
+def epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer):
+    """results.json["history"]'s record of a finished epoch, from its `tally`: the means of the loss
+    and of the meta loss (None without a meta step) over its iterations, the learning rates of its
+    last iteration and its training images per second. The training loop adds the hold-out's top-1
+    per exit, the WPN's `weight_profile` and the seconds of the hold-out's evaluation."""
+    (loss, meta_loss), (iterations, meta_iterations) = tally["sums"].tolist(), tally["counts"]
+    return {"epoch": epoch + 1, "loss": loss / iterations if iterations else None,
+            "meta_loss": meta_loss / meta_iterations if meta_iterations else None,
+            "lr": optimizer.param_groups[0]["lr"], "wpn_lr": wpn_optimizer.param_groups[0]["lr"],
+            "holdout_top1": None, "seconds": tally["seconds"],
+            "images_per_s": iterations * cfg.batch_size / tally["seconds"] if tally["seconds"] else None,
+            "weights": None}
 
 
 def load_weights(cfg, model, wpn):
@@ -1087,10 +1284,10 @@ def load_weights(cfg, model, wpn):
         f"{', and its WPN' if info['wpn'] else ''})")
 
 
-def evaluate(cfg, model, wpn, splits, device, val, flops, params):
+def evaluate(cfg, model, wpn, splits, device, val, flops, params, history):
     """Both protocols on the test set; thresholds come from `val`, the (logits, targets) of the
     hold-out split (or of the training images with test-time transforms), never from the test
-    set. Rank 0 reports and writes."""
+    set. Rank 0 reports and writes, with the training's `history`."""
     test = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
     results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
                "class_counts": splits.class_counts}
@@ -1112,7 +1309,7 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
     for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
         log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}"
             + (f" {own['acc']:16.2f} {own['flops'] / 1e6:14.2f}" if own else ""))
-    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout)
+    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout, history=history)
     if cfg.budget:
         results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
     if cfg.early_exit:
@@ -1125,15 +1322,16 @@ def evaluate(cfg, model, wpn, splits, device, val, flops, params):
 
 
 def timed(step, images, device):
-    """(seconds, step(images)) of one call, CUDA synchronised before and after (`images` None:
-    step())."""
+    """(seconds, step(images), peak GPU memory in bytes or None) of one call, `device`
+    synchronised before and after (`images` None: step())."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     out = step() if images is None else step(images)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 @torch.inference_mode()
@@ -1165,7 +1363,7 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                     timed(step, images, device)
             outputs = {}
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
-                elapsed, outputs[name] = timed(steps[name], images, device)
+                elapsed, outputs[name], _ = timed(steps[name], images, device)
                 seconds[name] += elapsed
             predictions.append(outputs["early"][0].cpu())
             exit_of.append(outputs["early"][1].cpu())
@@ -1174,13 +1372,13 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                      "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
                      "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
                      "speedup": seconds["whole"] / seconds["early"],
-                     "accuracy": 100.0 * (predictions == test[1]).float().mean().item(),
+                     "accuracy": percent(predictions == test[1]),
                      "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
     average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
     result = {"q": q, "accuracy": runs[0]["accuracy"],
-              "budgeted_accuracy": 100.0 * (simulated_predictions == test[1]).float().mean().item(),
+              "budgeted_accuracy": percent(simulated_predictions == test[1]),
               "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
               "runs": runs}
     at = f"q {q:.4g}" if q is not None else "the last exit"
@@ -1212,10 +1410,6 @@ def mul_adds(text):
 
 
 CLI_TYPES = {"budget": mul_adds}   # flags read by more than the field's type
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def finite(low, strict=False):   # a float's range: nan and inf are out of every one
@@ -1281,6 +1475,8 @@ def check_config(cfg):
          "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT"),
         (not cfg.budget or cfg.holdout > 0,
          "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)"),
+        (not cfg.holdout_indices or cfg.holdout > 0, "--holdout-indices gives the hold-out split, and --holdout 0 "
+         "asks for none"),
         (not (cfg.early_exit and cfg.world_size > 1), "--early-exit times inference in one process; run it without torchrun"),
         (not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
@@ -1288,8 +1484,9 @@ def check_config(cfg):
         (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)"),
     ]:
         need(ok, message)
-    if cfg.weights and not cfg.resume:   # read once, when the run starts
-        check_file(cfg.weights, "--weights")
+    for path, flag in ((cfg.weights, "--weights"), (cfg.holdout_indices, "--holdout-indices")):
+        if path and not (cfg.resume or cfg.pretrained):   # read once, when the run starts
+            check_file(path, flag)
     need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
     uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
@@ -1305,16 +1502,6 @@ def check_config(cfg):
         check_input_size(cfg.arch, cfg.exits, cfg.image_size, cfg.step, cfg.base, cfg.imta == "pretrain")
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def check_file(path, what):
-    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "checkpoint.pt")
-        raise UsageError(f"{what} '{path}' is a folder, not a file"
-                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} '{path}' does not exist")
 
 
 def check_writable(folder):
@@ -1347,10 +1534,10 @@ class OneLineParser(argparse.ArgumentParser):
 # Fields that do not change what a run trains (where it runs, what it reports): they name no run
 # folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
 # and those that only IMTA's distillation reads.
-NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "out", "print_every", "save_every", "resume",
-                "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
+NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "deterministic", "out", "print_every", "save_every",
+                "resume", "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
 META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
-               "meta_grad")
+               "meta_grad", "tf32")
 KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
 
 
@@ -1376,6 +1563,7 @@ def default_out(cfg):
     name = f"{data_name}_{network}_{method}_seed{cfg.seed}"
     finetune = cfg.imta == "finetune"
     preset = Config(**{**PRESETS.get(cfg.dataset, {}), **(IMTA_PRESETS.get(cfg.dataset, {}) if finetune else {})})
+    preset.lr = dataclasses.replace(cfg, lr=PRESETS.get(cfg.dataset, {}).get("lr", 0.0)).lr   # the rule at this batch
     skip = {*NOT_TRAINING, "dataset", "imbalance", "arch", "exits", "step", "base", "method", "q", "imta", "seed",
             *(META_FIELDS if cfg.method == "baseline" else ()), *(() if finetune else KD_FIELDS),
             *(() if cfg.dataset == "synthetic" else ("synthetic_size",))}
@@ -1383,10 +1571,11 @@ def default_out(cfg):
         value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
         if f.name in skip or value == getattr(preset, f.name):
             continue
-        if f.name in ("pretrained", "weights"):   # a run's checkpoint.pt by its folder, another file by its name
+        if f.name in ("pretrained", "weights", "holdout_indices"):   # a run's file by its folder, another by its name
             path = os.path.abspath(value)
-            name += "_from-" + (os.path.basename(os.path.dirname(path)) if os.path.basename(path) == "checkpoint.pt"
-                                else os.path.basename(path).split(".")[0])
+            name += ("_split-" if f.name == "holdout_indices" else "_from-") + (
+                os.path.basename(os.path.dirname(path)) if os.path.basename(path) in ("checkpoint.pt", "holdout_indices.json")
+                else os.path.basename(path).split(".")[0])
         else:
             name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
     return os.path.join("runs", name)
@@ -1402,7 +1591,8 @@ def parse_config(argv=None):
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                            epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
-                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves")
+                                  "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves; "
+                                  "--summary PATH [PATH ...] [--out summary.json] compares methods over seeds")
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -1412,6 +1602,8 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, type=CLI_TYPES.get(f.name, f.type), metavar=f.name.upper(), help=help)
     flags = vars(parser.parse_args(argv))
+    if flags.get("lr") == 0:   # Config's lr 0 stands for the paper's rule: not a rate one can ask for
+        raise UsageError("--lr must be a finite number > 0 (leave it out for the paper's rule at the batch size)")
     if flags.get("resume") and flags.get("weights"):
         raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
@@ -1420,7 +1612,7 @@ def parse_config(argv=None):
     saved.pop("eval_only", None)
     if state:
         kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
-                    "a resumed run keeps the data, hold-out split and network it started with")
+                    "a resumed run keeps the data, hold-out split, network and batch size it started with")
         if missing_device(saved.get("device", "auto")):   # trained on a device this machine lacks
             saved["device"] = "auto"
     imta = flags.get("imta", saved.get("imta", Config.imta))
@@ -1433,6 +1625,8 @@ def parse_config(argv=None):
     except ValueError as e:   # the method's knobs (check_knobs)
         raise UsageError(str(e)) from None
     cfg.world_size = torchrun_world_size()
+    if "workers" not in flags:   # a default or preset asks for no more loader processes than CPUs (torch warns)
+        cfg.workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
                                 os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
@@ -1492,11 +1686,11 @@ def unused_folder(folder):
 
 # --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
 # data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
-PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "arch", "exits", "step", "base",
-                     "image_size")
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
+                     "base", "image_size")
 # --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
-# long-tailed sets), the hold-out split and the networks the checkpoint holds.
-RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width")
+# long-tailed sets), the hold-out split, the networks it holds and the batches its position counts.
+RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
 
 # ============================================================================
 # Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them
@@ -1514,12 +1708,21 @@ def read_results(path, command="--plot"):
     return results
 
 
+def run_labels(runs):
+    """Method, network and data of each run's config, and its seed where the runs' seeds differ."""
+    seeds = [r["config"]["seed"] for r in runs]
+    return [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" + (f" seed {seed}" if len(set(seeds)) > 1 else "")
+            for c, seed in zip((r["config"] for r in runs), seeds)]
+
+
 def plot_curves(paths, out_png):
-    """One figure of every run in `paths` (run directories or results.json files): the budgeted
-    curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each exit at
-    its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
-    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds.
-    Returns the curves' labels (method, arch, exits, dataset of each run's config)."""
+    """One figure of every run in `paths` (run directories or results.json files). Its first panel:
+    the budgeted curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each
+    exit at its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
+    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds. Beside it,
+    from each run's history, the hold-out accuracy of every exit over the epochs; below, for each
+    L2W-DEN run, the WPN's mean weight in each tenth of the hold-out sorted by the exit's loss, at
+    the first and the last epoch (`weight_profile`). Returns the runs' labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1527,35 +1730,62 @@ def plot_curves(paths, out_png):
     except ImportError:
         raise UsageError("--plot draws with matplotlib, which is not installed: pip install matplotlib") from None
     runs = [read_results(p) for p in paths]
+    labels = run_labels(runs)
     giga = max(r["anytime"][-1]["flops"] for r in runs) >= 1e9
     scale, unit = (1e9, "G") if giga else (1e6, "M")
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    labels = []
-    for results in runs:
-        c = results["config"]
-        label = f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}"
-        labels.append(label)
+    weighted = [(label, [h for h in r.get("history") or [] if h.get("weights")]) for label, r in zip(labels, runs)]
+    weighted = [(label, h) for label, h in weighted if h]
+    panels = 2 + len(weighted)
+    columns, rows = min(3, panels), -(-panels // 3)
+    figure = plt.figure(figsize=(5.2 * columns, 4.4 * rows))
+    axes, holdout_axes = figure.add_subplot(rows, columns, 1), figure.add_subplot(rows, columns, 2)
+    for label, results in zip(labels, runs):
         curve, = axes.plot([d["flops"] / scale for d in results["dynamic"]], [d["acc"] for d in results["dynamic"]],
                            label=f"{label}: budgeted")
+        color = curve.get_color()
         axes.plot([a["flops"] / scale for a in results["anytime"]], [a["acc1"] for a in results["anytime"]], "o",
-                  color=curve.get_color(), label=f"{label}: each exit")
+                  color=color, label=f"{label}: each exit")
         if "early_exit" in results:
             e, run = results["early_exit"], results["early_exit"]["runs"][0]
             at = "the last exit" if e["q"] is None else f"q {e['q']:g}"
-            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=curve.get_color(),
+            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=color,
                       label=f"{label}: early exit at {at}, measured")
             axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
                           f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
                           textcoords="offset points", xytext=(8, -24), fontsize=8)
         if "budget" in results:
             b = results["budget"]
-            axes.axvline(b["budget"] / scale, color=curve.get_color(), linestyle=":", linewidth=1)
-            axes.plot(b["test_flops"] / scale, b["test_acc"], "D", color=curve.get_color(),
+            axes.axvline(b["budget"] / scale, color=color, linestyle=":", linewidth=1)
+            axes.plot(b["test_flops"] / scale, b["test_acc"], "D", color=color,
                       label=f"{label}: --budget {b['budget'] / scale:g}{unit} (dotted), test set")
-    axes.set_xlabel(f"Mul-Adds per image ({unit})")
-    axes.set_ylabel("top-1 accuracy (%)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+        history = [h for h in results.get("history") or [] if h.get("holdout_top1")]
+        exits = len(history[0]["holdout_top1"]) if history else 0
+        for k in range(exits):   # the deeper the exit, the darker its line
+            holdout_axes.plot([h["epoch"] for h in history], [h["holdout_top1"][k] for h in history], "o-",
+                              color=color, alpha=0.3 + 0.7 * (k + 1) / exits, markersize=3,
+                              label=f"{label}: exit {k + 1}")
+    axes.set(xlabel=f"Mul-Adds per image ({unit})", ylabel="top-1 accuracy (%)", title="test set")
+    holdout_axes.set(xlabel="epoch", ylabel="hold-out top-1 accuracy (%)", title="hold-out, each exit, by epoch")
+    holdout_axes.xaxis.get_major_locator().set_params(integer=True)
+    for panel, (label, history) in enumerate(weighted, start=3):
+        weight_axes = figure.add_subplot(rows, columns, panel)
+        weight_axes.axhline(1, color="gray", linewidth=0.8)   # every weight of the baseline
+        exits = len(history[0]["weights"]["deciles"])
+        for k in range(exits):
+            color = plt.get_cmap("viridis")(k / max(exits - 1, 1) * 0.9)
+            for h, style in ((history[0], "--"), (history[-1], "-")) if len(history) > 1 else ((history[0], "-"),):
+                spearman = h["weights"]["spearman"][k]
+                weight_axes.plot(range(1, 11), h["weights"]["deciles"][k], style, color=color, marker=".",
+                                 label=f"exit {k + 1}, epoch {h['epoch']}"
+                                       + ("" if spearman is None else f" (Spearman {spearman:+.2f})"))
+        weight_axes.set(xlabel="tenth of the hold-out by the exit's loss (1: easiest)", ylabel="mean weight",
+                        title=f"{label}: WPN weights", xticks=range(1, 11))
+        weight_axes.legend(fontsize=7)
+        weight_axes.grid(alpha=0.3)
+    for a in (axes, holdout_axes):
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=7)
     figure.tight_layout()
     try:   # in the format its name says, PNG if it says none, and always to exactly that path
         figure.savefig(out_png, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
@@ -1588,7 +1818,7 @@ def select_q(paths, out_json, points=5):
     if first["method"] != "l2w" or len(set(qs)) < len(qs):
         raise UsageError("--select-q compares L2W-DEN runs (--method l2w), each with another --q")
     curves = [r["holdout_dynamic"] for r in runs]
-    low, high = max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+    low, high = common_range(curves)
     budgets = [low + (high - low) * i / 100 for i in range(101)]
     rows = []
     for q, path, curve in sorted(zip(qs, paths, curves)):
@@ -1607,14 +1837,100 @@ def select_q(paths, out_json, points=5):
     return chosen["q"]
 
 
+def common_range(curves):
+    """The range of Mul-Adds per image that every budgeted curve covers: (low, high)."""
+    return max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+
+
+def curve_mean(curve, low, high, points=101):
+    """Mean accuracy of a budgeted curve over `points` budgets evenly spread on [low, high], the
+    curve read linearly between its points (equal costs: their mean accuracy)."""
+    costs = sorted({p["flops"] for p in curve})
+    accs = [statistics.fmean(p["acc"] for p in curve if p["flops"] == c) for c in costs]
+
+    def at(b):   # (the last budget may round a hair past `high`, this curve's dearest point)
+        b = min(b, costs[-1])
+        return accs[0] if b <= costs[0] else next(a0 + (a1 - a0) * (b - c0) / (c1 - c0) for c0, c1, a0, a1
+                                                  in zip(costs, costs[1:], accs, accs[1:]) if b <= c1)
+    return statistics.fmean(at(low + (high - low) * i / (points - 1)) for i in range(points))
+
+
+def summarize(paths, out_json):
+    """--summary: runs that differ only in their seed form a group. Per group, the mean and standard
+    deviation over the seeds of each exit's test top-1 and of the budgeted curve's mean accuracy
+    over the range of Mul-Adds that every run covers (`curve_mean`); for each L2W-DEN group whose
+    baseline group is among the runs (the same config but the method), the paired difference
+    L2W-DEN minus baseline, seed by seed. It reads the test figures to report them: it chooses
+    nothing. Prints the tables and writes them to `out_json`."""
+    runs = [read_results(p, "--summary") for p in paths]
+    low, high = common_range([r["dynamic"] for r in runs])
+    if low > high:
+        raise UsageError("--summary: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
+    trained = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "seed")]
+    key = lambda c, skip=(): tuple(repr(c.get(k)) for k in trained if k not in skip)
+    groups = {}
+    for path, results, label in zip(paths, runs, run_labels(runs)):
+        seed = results["config"]["seed"]
+        group = groups.setdefault(key(results["config"]), {"label": label.rsplit(" seed", 1)[0],
+                                                           "config": results["config"], "runs": {}})
+        if seed in group["runs"]:
+            raise UsageError(f"--summary: '{path}' and '{group['runs'][seed]['path']}' are the same run (seed {seed})")
+        group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
+                               "budgeted_mean": curve_mean(results["dynamic"], low, high)}
+    spread = lambda values: (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+    report = {"range": [low, high], "groups": [], "paired": []}
+    for group in groups.values():
+        per_seed = [group["runs"][seed] for seed in sorted(group["runs"])]
+        top1 = [spread(column) for column in zip(*(r["top1"] for r in per_seed))]
+        report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]), "runs": [r["path"] for r in per_seed],
+                                 "top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
+                                 **dict(zip(("budgeted_mean", "budgeted_std"),
+                                            spread([r["budgeted_mean"] for r in per_seed])))})
+    methods_apart = ("method", *META_FIELDS)
+    for group in groups.values():
+        base = next((g for g in groups.values() if g["config"]["method"] == "baseline"
+                     and key(g["config"], methods_apart) == key(group["config"], methods_apart)), None)
+        if group["config"]["method"] != "l2w" or base is None:
+            continue
+        seeds = sorted(set(group["runs"]) & set(base["runs"]))
+        differences = [{"seed": s, "top1": [a - b for a, b in zip(group["runs"][s]["top1"], base["runs"][s]["top1"])],
+                        "budgeted_mean": group["runs"][s]["budgeted_mean"] - base["runs"][s]["budgeted_mean"]}
+                       for s in seeds]
+        if differences:
+            top1 = [spread(column) for column in zip(*(d["top1"] for d in differences))]
+            report["paired"].append({"l2w": group["label"], "baseline": base["label"], "per_seed": differences,
+                                     "top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
+                                     **dict(zip(("budgeted_mean", "budgeted_std"),
+                                                spread([d["budgeted_mean"] for d in differences])))})
+    width = max(len(g["label"]) for g in report["groups"]) + 2
+    show = lambda mean, std=None, sign="": f"{mean:{sign}8.2f}" + ("       " if std is None else f" ± {std:4.2f}")
+    exits = max(len(g["top1_mean"]) for g in report["groups"])
+    header = (f"{'':{width}}seeds" + "".join(f"{f'exit {k + 1}':>15}" for k in range(exits))
+              + f"   budgeted: mean over {low / 1e6:.2f}-{high / 1e6:.2f}M Mul-Adds")
+    print(f"test top-1 (%), mean ± standard deviation over the seeds\n{header}")
+    for g in report["groups"]:
+        print(f"{g['label']:{width}}{len(g['seeds']):5d}" + "".join(map(show, g["top1_mean"], g["top1_std"]))
+              + "   " + show(g["budgeted_mean"], g["budgeted_std"]))
+    for pair in report["paired"]:
+        print(f"\n{pair['l2w']} minus {pair['baseline']}, paired by seed\n{header}")
+        for d in pair["per_seed"]:
+            print(f"{'seed ' + str(d['seed']):{width + 5}}" + "".join(show(x, sign="+") for x in d["top1"])
+                  + "   " + show(d["budgeted_mean"], sign="+"))
+        print(f"{'mean ± std':{width + 5}}" + "".join(show(m, s, "+") for m, s in zip(pair["top1_mean"], pair["top1_std"]))
+              + "   " + show(pair["budgeted_mean"], pair["budgeted_std"], "+"))
+    write_json(out_json, report)
+    return report
+
+
 # ============================================================================
 # Benchmark: cost of an L2W iteration (both meta-gradients) relative to plain training
 # ============================================================================
 
 def bench(cfg):
     device = setup_device(cfg)
+    torch.backends.cudnn.benchmark = not cfg.deterministic   # as in training
     torch.manual_seed(cfg.seed)
-    num_classes = data.DATASETS[cfg.dataset] or 1000
+    num_classes = data.DATASETS[cfg.dataset] or 1000   # (the iterations take random images)
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
@@ -1635,10 +1951,8 @@ def bench(cfg):
     times, memory = {name: [] for name, _ in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps[i % 3:] + steps[:i % 3]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[name].append(timed(step, None, device)[0])
-            memory[name] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+            seconds, _, memory[name] = timed(step, None, device)
+            times[name].append(seconds)
     results = {name: statistics.median(t[2:]) for name, t in times.items()}
     for name, seconds in results.items():
         peak = f"   peak memory {memory[name] / 2**20:.0f} MiB" if memory[name] is not None else ""
@@ -1647,7 +1961,27 @@ def bench(cfg):
           f"{results['jvp'] / results['plain']:.2f}x  jvp/higher {results['jvp'] / results['higher']:.2f}x")
     if device.type == "cpu":
         print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
+    if cfg.dataset != "synthetic":
+        data_pipeline(cfg, device)
     return results
+
+
+def data_pipeline(cfg, device):
+    """The training data pipeline's images/s (--bench-iters batches after one): does it or the
+    iteration bound a run? Loaded after the iterations' timings, so that their peak memory holds
+    no images; without the data (and no way to download it), one line says so."""
+    try:
+        splits = data.load(cfg, device=device)
+    except data.DataError as e:
+        print(f"data   not timed: {e}")
+        return
+    batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
+    next(batches, None)   # warm-up: loader workers start
+    seconds, images_loaded, _ = timed(lambda: sum(len(to_device(*batch, device, cfg)[0])
+                                                  for batch in itertools.islice(batches, cfg.bench_iters)), None, device)
+    print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
+          + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
+             f"{cfg.workers} loader workers)"))
 
 
 # ============================================================================
@@ -1658,7 +1992,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         commands = {"--plot": (plot_curves, "curves.png", "accuracy against Mul-Adds of finished runs"),
-                    "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep")}
+                    "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep"),
+                    "--summary": (summarize, "summary.json", "runs that differ only in seed: mean and spread "
+                                                             "per group, and L2W-DEN minus baseline per seed")}
         command = next((c for c in commands if c in argv), None)
         if command:   # the commands that take several runs; not a training config
             run, out, description = commands[command]

@@ -15,6 +15,8 @@ IMTA: Li, Zhang, Qi, Yang, Huang, "Improved Techniques for Training Adaptive Dee
 ICCV 2019: Gradient Equilibrium (MSDNet(gradient_equilibrium=True)) for the first training phase,
 Inline Subnetwork Collaboration and One-for-all distillation (IMTANet) for the second.
 """
+import functools
+import itertools
 import math
 import re
 
@@ -64,9 +66,10 @@ def init_msdnet(module):
 
 
 def take(tensors, keep):
-    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward."""
+    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward,
+    in its memory format (indexing keeps channels_last, index_select does not)."""
     if isinstance(tensors, torch.Tensor):
-        return tensors.index_select(0, keep)
+        return tensors[keep]
     return [take(t, keep) for t in tensors]
 
 
@@ -302,10 +305,25 @@ class IMTANet(nn.Module):
 
 def resize(x, size):
     """Bilinear resize (align_corners=True, as released); free under the counting convention.
-    At the same size it is the identity, so it is skipped."""
+    At the same size it is the identity, so it is skipped. Taken as products with interpolation
+    matrices, rows @ x @ columns^T, whose backward, unlike F.interpolate's, is deterministic on
+    GPUs (--deterministic); the result keeps x's memory format."""
     if x.shape[-2:] == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    rows, columns = (interpolation_weights(n_out, n_in, x.dtype, x.device) for n_out, n_in in zip(size, x.shape[-2:]))
+    out = rows @ x @ columns.T
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@functools.lru_cache(maxsize=None)
+def interpolation_weights(n_out, n_in, dtype, device):
+    """(n_out, n_in): linear interpolation (align_corners=True), each output's hat-shaped weights
+    around its source position. Kept, since building them costs more than using them at small
+    batches (real early exit); built outside inference mode, so that they serve training too."""
+    with torch.inference_mode(False):
+        source = torch.arange(n_out, dtype=dtype, device=device) * ((n_in - 1) / max(n_out - 1, 1))
+        return (1 - (source[:, None] - torch.arange(n_in, dtype=dtype, device=device)).abs()).clamp(min=0)
 
 
 class RANetStem(nn.Module):
@@ -584,12 +602,16 @@ def build_model(arch, num_classes, exits, image_size=32, step=None, base=None, g
 
 
 def check_input_size(arch, exits, image_size, step=None, base=None, gradient_equilibrium=False):
-    """ValueError, in one line, where `build_model`'s network cannot take `image_size` images. Shapes
-    only: the network is built and run on the meta device, computing nothing. Every MSDNet exit
-    reads the same coarsest scale, so one exit tells whether the size fits, as fast for any K."""
+    """ValueError, in one line, where `build_model` cannot build the network or the network cannot
+    take `image_size` images. Shapes only: the network is built and run on the meta device, computing
+    nothing. Every MSDNet exit reads the same coarsest scale, so one exit tells whether the size fits,
+    as fast for any K. The sizes the networks were designed for, 32 (CIFAR) and 224 (ImageNet), fit:
+    they skip the run, whose first call costs about 2 s (PyTorch loads its meta kernels)."""
     with torch.device("meta"):
         model = build_model(arch, 10, exits if arch == "ranet" else 1, image_size, step, base,
                             gradient_equilibrium).eval()
+        if image_size in (32, 224):
+            return
         try:
             model(torch.zeros(1, 3, image_size, image_size))
         except RuntimeError:
@@ -601,45 +623,77 @@ def count_cost(model, image_size):
     """Cumulative Mul-Adds and parameters per exit, with MSDNet's op-counter convention.
 
     Conv: C_in*C_out*k*k*H_out*W_out/groups; ReLU: one per element; pooling: k*k per output
-    element; linear: in*out + out; BN, concat and interpolation are free. Each exit's figure
-    counts every layer executed up to and including its classifier (earlier exits included),
-    so the forward pass must run exits in order; an exit ends at the nn.Linear whose output is
-    that exit's logits (other linear layers, such as IMTA's ISC, are counted like any layer).
+    element; linear: in*out + out; BN, concat and interpolation are free. Each exit's figure is
+    what computing that exit costs, earlier exits included. A module (its Mul-Adds and its
+    parameters) counts towards the first exit that
+    - depends on its output: the exit's logits reach the module's output in the autograd graph,
+      whatever order the forward runs in, or
+    - is handed out after the module ran in the network's exit-by-exit stream (`exits_iter`,
+      where the model has one): MSDNet computes a whole block, finer scales too, before its exit
+      answers, and real early exit (l2w.early_exit_predict) pays for that. A plain forward hands
+      out every exit at the end, so there dependency alone decides.
+    The forward returns a list or tuple of per-exit logits, or torch.stack of them.
     """
-    flops, params, at_linear = [0], [0], []
-    seen = set()
+    in_stream = hasattr(model, "exits_iter")
+    streamed, calls, seen = [], [], set()   # calls: (autograd node of the output, exits streamed before, cost)
 
     def hook(module, inputs, output):
+        flops = 0
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1]
             h_out, w_out = output.shape[-2:]
-            flops[0] += module.in_channels * module.out_channels * k * h_out * w_out // module.groups
+            flops = module.in_channels * module.out_channels * k * h_out * w_out // module.groups
         elif isinstance(module, nn.ReLU):
-            flops[0] += output[0].numel()
+            flops = output[0].numel()
         elif isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
             k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
-            flops[0] += output[0].numel() * k * k
+            flops = output[0].numel() * k * k
         elif isinstance(module, nn.Linear):
-            flops[0] += module.in_features * module.out_features + module.out_features
-        if module not in seen:
-            seen.add(module)
-            params[0] += sum(p.numel() for p in module.parameters(recurse=False))
-        if isinstance(module, nn.Linear):
-            at_linear.append((output, flops[0], params[0]))
+            flops = module.in_features * module.out_features + module.out_features
+        params = 0 if module in seen else sum(p.numel() for p in module.parameters(recurse=False))
+        seen.add(module)
+        calls.append((getattr(output, "grad_fn", None), len(streamed), flops, params))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            logits = model(torch.zeros(1, 3, image_size, image_size, device=device))
+        device = next(model.parameters()).device
+        image = torch.zeros(1, 3, image_size, image_size, device=device, requires_grad=True)   # every output gets a node
+        with torch.enable_grad():
+            if in_stream:
+                for z in model.exits_iter(image):
+                    streamed.append(z)
+                logits = streamed
+            else:
+                logits = model(image)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    per_exit = [(f, p) for output, f, p in at_linear if any(output is z for z in logits)]
-    return [f for f, _ in per_exit], [p for _, p in per_exit]
+    if isinstance(logits, (list, tuple)) and all(torch.is_tensor(z) for z in logits):
+        exits = [z.grad_fn for z in logits]
+    elif torch.is_tensor(logits) and type(logits.grad_fn).__name__ == "StackBackward0":
+        exits = [node for node, _ in logits.grad_fn.next_functions]   # the stacked tensors, in order
+    else:
+        got = f"a tensor of shape {tuple(logits.shape)} not made by torch.stack" if torch.is_tensor(logits) else \
+            type(logits).__name__
+        raise ValueError(f"count_cost needs per-exit logits: a forward that returns a list or tuple of them (or "
+                         f"torch.stack of them), got {got}")
+    first_exit = {}   # autograd node -> the first exit whose logits depend on it
+    for k, node in enumerate(exits):
+        stack = [node]
+        while stack:   # a node that an earlier exit reached was walked then, with every node under it
+            node = stack.pop()
+            if node is not None and node not in first_exit:
+                first_exit[node] = k
+                stack.extend(n for n, _ in node.next_functions)
+    last = len(exits) - 1
+    flops, params = [0] * len(exits), [0] * len(exits)
+    for node, before, f, p in calls:
+        k = min(first_exit.get(node, last), before if in_stream else last)
+        flops[k], params[k] = flops[k] + f, params[k] + p
+    return list(itertools.accumulate(flops)), list(itertools.accumulate(params))
 
 
 # The configurations of the papers' experiments: (arch, dataset, classes, exits, image size, step,

@@ -7,6 +7,10 @@
 # Extra flags are passed to every run, e.g.  bash run.sh --data-dir /datasets --device cuda:1
 # DRY_RUN=1 bash run.sh prints what it would run, and runs nothing.
 #
+# bash run.sh miniature [FLAGS]: the miniature study instead, on a CPU in about 10 minutes: baseline
+# and L2W-DEN on the demo's synthetic data (the synthetic preset, 3 exits) for seeds 0-4, then
+# their comparison (l2w.py --summary) in runs/miniature/summary.json.
+#
 # ImageNet runs only when IMAGENET=/path/to/imagenet is set (DIR/train, DIR/val in class folders),
 # on GPUS GPUs of this machine (default 8) with torchrun.
 set -euo pipefail
@@ -33,7 +37,21 @@ run() {
     execute "${launcher[@]}" l2w.py "$@" --out "$out" "${extra[@]}"
   fi
 }
+entry=paper
+if [ "${1:-}" = miniature ]; then entry=miniature; shift; fi
 extra=("$@")
+
+if [ "$entry" = miniature ]; then
+  runs=()
+  for seed in 0 1 2 3 4; do
+    for method in baseline l2w; do
+      run "runs/miniature/${method}_seed$seed" python -- --dataset synthetic --exits 3 --method "$method" --seed "$seed"
+      runs+=("runs/miniature/${method}_seed$seed")
+    done
+  done
+  execute python l2w.py --summary "${runs[@]}" --out runs/miniature/summary.json
+  exit 0
+fi
 
 # CIFAR-10 and CIFAR-100: MSDNet with 5 and 7 exits, RANet Model-C-1 (6 exits) and Model-C-2
 # (8 exits); 300 epochs, batch 1024 in halves of 512
