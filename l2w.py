@@ -1037,10 +1037,13 @@ class Preemption:
     def handle(self, signum, frame):
         self.received = signum
 
-    def requested(self):
-        """The signal number to stop for, agreed by all ranks (0: go on)."""
+    def requested(self, progress_line):
+        """The signal number to stop for (0: go on). Under torchrun the ranks agree on it at progress
+        lines only (`progress_line`): the collective and its host read would stall every iteration."""
         if not dist.is_initialized():
             return self.received
+        if not progress_line:
+            return 0
         flag = torch.tensor([self.received], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
@@ -1190,7 +1193,8 @@ def train(cfg, state=None, stop_after_epoch=None):
                     if value is not None:
                         sums[k] += value
                         counts[k] += 1
-                if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
+                progress_line = (i + 1) % cfg.print_every == 0 or i + 1 == n_batches
+                if progress_line:
                     loss, meta = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # the epoch's means
                     elapsed = seconds + time.time() - started
                     eta = elapsed / done_here * (total_iters - iteration - 1)
@@ -1198,7 +1202,7 @@ def train(cfg, state=None, stop_after_epoch=None):
                         f"meta {'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
                         f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
-                signum = preemption.requested()
+                signum = preemption.requested(progress_line)
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
                     clock()
                     save(epoch, i + 1)

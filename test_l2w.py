@@ -1723,6 +1723,22 @@ def test_resume_mid_epoch_after_sigterm_is_exact(tmp_path, monkeypatch):
     assert timeless(resumed["history"]) == timeless(straight["history"])
 
 
+def test_under_torchrun_the_ranks_agree_on_a_signal_at_progress_lines_only(monkeypatch):
+    # one process: the handler's flag, read every iteration; under torchrun an all_reduce (and its
+    # host read) at progress lines only, not a stall of every iteration
+    reduced = []
+    monkeypatch.setattr(l2w.dist, "all_reduce", lambda flag, op: reduced.append(flag.clone()))
+    preemption = l2w.Preemption(torch.device("cpu"))
+    try:
+        preemption.handle(signal.SIGTERM, None)
+        assert preemption.requested(False) == signal.SIGTERM and reduced == []
+        monkeypatch.setattr(l2w.dist, "is_initialized", lambda: True)
+        assert preemption.requested(False) == 0 and reduced == []
+        assert preemption.requested(True) == signal.SIGTERM and [int(f) for f in reduced] == [signal.SIGTERM]
+    finally:
+        preemption.close()
+
+
 def test_cli_sigterm_writes_a_checkpoint_and_the_run_continues_from_it(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "l2w.py"), "--dataset", "synthetic", "--exits", "2",
