@@ -1881,15 +1881,18 @@ def summarize(paths, out_json):
             raise UsageError(f"--summary: '{path}' and '{group['runs'][seed]['path']}' are the same run (seed {seed})")
         group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
                                "budgeted_mean": curve_mean(results["dynamic"], low, high)}
-    spread = lambda values: (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+    def over_seeds(rows):   # mean and standard deviation over the seeds' rows, per exit and budgeted
+        spread = lambda values: (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
+        top1 = [spread(column) for column in zip(*(r["top1"] for r in rows))]
+        budgeted = spread([r["budgeted_mean"] for r in rows])
+        return {"top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
+                "budgeted_mean": budgeted[0], "budgeted_std": budgeted[1]}
+
     report = {"range": [low, high], "groups": [], "paired": []}
     for group in groups.values():
         per_seed = [group["runs"][seed] for seed in sorted(group["runs"])]
-        top1 = [spread(column) for column in zip(*(r["top1"] for r in per_seed))]
-        report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]), "runs": [r["path"] for r in per_seed],
-                                 "top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
-                                 **dict(zip(("budgeted_mean", "budgeted_std"),
-                                            spread([r["budgeted_mean"] for r in per_seed])))})
+        report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]),
+                                 "runs": [r["path"] for r in per_seed], **over_seeds(per_seed)})
     methods_apart = ("method", *META_FIELDS)
     for group in groups.values():
         base = next((g for g in groups.values() if g["config"]["method"] == "baseline"
@@ -1901,11 +1904,8 @@ def summarize(paths, out_json):
                         "budgeted_mean": group["runs"][s]["budgeted_mean"] - base["runs"][s]["budgeted_mean"]}
                        for s in seeds]
         if differences:
-            top1 = [spread(column) for column in zip(*(d["top1"] for d in differences))]
             report["paired"].append({"l2w": group["label"], "baseline": base["label"], "per_seed": differences,
-                                     "top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
-                                     **dict(zip(("budgeted_mean", "budgeted_std"),
-                                                spread([d["budgeted_mean"] for d in differences])))})
+                                     **over_seeds(differences)})
     width = max(len(g["label"]) for g in report["groups"]) + 2
     show = lambda mean, std=None, sign="": f"{mean:{sign}8.2f}" + ("       " if std is None else f" ± {std:4.2f}")
     exits = max(len(g["top1_mean"]) for g in report["groups"])
