@@ -51,9 +51,8 @@ class Splits:
 
 
 def seed_of(*keys):
-    """A 64-bit seed for torch.Generator from (seed, epoch[, sample]): a hash, which no seed below
-    2^32, epoch or sample index can overflow."""
-    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest(), "little")
+    """A 32-bit seed for torch.Generator from (seed, epoch[, sample]): a hash, which no key can overflow."""
+    return int.from_bytes(hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()[:4], "little")
 
 
 class Split(Dataset):
