@@ -250,9 +250,8 @@ def cifar(name, data_dir):
 
 
 def image_folders(name, data_dir, expected_classes=None):
-    """(train, val) ImageFolders from DIR/train and DIR/val, after checking the layout, and the
-    paths of the files beside their class folders, which are ignored (as ImageFolder does:
-    .DS_Store, README.txt, labels.csv, ...)."""
+    """(train, val) ImageFolders of DIR/train and DIR/val, after checking the layout, and the paths of the files
+    beside their class folders, which are ignored (as ImageFolder ignores them: .DS_Store, README.txt, ...)."""
     import torchvision
 
     classes, ignored = {}, []
@@ -262,23 +261,18 @@ def image_folders(name, data_dir, expected_classes=None):
             raise DataError(f"{name}: no '{split}' folder in '{data_dir}' (expected {data_dir}/train/<class>/"
                             f"<images> and {data_dir}/val/<class>/<images>)")
         entries = list(os.scandir(path))
-        classes[split] = sorted(e.name for e in entries if e.is_dir())
+        classes[split] = {e.name for e in entries if e.is_dir()}
         others = sorted(os.path.join(path, e.name) for e in entries if not e.is_dir())
-        if not classes[split]:
+        if not classes[split]:   # (ImageNet's validation images come in one folder)
             raise DataError(f"{name}: '{path}' holds no class folder (and {len(others)} files outside class "
                             "folders, which are ignored); sort the images into one folder per class")
         ignored += others
-    if classes["train"] != classes["val"]:
-        other = {"train": "val", "val": "train"}
-        split = "val" if set(classes["train"]) - set(classes["val"]) else "train"
-        missing = sorted(set(classes[other[split]]) - set(classes[split]))[0]
-        raise DataError(f"{name}: the class folders of train ({len(classes['train'])}) and val "
-                        f"({len(classes['val'])}) differ: '{missing}' has no folder in {split}")
-    if len(classes["train"]) < 2:
-        raise DataError(f"{name}: '{data_dir}/train' holds one class folder; classification needs at least two")
-    if expected_classes and len(classes["train"]) != expected_classes:
-        raise DataError(f"{name}: expected {expected_classes} class folders in '{data_dir}/train', "
-                        f"found {len(classes['train'])}")
+    train, val = classes["train"], classes["val"]
+    if train != val or len(train) < 2 or expected_classes and len(train) != expected_classes:
+        differ = (f": '{min(train - val)}' has no folder in val" if train - val else
+                  f": '{min(val - train)}' has no folder in train" if val - train else "")
+        raise DataError(f"{name}: expected {expected_classes or 'at least two'} class folders in '{data_dir}', the "
+                        f"same in train and val; found {len(train)} in train and {len(val)} in val{differ}")
     try:
         return (*(torchvision.datasets.ImageFolder(os.path.join(data_dir, s), loader=read_image)
                   for s in ("train", "val")), tuple(ignored))

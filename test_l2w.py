@@ -3244,7 +3244,8 @@ def test_bad_paths_and_environments_give_one_line_before_anything_is_written(wei
         "--out '/proc/l2w_test/run' cannot be written": ["--out", "/proc/l2w_test/run", "--dataset", "cifar10",
                                                   "--data-dir", str(tmp_path / "empty")],
         f"--out '{a_file}/run' cannot be written: Not a directory": ["--out", f"{a_file}/run"],
-        f"'{tmp_path / 'one_class'}/train' holds one class folder; classification needs at least two": [
+        f"expected at least two class folders in '{tmp_path / 'one_class'}', the same in train and val; found 1 in "
+        "train and 1 in val": [
             "--dataset", "folder", "--data-dir", str(tmp_path / "one_class")],
     }
     for message, args in cases.items():
