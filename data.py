@@ -1,12 +1,10 @@
-"""Data for L2W-DEN: CIFAR-10/100 (balanced or long-tailed) through torchvision, ImageNet and any
-image folder, a synthetic CIFAR-shaped set, and the seeded hold-out split used for per-epoch
-validation and for fitting the budgeted-inference thresholds (never the test set; README,
-"Configuration and data").
+"""Data for L2W-DEN: CIFAR-10/100 (balanced or long-tailed), ImageNet and any image folder, a synthetic
+CIFAR-shaped set, and the seeded hold-out split for validation and the budgeted-inference thresholds (never the
+test set; README, "Configuration and data").
 
-Random augmentation is seeded per (seed, epoch, sample), so a batch is the same whatever the
-number of loader workers or ranks, and a resumed run sees exactly the batches it would have.
-CIFAR is augmented in whole batches on the training device (`DeviceImages`); folders and
-ImageNet image by image in loader workers (`Split`).
+Augmentation draws from generators of its own, seeded from (seed, epoch[, sample]): a batch does not depend on the
+number of loader workers or ranks, and a resumed run sees the batches it would have. CIFAR is augmented in whole
+batches on the training device (`DeviceImages`), folders and ImageNet image by image in loader workers (`Split`).
 """
 import hashlib
 import json
@@ -14,20 +12,19 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
 # The authors' normalisation (their released code); ImageNet's for ImageNet and folders.
-CIFAR_STATS = {
-    "cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-}
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))}
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # classes of every dataset the CLI knows (None: read from the folder)
-DATASETS = {"cifar10": 10, "cifar100": 100, "cifar10-lt": 10, "cifar100-lt": 100,
-            "imagenet": 1000, "folder": None, "synthetic": 10}
+DATASETS = {"cifar10": 10, "cifar100": 100, "cifar10-lt": 10, "cifar100-lt": 100, "imagenet": 1000,
+            "folder": None, "synthetic": 10}
 
 
 class DataError(Exception):
@@ -56,9 +53,8 @@ def seed_of(*keys):
 
 
 class Split(Dataset):
-    """Samples `indices` of `base` through `transform(image, generator)`. An item is an index or
-    (epoch, index); the generator, which alone draws the random transform's parameters, is
-    seeded from (seed, epoch, index): nothing reseeds the process's random streams."""
+    """Samples `indices` of `base` through `transform(image, generator)`. An item is an index or (epoch, index);
+    the generator, seeded from (seed, epoch, index in `base`), alone draws the transform's random parameters."""
 
     def __init__(self, base, indices, transform=None, seed=0):
         self.base, self.indices, self.transform, self.seed = base, list(indices), transform, seed
@@ -75,10 +71,8 @@ class Split(Dataset):
 
 
 class DeviceImages(Dataset):
-    """Samples `indices` of uint8 `images` (N, 3, H, W) and their `labels`, kept as tensors on the
-    training device, where whole batches are augmented and normalised (`batch`): CIFAR's random
-    crop (zero padding 4) and horizontal flip, each sample's offset and flip from (seed, epoch,
-    sample index) alone (`augmentation`). An item is an index or (epoch, index), as for `Split`."""
+    """Samples `indices` of uint8 `images` (N, 3, H, W) and `labels` on the training device, where whole batches get
+    CIFAR's random crop (zero padding 4) and flip, drawn for all N images per (seed, epoch); items as for `Split`."""
 
     def __init__(self, images, labels, indices, stats, augment, seed=0):
         self.images, self.labels, self.augment, self.seed = images, labels, augment, seed
@@ -118,10 +112,9 @@ class DeviceImages(Dataset):
 
 
 class ShardedBatches(Sampler):
-    """Batches of (epoch, index) pairs. Each epoch, a permutation seeded by (seed, epoch) is cut
-    into global batches of `batch_size`; rank r of `world` yields its contiguous share of each.
-    Without shuffling, the split is walked in order and the last batch may be short.
-    `set_epoch(epoch, skip)` starts the epoch's walk at batch `skip` (a resume mid-epoch)."""
+    """Batches of (epoch, index) pairs: each epoch's permutation (generator seed: seed * 100_003 + epoch), cut into
+    global batches of `batch_size`, of which rank r of `world` yields its contiguous share. Without shuffling, the
+    split is walked in order and the last batch may be short. `set_epoch(epoch, skip)` starts at batch `skip`."""
 
     def __init__(self, n, batch_size, seed=0, rank=0, world=1, shuffle=True):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
@@ -134,10 +127,8 @@ class ShardedBatches(Sampler):
         return self.n // self.batch_size if self.shuffle else -(-self.n // self.batch_size)
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(self.n)
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+                 if self.shuffle else torch.arange(self.n))
         for b in range(self.skip, len(self)):
             batch = order[b * self.batch_size:(b + 1) * self.batch_size]
             share = -(-len(batch) // self.world)
@@ -147,8 +138,7 @@ class ShardedBatches(Sampler):
 
 
 class DeviceBatches:
-    """The loader of a `DeviceImages` split: the batches of `batch_sampler` (`ShardedBatches`), each
-    made on the device in a few tensor operations, as (images, labels)."""
+    """The loader of a `DeviceImages` split: (images, labels) of each batch of `batch_sampler`, made on the device."""
 
     def __init__(self, dataset, batch_sampler):
         self.dataset, self.batch_sampler = dataset, batch_sampler
@@ -161,9 +151,8 @@ class DeviceBatches:
 
 
 def holdout_split(targets, holdout, seed):
-    """Seeded split of range(len(targets)) into (train, hold-out) index tensors, stratified by
-    class: samples are ordered by class (randomly within a class) and every (n / holdout)-th
-    is held out, so each class gives its share of the hold-out."""
+    """Seeded split of range(len(targets)) into (train, hold-out) index tensors, stratified by class: every
+    (n / holdout)-th sample in class order (random within a class) is held out."""
     targets = torch.as_tensor(targets)
     n = len(targets)
     if not 0 <= holdout < n:
@@ -192,15 +181,12 @@ def long_tailed_indices(targets, imbalance, seed=0):
 
 def folder_transforms(image_size):
     """(train, test) transforms of a folder or ImageNet: `folder_transform` at that size."""
-    return (partial(folder_transform, size=image_size, train=True),
-            partial(folder_transform, size=image_size, train=False))
+    return tuple(partial(folder_transform, size=image_size, train=train) for train in (True, False))
 
 
 def folder_transform(image, generator, size, train):
-    """A PIL image -> normalised tensor: ImageNet's transforms at 64 pixels and more (train:
-    RandomResizedCrop; test: resize to 256/224 of the size, centre crop), CIFAR-style ones at small
-    sizes (resize; train: crop with zero padding size/8); train: then a horizontal flip. The random
-    parameters come from `generator` alone (torchvision's classes draw from the global stream)."""
+    """A PIL image -> normalised tensor: ImageNet's transforms from 64 pixels, CIFAR's (after a resize) below, with
+    random parameters from `generator` alone (torchvision's classes draw from the process's random stream)."""
     import torchvision.transforms.functional as TF
 
     if size >= 64 and train:
@@ -219,12 +205,11 @@ def folder_transform(image, generator, size, train):
 
 
 def resized_crop_box(width, height, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box (top, left, height, width), drawn from `generator`: up to ten tries
-    of an area share uniform in `scale` and an aspect ratio log-uniform in `ratio` that fit the
-    image, else the whole image cut to the nearest allowed ratio, centred."""
+    """RandomResizedCrop's box (top, left, height, width), as torchvision draws it, from `generator`."""
+    uniform = lambda: torch.rand(1, generator=generator).item()
     for _ in range(10):
-        area = width * height * (scale[0] + (scale[1] - scale[0]) * torch.rand(1, generator=generator).item())
-        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * torch.rand(1, generator=generator).item())
+        area = width * height * (scale[0] + (scale[1] - scale[0]) * uniform())
+        aspect = math.exp(math.log(ratio[0]) + math.log(ratio[1] / ratio[0]) * uniform())
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             top, left = (torch.randint(n + 1, (1,), generator=generator).item() for n in (height - h, width - w))
@@ -238,15 +223,13 @@ def cifar(name, data_dir):
     """(train, test) torchvision datasets without transforms, downloaded if missing."""
     import torchvision
 
-    cls = torchvision.datasets.CIFAR10 if name.startswith("cifar10-") or name == "cifar10" \
-        else torchvision.datasets.CIFAR100
+    cls = torchvision.datasets.CIFAR10 if name.removesuffix("-lt") == "cifar10" else torchvision.datasets.CIFAR100
     try:
         return cls(data_dir, train=True, download=True), cls(data_dir, train=False, download=True)
     except Exception as e:  # offline, a proxy, a corrupt archive: all end the same way for the user
-        raise DataError(
-            f"{name} not found in '{data_dir}' and could not be downloaded ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else 'no detail'}); on a machine without network, "
-            f"copy {cls.filename} (from {cls.url}) into '{data_dir}' or pass --data-dir") from None
+        raise DataError(f"{name} not found in '{data_dir}' and could not be downloaded ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or ['no detail'])[0]}); on a machine without network, copy "
+                        f"{cls.filename} (from {cls.url}) into '{data_dir}' or pass --data-dir") from None
 
 
 def image_folders(name, data_dir, expected_classes=None):
@@ -292,19 +275,11 @@ def read_image(path):
 
 
 def synthetic(size, seed, num_classes=10):
-    """A learnable CIFAR-shaped set (3x32x32, 10 classes) whose samples range from easy to hard.
-
-    Every class has a smooth colour layout (a random 4x4 grid, upsampled) and a fine texture (a
-    random 8x8 motif of 2x2-pixel cells, tiled). An easy sample shows both; a hard one shows its
-    class's texture over a random layout of no class, so only the fine detail names it. Textures
-    are shifted at random, so they are found by detecting them anywhere, not by a template, and
-    each sample's texture has its own strength (uniform in [1, 2] times the noise's), so that
-    difficulty is graded and the training losses keep a spread: the faint textures are learnt
-    late, and by the deeper exits first. Unit Gaussian noise on every pixel. Returns (train, test)
-    with `size` and `size // 3` samples.
-    """
+    """A learnable CIFAR-shaped set, (train, test) of `size` and `size // 3` samples, from easy to hard: a class is a
+    colour layout and a texture at a random shift and strength; a hard sample (half) shows its texture over a layout
+    of no class. In unit Gaussian noise."""
     g = torch.Generator().manual_seed(seed)
-    smooth = lambda t: torch.nn.functional.interpolate(t, size=32, mode="bilinear", align_corners=False)
+    smooth = lambda t: F.interpolate(t, size=32, mode="bilinear", align_corners=False)
     layouts = smooth(torch.randn(num_classes, 3, 4, 4, generator=g))
     layouts = (layouts - layouts.mean()) / layouts.std()
     motifs = torch.randn(num_classes, 3, 8, 8, generator=g).repeat_interleave(2, 2).repeat_interleave(2, 3)
@@ -326,53 +301,38 @@ def synthetic(size, seed, num_classes=10):
     return draw(size), draw(size // 3)
 
 
-def targets_of(dataset):
-    return dataset.tensors[1] if isinstance(dataset, TensorDataset) else torch.as_tensor(dataset.targets)
-
-
 def read_holdout_indices(path, holdout, kept, n):
-    """--holdout-indices: the hold-out split a network was trained without, as indices into the
-    training set of `n` images, checked against it. The file is a run's holdout_indices.json (the
-    JSON list of its `holdout` hold-out indices) or MSDNet-PyTorch's / L2W-DEN's index.pth (a
-    torch-saved permutation of range(n) whose last `holdout` entries are the hold-out; the rest
-    trained the network). Long-tailed CIFAR: the indices must be among the `kept` images."""
+    """--holdout-indices: the hold-out indices into the `n` training images (among the `kept`) from a run's
+    holdout_indices.json or MSDNet-PyTorch's / L2W-DEN's index.pth (a permutation of range(n), the hold-out last)."""
     what, is_json = f"--holdout-indices '{path}'", path.endswith(".json")
     try:
-        if is_json:
-            with open(path) as f:
-                content = json.load(f)
-        else:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+        content = (json.loads(Path(path).read_text()) if is_json
+                   else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:   # unreadable, not JSON, not a torch file
         raise DataError(f"{what} cannot be read as {'JSON' if is_json else 'a torch-saved tensor'} "
                         f"({type(e).__name__})") from None
-    if is_json:
-        if not (isinstance(content, list) and all(type(i) is int and 0 <= i < n for i in content)):
-            raise DataError(f"{what} is not a JSON list of indices into the {n} training images")
-        held = torch.tensor(content, dtype=torch.long)
-    else:
-        if not (torch.is_tensor(content) and content.dtype in (torch.int32, torch.int64)
-                and torch.equal(content.sort().values, torch.arange(n, dtype=content.dtype))):
-            raise DataError(f"{what} is not a permutation of the {n} training images (the form of MSDNet-PyTorch's "
-                            "and L2W-DEN's index.pth)")
-        held = content[n - holdout:].long()
+    if is_json and not (isinstance(content, list) and all(type(i) is int and 0 <= i < n for i in content)):
+        raise DataError(f"{what} is not a JSON list of indices into the {n} training images")
+    if not is_json and not (torch.is_tensor(content) and content.dtype in (torch.int32, torch.int64)
+                            and torch.equal(content.sort().values, torch.arange(n, dtype=content.dtype))):
+        raise DataError(f"{what} is not a permutation of the {n} training images (the form of MSDNet-PyTorch's "
+                        "and L2W-DEN's index.pth)")
+    held = torch.tensor(content, dtype=torch.long) if is_json else content[n - holdout:].long()
     if holdout == 0:
         raise DataError(f"{what} gives the hold-out split, and --holdout 0 asks for none")
     if len(held) != holdout:
-        raise DataError(f"{what} holds {len(held)} hold-out indices, not --holdout {holdout}: give --holdout {len(held)}")
+        raise DataError(f"{what} holds {len(held)} hold-out indices, not --holdout {holdout}: "
+                        f"give --holdout {len(held)}")
     if len(held.unique()) < holdout:
         raise DataError(f"{what} repeats indices")
-    is_kept = torch.zeros(n, dtype=torch.bool)
-    is_kept[kept] = True
-    if not is_kept[held].all():
+    if not torch.isin(held, kept).all():
         raise DataError(f"{what} holds indices of images that are not in this long-tailed set")
     return held
 
 
 def load(cfg, holdout_indices=None, device="cpu"):
-    """Build the splits for cfg.dataset. The hold-out split is drawn from the seed, unless it is
-    given: `holdout_indices` (from a checkpoint), or else the file cfg.holdout_indices. CIFAR's
-    images are kept on `device`, the training device."""
+    """The splits of cfg.dataset; the hold-out is drawn from the seed unless given (`holdout_indices`, from a
+    checkpoint, or else the file cfg.holdout_indices). CIFAR's images are kept on `device`, the training device."""
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset '{cfg.dataset}' (choose {', '.join(DATASETS)})")
     ignored = ()
@@ -382,7 +342,7 @@ def load(cfg, holdout_indices=None, device="cpu"):
         train, test = cifar(cfg.dataset, cfg.data_dir)
     else:
         train, test, ignored = image_folders(cfg.dataset, cfg.data_dir, DATASETS[cfg.dataset])
-    targets = targets_of(train)
+    targets = train.tensors[1] if isinstance(train, TensorDataset) else torch.as_tensor(train.targets)
     kept = (long_tailed_indices(targets, cfg.imbalance, cfg.seed) if cfg.dataset.endswith("-lt")
             else torch.arange(len(targets)))
     num_classes = DATASETS[cfg.dataset] or len(train.classes)
@@ -393,13 +353,13 @@ def load(cfg, holdout_indices=None, device="cpu"):
         holdout_indices = read_holdout_indices(cfg.holdout_indices, cfg.holdout, kept, len(targets))
     if holdout_indices is not None:
         held = torch.as_tensor(holdout_indices)
-        is_held = torch.zeros(len(targets), dtype=torch.bool)
-        is_held[held] = True
-        train_idx = kept[~is_held[kept]]
+        train_idx = kept[~torch.isin(kept, held)]
     threshold_idx = held if len(held) else kept
     if cfg.dataset.startswith("cifar"):   # the train and threshold splits share one tensor of images
         stats = CIFAR_STATS[cfg.dataset.removesuffix("-lt")]
-        (images, labels), (test_images, test_labels) = (uint8_tensors(d, device) for d in (train, test))
+        images, test_images = (torch.from_numpy(d.data).to(device).permute(0, 3, 1, 2).contiguous()   # NHWC -> NCHW
+                               for d in (train, test))
+        labels, test_labels = (torch.as_tensor(d.targets).to(device) for d in (train, test))
         splits = (DeviceImages(images, labels, train_idx, stats, True, cfg.seed),
                   DeviceImages(images, labels, threshold_idx, stats, False),
                   DeviceImages(test_images, test_labels, range(len(test)), stats, False))
@@ -407,12 +367,5 @@ def load(cfg, holdout_indices=None, device="cpu"):
         augment, plain = folder_transforms(cfg.image_size) if cfg.dataset != "synthetic" else (None, None)
         splits = (Split(train, train_idx.tolist(), augment, cfg.seed), Split(train, threshold_idx.tolist(), plain),
                   Split(test, range(len(test)), plain))
-    return Splits(*splits, holdout_indices=held, num_classes=num_classes,
-                  threshold_source="holdout" if len(held) else "train", class_counts=class_counts,
-                  ignored=ignored)
-
-
-def uint8_tensors(dataset, device):
-    """A torchvision CIFAR set as (images (N, 3, 32, 32) uint8, labels) on `device`."""
-    images = torch.from_numpy(dataset.data).to(device).permute(0, 3, 1, 2).contiguous()
-    return images, torch.as_tensor(dataset.targets).to(device)
+    return Splits(*splits, holdout_indices=held, num_classes=num_classes, class_counts=class_counts,
+                  threshold_source="holdout" if len(held) else "train", ignored=ignored)
