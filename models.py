@@ -173,7 +173,6 @@ class MSDNet(nn.Module):
             steps = [1 + k for k in range(exits)]
         n_scales, total = len(factors), sum(steps)
         interval = math.ceil(total / n_scales)
-        self.steps = steps   # layers per block; load_released names it when a checkpoint differs
         self.stem = MSDNetStem([channels * f for f in factors], imagenet)
         self.blocks, self.exits = nn.ModuleList(), nn.ModuleList()
         layer = 0
@@ -490,68 +489,50 @@ RELEASED_NAMES = [
 
 
 def released_name(key):
-    """Our name for a key of MSDNet-PyTorch's state_dict, or None if it names no MSDNet layer."""
+    """Our name for a key of MSDNet-PyTorch's state_dict; the key itself if it names no MSDNet layer."""
     for pattern, ours in RELEASED_NAMES:
         match = re.fullmatch(pattern, key)
         if match:
             return ours(*match.groups())
-    return None
+    return key
 
 
-def describe_released(state):
-    """(ImageNet?, exits, layers in block 1, layers in block 2, classes) of an MSDNet state_dict
-    in MSDNet-PyTorch's naming."""
-    exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("classifier.")), default=-1)
-    def layers_in_block(b):   # the modules of block b with `layers`: its MSDNLayers (not transitions)
-        count = len({k.split(".")[2] for k in state if re.match(rf"blocks\.{b}\.\d+\.layers\.", k)})
-        count -= b == 0 and count > 0          # module 0 of block 0 is the first layer (MSDNFirstLayer)
-        return count or None
-    layers = [layers_in_block(0), layers_in_block(1)]
-    classes = state["classifier.0.linear.weight"].shape[0] if "classifier.0.linear.weight" in state else None
-    return "blocks.0.0.layers.0.0.weight" in state, exits, *layers, classes
+def msdnet_outline(state):
+    """Image size, exits, layers in blocks 1 and 2, and classes of an MSDNet state_dict in our naming: what
+    `load_released` names when a file does not fit (ImageNet's 7x7 first conv has a bias, CIFAR's 3x3 none)."""
+    layers = lambda b: len({k.split(".")[2] for k in state if k.startswith(f"blocks.{b}.") and ".units." in k})
+    exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("exits.")), default=-1)
+    return ("ImageNet" if "stem.scales.0.0.bias" in state else "CIFAR", exits, layers(0) or None, layers(1) or None,
+            state["exits.0.4.weight"].shape[0] if "exits.0.4.weight" in state else None)
 
 
 def load_released(model, path, wpn=None):
-    """Load a checkpoint written by MSDNet-PyTorch or L2W-DEN into our MSDNet, in place.
-
-    The file is a dict with `state_dict` (keys `blocks.0.0.layers.0.net.0.weight`, ..., with
-    DataParallel's `module.` prefix or without), and from L2W-DEN also `meta_state_dict`, its
-    WPN (`first_hidden_layer.fc`, `rest_hidden_layers.i.fc`, `output_layer`), loaded into `wpn`
-    (any module whose nn.Linear layers run in that order) when given. A network that does not
-    fit is a ValueError naming what differs. Returns what else the file says (epoch, ...) and
-    whether a WPN was loaded.
-    """
+    """Load an MSDNet-PyTorch or L2W-DEN checkpoint (`state_dict`, with DataParallel's `module.` or without)
+    into our MSDNet, in place, and L2W-DEN's WPN (`meta_state_dict`) into `wpn` if given. Returns the file's
+    epoch, arch and best_prec1, and whether a WPN was loaded; a file that does not fit is a one-line ValueError."""
     if not isinstance(model, MSDNet):
         raise ValueError(f"released checkpoints are MSDNets; this model is a {type(model).__name__}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"'{path}' has no 'state_dict': not a checkpoint of MSDNet-PyTorch or L2W-DEN")
-    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+    state = {released_name(k.removeprefix("module.")): v for k, v in checkpoint["state_dict"].items()}
     ours = model.state_dict()
-    translated = {released_name(k): v for k, v in state.items()}
+    names = ("image size", "exits", "base (layers in block 1)", "step (layers in block 2)", "classes")
+    diffs = [f"{n} {t} in the file, {m} here"
+             for n, t, m in zip(names, msdnet_outline(state), msdnet_outline(ours)) if t != m]
+    if diffs:
+        raise ValueError(f"'{path}' does not fit this MSDNet: {'; '.join(diffs)}")
     for k, v in ours.items():   # PyTorch before 0.4.1 saved no BatchNorm counters; evaluation never reads them
         if k.endswith(".num_batches_tracked"):
-            translated.setdefault(k, torch.zeros_like(v))
-    if set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
-        imagenet = model.stem.scales[0][0].kernel_size[0] == 7
-        step = model.steps[1] if len(model.steps) > 1 else None
-        mine = (imagenet, len(model.exits), model.steps[0], step, model.exits[0][-1].out_features)
-        theirs = describe_released(state)
-        names = ("image size", "exits", "base (layers in block 1)", "step (layers in block 2)", "classes")
-        shown = lambda name, v: ("ImageNet" if v else "CIFAR") if name == "image size" else v
-        diffs = [f"{name} {shown(name, t)} in the file, {shown(name, m)} here"
-                 for name, t, m in zip(names, theirs, mine) if t != m]
-        if not diffs:   # the same outline, yet other layers: name the first that does not fit
-            odd = next((k for k, v in state.items() if released_name(k) not in ours
-                        or v.shape != ours[released_name(k)].shape), None)
-            diffs = [f"layer '{odd}'" if odd else f"missing layers ({len(set(ours) - set(translated))})"]
-        raise ValueError(f"'{path}' does not fit this MSDNet: {'; '.join(diffs)}")
-    model.load_state_dict(translated)
+            state.setdefault(k, torch.zeros_like(v))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:   # the same outline, yet other layers: the first line of PyTorch's list names them
+        raise ValueError(f"'{path}' does not fit this MSDNet: {str(e).splitlines()[1].strip()}") from None
     loaded_wpn = wpn is not None and "meta_state_dict" in checkpoint
     if loaded_wpn:
         load_released_wpn(wpn, checkpoint["meta_state_dict"], path)
-    info = {k: checkpoint[k] for k in ("epoch", "arch", "best_prec1") if k in checkpoint}
-    return {**info, "wpn": loaded_wpn}
+    return {**{k: checkpoint[k] for k in ("epoch", "arch", "best_prec1") if k in checkpoint}, "wpn": loaded_wpn}
 
 
 def load_released_wpn(wpn, meta_state, path):
@@ -559,22 +540,18 @@ def load_released_wpn(wpn, meta_state, path):
     meta_state = {k.removeprefix("module."): v for k, v in meta_state.items()}
     hidden = sorted({int(k.split(".")[1]) for k in meta_state if k.startswith("rest_hidden_layers.")})
     names = ["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in hidden] + ["output_layer"]
-    theirs = [(meta_state.get(f"{n}.weight"), meta_state.get(f"{n}.bias")) for n in names]
-    linears = [m for m in wpn.modules() if isinstance(m, nn.Linear)]
-
-    if any(w is None or b is None for w, b in theirs):
+    if any(f"{n}.{p}" not in meta_state for n in names for p in ("weight", "bias")):
         raise ValueError(f"'{path}': its meta_state_dict is not L2W-DEN's WPN (MLP_tanh)")
-
-    def outline(weights):   # weights of the Linear layers in order: (width, K) first
-        return f"depth {len(weights) - 1}, width {weights[0].shape[0]}, exits {weights[0].shape[1]}"
-
-    if [w.shape for w, _ in theirs] != [m.weight.shape for m in linears]:
-        raise ValueError(f"'{path}': its WPN ({outline([w for w, _ in theirs])}) does not fit this one "
-                         f"({outline([m.weight for m in linears])})")
+    theirs = [meta_state[f"{n}.weight"] for n in names]
+    linears = [m for m in wpn.modules() if isinstance(m, nn.Linear)]
+    shown = lambda weights: f"depth {len(weights) - 1}, width {weights[0].shape[0]}, exits {weights[0].shape[1]}"
+    if [w.shape for w in theirs] != [m.weight.shape for m in linears]:
+        raise ValueError(f"'{path}': its WPN ({shown(theirs)}) does not fit this one "
+                         f"({shown([m.weight for m in linears])})")
     with torch.no_grad():
-        for m, (weight, bias) in zip(linears, theirs):
-            m.weight.copy_(weight)
-            m.bias.copy_(bias)
+        for m, n in zip(linears, names):
+            m.weight.copy_(meta_state[f"{n}.weight"])
+            m.bias.copy_(meta_state[f"{n}.bias"])
 
 
 # ----------------------------------------------------------------------------
