@@ -26,11 +26,8 @@ import torch.nn.functional as F
 
 
 def conv_bn_relu(c_in, c_out, kernel=3, stride=1):
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 def bottleneck_conv(c_in, c_out, stride, width):
@@ -41,13 +38,8 @@ def bottleneck_conv(c_in, c_out, stride, width):
 
 def classifier(c_in, width, num_classes):
     """Exit head: two stride-2 3x3 conv-BN-ReLU, 2x2 average pool, linear."""
-    return nn.Sequential(
-        conv_bn_relu(c_in, width, 3, 2),
-        conv_bn_relu(width, width, 3, 2),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(width, num_classes),
-    )
+    return nn.Sequential(conv_bn_relu(c_in, width, 3, 2), conv_bn_relu(width, width, 3, 2), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(width, num_classes))
 
 
 def init_msdnet(module):
@@ -68,9 +60,7 @@ def init_msdnet(module):
 def take(tensors, keep):
     """The samples `keep` (indices) of every tensor in a nested list: the state carried forward,
     in its memory format (indexing keeps channels_last, index_select does not)."""
-    if isinstance(tensors, torch.Tensor):
-        return tensors[keep]
-    return [take(t, keep) for t in tensors]
+    return tensors[keep] if isinstance(tensors, torch.Tensor) else [take(t, keep) for t in tensors]
 
 
 def scale_gradient(x, scale):
@@ -134,12 +124,9 @@ class MSDLayer(nn.Module):
                 growth * growth_factors[s], bottleneck_factors[s - 1] if has_finer else None,
                 bottleneck_factors[s]))
 
-    def forward(self, features):
-        out = []
-        for j, unit in enumerate(self.units):
-            i = j + self.drop
-            out.append(unit(features[i - 1] if unit.down is not None else None, features[i]))
-        return out
+    def forward(self, features):   # unit j works on scale j + drop of the input
+        return [unit(features[j + self.drop - 1] if unit.down is not None else None, features[j + self.drop])
+                for j, unit in enumerate(self.units)]
 
 
 class MSDTransition(nn.Module):
@@ -171,8 +158,7 @@ class MSDNet(nn.Module):
         else:         # CIFAR: 3 scales, linear growth with base 1 and step 1 (block k has k layers)
             channels, growth, factors, widths = 16, 6, (1, 2, 4), (1, 2, 4)
             steps = [1 + k for k in range(exits)]
-        n_scales, total = len(factors), sum(steps)
-        interval = math.ceil(total / n_scales)
+        n_scales, interval = len(factors), math.ceil(sum(steps) / len(factors))
         self.stem = MSDNetStem([channels * f for f in factors], imagenet)
         self.blocks, self.exits = nn.ModuleList(), nn.ModuleList()
         layer = 0
@@ -290,12 +276,8 @@ class IMTANet(nn.Module):
     def forward(self, x, with_teacher=False):
         """The new heads' logits per exit; `with_teacher` also returns the frozen last exit's
         logits, detached (the one-for-all distillation target)."""
-        logits, f = [], None
-        for f, z in self.features_and_exits(x):
-            logits.append(z)
-        if not with_teacher:
-            return logits
-        return logits, self.backbone.exits[-1][-1](f).detach()
+        features, logits = map(list, zip(*self.features_and_exits(x)))
+        return (logits, self.backbone.exits[-1][-1](features[-1]).detach()) if with_teacher else logits
 
 
 # ----------------------------------------------------------------------------
@@ -378,8 +360,7 @@ class RANetBlock(nn.Module):
     the same block of the next finer sub-network reads.
     """
 
-    def __init__(self, c_in, n_layers, growth, width, transition, low_channels=None, width_low=None,
-                 down=False):
+    def __init__(self, c_in, n_layers, growth, width, transition, low_channels=None, width_low=None, down=False):
         super().__init__()
         self.fusion = low_channels is not None
         self.state_channels = [c_in + i * growth for i in range(n_layers + 1)]
@@ -635,15 +616,13 @@ def count_cost(model, image_size):
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        image = torch.zeros(1, 3, image_size, image_size, device=device, requires_grad=True)   # every output gets a node
+        # requires_grad: every module's output gets an autograd node, which tells the exits that depend on it
+        image = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device, requires_grad=True)
         with torch.enable_grad():
-            if in_stream:
+            if in_stream:   # one exit at a time: the hook reads how many were handed out before each module ran
                 for z in model.exits_iter(image):
                     streamed.append(z)
-                logits = streamed
-            else:
-                logits = model(image)
+            logits = streamed if in_stream else model(image)
     finally:
         for h in handles:
             h.remove()
