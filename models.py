@@ -1,19 +1,15 @@
 """Compact multi-exit networks and the cost counter used to report them.
 
-MSDNet: Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image
-Classification", ICLR 2018 (Sec. 4 and Fig. 2).
-RANet: Yang et al., "Resolution Adaptive Networks for Efficient Inference", CVPR 2020
-(Sec. 3 and Fig. 2); as released (yangle15/RANet-pytorch) where the paper leaves details open.
+MSDNet: Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image Classification", ICLR 2018
+(Sec. 4, Fig. 2). RANet: Yang et al., "Resolution Adaptive Networks for Efficient Inference", CVPR 2020
+(Sec. 3, Fig. 2), as released (yangle15/RANet-pytorch) where the paper leaves details open.
+IMTA: Li et al., "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019: Gradient Equilibrium
+(MSDNet(gradient_equilibrium=True)) for phase 1, Inline Subnetwork Collaboration and One-for-all
+distillation (IMTANet) for phase 2.
 
-Every network here returns one logit tensor per exit, cheapest exit first, and
-also offers `exits_iter(x)` so that early-exit inference can stop computing: a generator of the
-exits' logits, to which the caller may send the indices of the samples that go on, so that
-everything carried to later exits is cut to them.
-`count_cost` counts Mul-Adds and parameters with MSDNet's convention (README, "Models and their cost").
-
-IMTA: Li, Zhang, Qi, Yang, Huang, "Improved Techniques for Training Adaptive Deep Networks",
-ICCV 2019: Gradient Equilibrium (MSDNet(gradient_equilibrium=True)) for the first training phase,
-Inline Subnetwork Collaboration and One-for-all distillation (IMTANet) for the second.
+Every network returns one logit tensor per exit, cheapest first, and offers `exits_iter(x)`: a generator of
+the exits' logits to which early-exit inference may send the indices of the samples that go on, so that
+later exits compute only for them. `count_cost` counts Mul-Adds and parameters with MSDNet's convention.
 """
 import functools
 import itertools
@@ -26,11 +22,8 @@ import torch.nn.functional as F
 
 
 def conv_bn_relu(c_in, c_out, kernel=3, stride=1):
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 def bottleneck_conv(c_in, c_out, stride, width):
@@ -41,13 +34,8 @@ def bottleneck_conv(c_in, c_out, stride, width):
 
 def classifier(c_in, width, num_classes):
     """Exit head: two stride-2 3x3 conv-BN-ReLU, 2x2 average pool, linear."""
-    return nn.Sequential(
-        conv_bn_relu(c_in, width, 3, 2),
-        conv_bn_relu(width, width, 3, 2),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(width, num_classes),
-    )
+    return nn.Sequential(conv_bn_relu(c_in, width, 3, 2), conv_bn_relu(width, width, 3, 2), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(width, num_classes))
 
 
 def init_msdnet(module):
@@ -66,17 +54,13 @@ def init_msdnet(module):
 
 
 def take(tensors, keep):
-    """The samples `keep` (indices) of every tensor in a nested list: the state carried forward,
-    in its memory format (indexing keeps channels_last, index_select does not)."""
-    if isinstance(tensors, torch.Tensor):
-        return tensors[keep]
-    return [take(t, keep) for t in tensors]
+    """The samples `keep` of every tensor in a nested list (indexing, unlike index_select, keeps channels_last)."""
+    return tensors[keep] if isinstance(tensors, torch.Tensor) else [take(t, keep) for t in tensors]
 
 
 def scale_gradient(x, scale):
-    """Identity in the forward pass whose gradient is multiplied by `scale` in the backward pass.
-    Made of differentiable operations (no custom backward), so it can be differentiated twice:
-    L2W-DEN's virtual step differentiates the gradient that passes through it."""
+    """Identity forward, gradient times `scale` backward; made of differentiable operations (no custom
+    backward) because L2W-DEN's virtual step differentiates the gradient that passes through it."""
     return x.detach() + scale * (x - x.detach())
 
 
@@ -134,12 +118,9 @@ class MSDLayer(nn.Module):
                 growth * growth_factors[s], bottleneck_factors[s - 1] if has_finer else None,
                 bottleneck_factors[s]))
 
-    def forward(self, features):
-        out = []
-        for j, unit in enumerate(self.units):
-            i = j + self.drop
-            out.append(unit(features[i - 1] if unit.down is not None else None, features[i]))
-        return out
+    def forward(self, features):   # unit j works on scale j + drop of the input
+        return [unit(features[j + self.drop - 1] if unit.down is not None else None, features[j + self.drop])
+                for j, unit in enumerate(self.units)]
 
 
 class MSDTransition(nn.Module):
@@ -156,11 +137,9 @@ class MSDTransition(nn.Module):
 
 
 class MSDNet(nn.Module):
-    """MSDNet with 'max' scale pruning, bottlenecks and transitions (compression 0.5).
-
-    Block k holds steps[k] layers and ends in exit k; the coarsest scale feeds the exit.
-    `gradient_equilibrium` adds IMTA's GE to the backward pass; the forward is unchanged.
-    """
+    """MSDNet with 'max' scale pruning, bottlenecks and transitions (compression 0.5). Block k holds
+    steps[k] layers and ends in exit k, which reads the coarsest scale. `gradient_equilibrium` adds
+    IMTA's GE to the backward pass; the forward is unchanged."""
 
     def __init__(self, num_classes, exits, imagenet=False, step=None, base=None, gradient_equilibrium=False):
         super().__init__()
@@ -171,9 +150,7 @@ class MSDNet(nn.Module):
         else:         # CIFAR: 3 scales, linear growth with base 1 and step 1 (block k has k layers)
             channels, growth, factors, widths = 16, 6, (1, 2, 4), (1, 2, 4)
             steps = [1 + k for k in range(exits)]
-        n_scales, total = len(factors), sum(steps)
-        interval = math.ceil(total / n_scales)
-        self.steps = steps   # layers per block; load_released names it when a checkpoint differs
+        n_scales, interval = len(factors), math.ceil(sum(steps) / len(factors))
         self.stem = MSDNetStem([channels * f for f in factors], imagenet)
         self.blocks, self.exits = nn.ModuleList(), nn.ModuleList()
         layer = 0
@@ -194,14 +171,9 @@ class MSDNet(nn.Module):
         init_msdnet(self)
 
     def exit_inputs(self, x):
-        """Yield, block by block, the coarsest-scale tensor that exit k's classifier reads.
-
-        Gradient Equilibrium (IMTA, Sec. 3.1), in the backward pass: the gradient coming back from
-        block k + 1 is multiplied by K - k - 1, added to exit k's classifier's, and the sum is
-        divided by K - k before it enters block k. Along the coarsest scale, block k thus gets the
-        mean, not the sum, of the gradients of the K - k exits behind it. The consumer applies the
-        classifier between the two scalings.
-        """
+        """Yield, block by block, the coarsest-scale tensor that exit k's classifier reads. Gradient Equilibrium
+        (IMTA, Sec. 3.1): the gradient back from block k + 1 is multiplied by K - k - 1, added to exit k's, and
+        the sum divided by K - k, so that block k gets the mean, not the sum, of its K - k exits' gradients."""
         features, n_exits = self.stem(x), len(self.blocks)
         for k, block in enumerate(self.blocks):
             features = block(features)
@@ -214,9 +186,8 @@ class MSDNet(nn.Module):
                 features = take(features, keep)
 
     def exits_iter(self, x):
-        """Yield the logits of each exit in turn, computing only what that exit needs. Indices
-        sent back (`stream.send(keep)`) cut every scale to those samples: later blocks spend
-        nothing on the samples that have left (real early exiting)."""
+        """Yield the logits of each exit in turn, computing only what that exit needs. Indices sent back
+        (`stream.send(keep)`) cut every scale to those samples (real early exiting)."""
         inputs = self.exit_inputs(x)
         features = next(inputs)
         for k, head in enumerate(self.exits):
@@ -239,20 +210,10 @@ def isc(num_classes, width):
 
 
 class IMTANet(nn.Module):
-    """A frozen MSDNet (old heads included) with new, trainable heads on its exits' features.
-
-    f_k, the pooled features of exit k's frozen classifier (everything before its Linear), feed
-    the new heads: exit 1 is Linear(C_1, classes)(f_1), exit k > 1 Linear(2 C_k, classes) of
-    cat(f_k, ISC(z_{k-1})), z_{k-1} the previous new head's logits. The frozen network's own last
-    exit is the distillation teacher.
-
-    The frozen network stays in eval mode whatever `train()` says: BatchNorm then normalises with
-    the running statistics it was trained with, so f_k and the teacher are the same function of
-    the image in training and at test time, and no BatchNorm statistic of the phase-1 network
-    changes. (IMTA's release keeps the whole network in train mode in this phase: batch
-    statistics in training, running statistics drifting towards the frozen features, and a
-    train/test mismatch in what the new heads see.)
-    """
+    """A frozen MSDNet with new heads on f_k, the pooled features of its exit k's classifier (all but the
+    Linear): exit 1 reads f_1, exit k > 1 cat(f_k, ISC(z_{k-1})); its own last exit is the distillation teacher.
+    The frozen network stays in eval mode, so f_k is the same function in training and at test and its
+    BatchNorm statistics stay those of phase 1 (IMTA's release trains in train mode: they drift)."""
 
     def __init__(self, backbone, num_classes):
         super().__init__()
@@ -289,14 +250,9 @@ class IMTANet(nn.Module):
         yield z
 
     def forward(self, x, with_teacher=False):
-        """The new heads' logits per exit; `with_teacher` also returns the frozen last exit's
-        logits, detached (the one-for-all distillation target)."""
-        logits, f = [], None
-        for f, z in self.features_and_exits(x):
-            logits.append(z)
-        if not with_teacher:
-            return logits
-        return logits, self.backbone.exits[-1][-1](f).detach()
+        """The new heads' logits per exit; `with_teacher` adds the frozen last exit's, detached (the KD target)."""
+        features, logits = map(list, zip(*self.features_and_exits(x)))
+        return (logits, self.backbone.exits[-1][-1](features[-1]).detach()) if with_teacher else logits
 
 
 # ----------------------------------------------------------------------------
@@ -304,10 +260,8 @@ class IMTANet(nn.Module):
 # ----------------------------------------------------------------------------
 
 def resize(x, size):
-    """Bilinear resize (align_corners=True, as released); free under the counting convention.
-    At the same size it is the identity, so it is skipped. Taken as products with interpolation
-    matrices, rows @ x @ columns^T, whose backward, unlike F.interpolate's, is deterministic on
-    GPUs (--deterministic); the result keeps x's memory format."""
+    """Bilinear resize (align_corners=True, as released), free under the counting convention; as products
+    rows @ x @ columns^T, whose backward, unlike F.interpolate's, is deterministic on GPUs (--deterministic)."""
     if x.shape[-2:] == size:
         return x
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -318,8 +272,7 @@ def resize(x, size):
 
 @functools.lru_cache(maxsize=None)
 def interpolation_weights(n_out, n_in, dtype, device):
-    """(n_out, n_in): linear interpolation (align_corners=True), each output's hat-shaped weights
-    around its source position. Kept, since building them costs more than using them at small
+    """(n_out, n_in) linear-interpolation weights. Cached: building them costs more than using them at small
     batches (real early exit); built outside inference mode, so that they serve training too."""
     with torch.inference_mode(False):
         source = torch.arange(n_out, dtype=dtype, device=device) * ((n_in - 1) / max(n_out - 1, 1))
@@ -327,9 +280,8 @@ def interpolation_weights(n_out, n_in, dtype, device):
 
 
 class RANetStem(nn.Module):
-    """Initial layer (Sec. 3): all base features up front, a chain of 3x3 conv-BN-ReLU from the
-    image, strided where the resolution halves. Built and run highest resolution first; the
-    features are returned lowest resolution first, the order the sub-networks run in."""
+    """Initial layer (Sec. 3): all base features up front, a chain of 3x3 conv-BN-ReLU strided where the resolution
+    halves; run highest resolution first, returned lowest first, the order the sub-networks run in."""
 
     def __init__(self, channels, sizes):
         super().__init__()
@@ -348,12 +300,9 @@ class RANetStem(nn.Module):
 
 
 class RANetLayer(nn.Module):
-    """Dense layer: `growth` new channels from a bottleneck conv pair, concatenated to the input.
-
-    In a fusion block (Sec. 3, Fig. 2) a quarter of the growth instead comes from the state of
-    the coarser sub-network, convolved at its own low resolution and upsampled. With stride 2 the
-    layer also halves the resolution, its dense input then halved bilinearly, not pooled.
-    """
+    """Dense layer: `growth` new channels from a bottleneck conv pair, concatenated to the input. In a fusion
+    block (Sec. 3, Fig. 2) a quarter of them come from the coarser sub-network's state, convolved at its low
+    resolution and upsampled. With stride 2 the dense input is halved bilinearly, not pooled."""
 
     def __init__(self, c_in, growth, width, c_low=None, width_low=None, stride=1):
         super().__init__()
@@ -370,17 +319,12 @@ class RANetLayer(nn.Module):
 
 
 class RANetBlock(nn.Module):
-    """A block of `n_layers` dense layers; given `low_channels` (the state widths of the same block
-    of the coarser sub-network) it is a fusion block, whose layer i reads that block's state i and
-    whose end appends its last state squeezed to a quarter of the channels. `down` makes the last
-    layer halve the resolution; `transition` ends the block with a 1x1 conv halving the channels.
+    """`n_layers` dense layers. Given `low_channels` (the state widths of the coarser sub-network's same block)
+    it is a fusion block: layer i reads that block's state i, and its last state, squeezed to a quarter of the
+    channels, is appended at the end. `down` halves the resolution in the last layer; `transition` halves the
+    channels with a 1x1 conv. Returns the output and [input, after layer 1, ...], read by the finer sub-network."""
 
-    Returns the output and the states before the transition, [input, after layer 1, ...], which
-    the same block of the next finer sub-network reads.
-    """
-
-    def __init__(self, c_in, n_layers, growth, width, transition, low_channels=None, width_low=None,
-                 down=False):
+    def __init__(self, c_in, n_layers, growth, width, transition, low_channels=None, width_low=None, down=False):
         super().__init__()
         self.fusion = low_channels is not None
         self.state_channels = [c_in + i * growth for i in range(n_layers + 1)]
@@ -415,12 +359,9 @@ RANET_CONFIGS = {
 
 
 class RANet(nn.Module):
-    """RANet with linear-growth blocks (transition compression 0.5, fusion share 0.25).
-
-    Sub-network s (s = 0 the lowest resolution) has 2 + 2s blocks, block b (from 1) 2b layers.
-    Its first 2s blocks fuse block b of sub-network s-1 (whose 2s blocks it thereby covers); its
-    last two are plain dense blocks at 8x8, each ending in an exit.
-    """
+    """RANet with linear-growth blocks (transition compression 0.5, fusion share 0.25). Sub-network s (s = 0 the
+    lowest resolution) has 2 + 2s blocks, block b (from 1) 2b layers. Its first 2s blocks fuse block b of
+    sub-network s-1 (whose 2s blocks it thereby covers); its last two are plain blocks at 8x8, each with an exit."""
 
     def __init__(self, num_classes, factors, sizes, channels=16, growth=6):
         super().__init__()
@@ -446,11 +387,9 @@ class RANet(nn.Module):
         init_msdnet(self.exits)
 
     def exits_iter(self, x):
-        """Yield the logits of each exit in turn; an exit never runs a finer sub-network than its
-        own (the stem computes every base feature first, as released). Indices sent back cut
-        what later exits read: the current state, the states of this sub-network that the next
-        one's fusion blocks read, and the base features of the finer sub-networks (the exits sit
-        in the plain blocks at the end, which read no coarser state)."""
+        """Yield the logits of each exit in turn; no exit runs a finer sub-network than its own (the stem
+        computes every base feature first, as released). Indices sent back cut the current state, this
+        sub-network's states (the next one's fusion blocks read them) and the finer base features."""
         exits, low_states, base = iter(self.exits), None, self.stem(x)
         for s, blocks in enumerate(self.subnets):
             x, states = base[s], []
@@ -490,68 +429,50 @@ RELEASED_NAMES = [
 
 
 def released_name(key):
-    """Our name for a key of MSDNet-PyTorch's state_dict, or None if it names no MSDNet layer."""
+    """Our name for a key of MSDNet-PyTorch's state_dict; the key itself if it names no MSDNet layer."""
     for pattern, ours in RELEASED_NAMES:
         match = re.fullmatch(pattern, key)
         if match:
             return ours(*match.groups())
-    return None
+    return key
 
 
-def describe_released(state):
-    """(ImageNet?, exits, layers in block 1, layers in block 2, classes) of an MSDNet state_dict
-    in MSDNet-PyTorch's naming."""
-    exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("classifier.")), default=-1)
-    def layers_in_block(b):   # the modules of block b with `layers`: its MSDNLayers (not transitions)
-        count = len({k.split(".")[2] for k in state if re.match(rf"blocks\.{b}\.\d+\.layers\.", k)})
-        count -= b == 0 and count > 0          # module 0 of block 0 is the first layer (MSDNFirstLayer)
-        return count or None
-    layers = [layers_in_block(0), layers_in_block(1)]
-    classes = state["classifier.0.linear.weight"].shape[0] if "classifier.0.linear.weight" in state else None
-    return "blocks.0.0.layers.0.0.weight" in state, exits, *layers, classes
+def msdnet_outline(state):
+    """Image size, exits, layers in blocks 1 and 2, and classes of an MSDNet state_dict in our naming: what
+    `load_released` names when a file does not fit (ImageNet's 7x7 first conv has a bias, CIFAR's 3x3 none)."""
+    layers = lambda b: len({k.split(".")[2] for k in state if k.startswith(f"blocks.{b}.") and ".units." in k})
+    exits = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("exits.")), default=-1)
+    return ("ImageNet" if "stem.scales.0.0.bias" in state else "CIFAR", exits, layers(0) or None, layers(1) or None,
+            state["exits.0.4.weight"].shape[0] if "exits.0.4.weight" in state else None)
 
 
 def load_released(model, path, wpn=None):
-    """Load a checkpoint written by MSDNet-PyTorch or L2W-DEN into our MSDNet, in place.
-
-    The file is a dict with `state_dict` (keys `blocks.0.0.layers.0.net.0.weight`, ..., with
-    DataParallel's `module.` prefix or without), and from L2W-DEN also `meta_state_dict`, its
-    WPN (`first_hidden_layer.fc`, `rest_hidden_layers.i.fc`, `output_layer`), loaded into `wpn`
-    (any module whose nn.Linear layers run in that order) when given. A network that does not
-    fit is a ValueError naming what differs. Returns what else the file says (epoch, ...) and
-    whether a WPN was loaded.
-    """
+    """Load an MSDNet-PyTorch or L2W-DEN checkpoint (`state_dict`, with DataParallel's `module.` or without)
+    into our MSDNet, in place, and L2W-DEN's WPN (`meta_state_dict`) into `wpn` if given. Returns the file's
+    epoch, arch and best_prec1, and whether a WPN was loaded; a file that does not fit is a one-line ValueError."""
     if not isinstance(model, MSDNet):
         raise ValueError(f"released checkpoints are MSDNets; this model is a {type(model).__name__}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"'{path}' has no 'state_dict': not a checkpoint of MSDNet-PyTorch or L2W-DEN")
-    state = {k.removeprefix("module."): v for k, v in checkpoint["state_dict"].items()}
+    state = {released_name(k.removeprefix("module.")): v for k, v in checkpoint["state_dict"].items()}
     ours = model.state_dict()
-    translated = {released_name(k): v for k, v in state.items()}
+    names = ("image size", "exits", "base (layers in block 1)", "step (layers in block 2)", "classes")
+    diffs = [f"{n} {t} in the file, {m} here"
+             for n, t, m in zip(names, msdnet_outline(state), msdnet_outline(ours)) if t != m]
+    if diffs:
+        raise ValueError(f"'{path}' does not fit this MSDNet: {'; '.join(diffs)}")
     for k, v in ours.items():   # PyTorch before 0.4.1 saved no BatchNorm counters; evaluation never reads them
         if k.endswith(".num_batches_tracked"):
-            translated.setdefault(k, torch.zeros_like(v))
-    if set(translated) != set(ours) or any(v.shape != ours[k].shape for k, v in translated.items()):
-        imagenet = model.stem.scales[0][0].kernel_size[0] == 7
-        step = model.steps[1] if len(model.steps) > 1 else None
-        mine = (imagenet, len(model.exits), model.steps[0], step, model.exits[0][-1].out_features)
-        theirs = describe_released(state)
-        names = ("image size", "exits", "base (layers in block 1)", "step (layers in block 2)", "classes")
-        shown = lambda name, v: ("ImageNet" if v else "CIFAR") if name == "image size" else v
-        diffs = [f"{name} {shown(name, t)} in the file, {shown(name, m)} here"
-                 for name, t, m in zip(names, theirs, mine) if t != m]
-        if not diffs:   # the same outline, yet other layers: name the first that does not fit
-            odd = next((k for k, v in state.items() if released_name(k) not in ours
-                        or v.shape != ours[released_name(k)].shape), None)
-            diffs = [f"layer '{odd}'" if odd else f"missing layers ({len(set(ours) - set(translated))})"]
-        raise ValueError(f"'{path}' does not fit this MSDNet: {'; '.join(diffs)}")
-    model.load_state_dict(translated)
+            state.setdefault(k, torch.zeros_like(v))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:   # the same outline, yet other layers: the first line of PyTorch's list names them
+        raise ValueError(f"'{path}' does not fit this MSDNet: {str(e).splitlines()[1].strip()}") from None
     loaded_wpn = wpn is not None and "meta_state_dict" in checkpoint
     if loaded_wpn:
         load_released_wpn(wpn, checkpoint["meta_state_dict"], path)
-    info = {k: checkpoint[k] for k in ("epoch", "arch", "best_prec1") if k in checkpoint}
-    return {**info, "wpn": loaded_wpn}
+    return {**{k: checkpoint[k] for k in ("epoch", "arch", "best_prec1") if k in checkpoint}, "wpn": loaded_wpn}
 
 
 def load_released_wpn(wpn, meta_state, path):
@@ -559,22 +480,18 @@ def load_released_wpn(wpn, meta_state, path):
     meta_state = {k.removeprefix("module."): v for k, v in meta_state.items()}
     hidden = sorted({int(k.split(".")[1]) for k in meta_state if k.startswith("rest_hidden_layers.")})
     names = ["first_hidden_layer.fc"] + [f"rest_hidden_layers.{i}.fc" for i in hidden] + ["output_layer"]
-    theirs = [(meta_state.get(f"{n}.weight"), meta_state.get(f"{n}.bias")) for n in names]
-    linears = [m for m in wpn.modules() if isinstance(m, nn.Linear)]
-
-    if any(w is None or b is None for w, b in theirs):
+    if any(f"{n}.{p}" not in meta_state for n in names for p in ("weight", "bias")):
         raise ValueError(f"'{path}': its meta_state_dict is not L2W-DEN's WPN (MLP_tanh)")
-
-    def outline(weights):   # weights of the Linear layers in order: (width, K) first
-        return f"depth {len(weights) - 1}, width {weights[0].shape[0]}, exits {weights[0].shape[1]}"
-
-    if [w.shape for w, _ in theirs] != [m.weight.shape for m in linears]:
-        raise ValueError(f"'{path}': its WPN ({outline([w for w, _ in theirs])}) does not fit this one "
-                         f"({outline([m.weight for m in linears])})")
+    theirs = [meta_state[f"{n}.weight"] for n in names]
+    linears = [m for m in wpn.modules() if isinstance(m, nn.Linear)]
+    shown = lambda weights: f"depth {len(weights) - 1}, width {weights[0].shape[0]}, exits {weights[0].shape[1]}"
+    if [w.shape for w in theirs] != [m.weight.shape for m in linears]:
+        raise ValueError(f"'{path}': its WPN ({shown(theirs)}) does not fit this one "
+                         f"({shown([m.weight for m in linears])})")
     with torch.no_grad():
-        for m, (weight, bias) in zip(linears, theirs):
-            m.weight.copy_(weight)
-            m.bias.copy_(bias)
+        for m, n in zip(linears, names):
+            m.weight.copy_(meta_state[f"{n}.weight"])
+            m.bias.copy_(meta_state[f"{n}.bias"])
 
 
 # ----------------------------------------------------------------------------
@@ -582,9 +499,8 @@ def load_released_wpn(wpn, meta_state, path):
 # ----------------------------------------------------------------------------
 
 def build_model(arch, num_classes, exits, image_size=32, step=None, base=None, gradient_equilibrium=False):
-    """`image_size` 224 selects the ImageNet variant; 32 the CIFAR one. ImageNet MSDNet: `base`
-    layers in the first block (default 4), `step` in each later one. `gradient_equilibrium`
-    (IMTA's first phase) rescales MSDNet's backward pass; the network and its forward are the same."""
+    """`image_size` 224 selects the ImageNet variant, 32 the CIFAR one. ImageNet MSDNet: `base` layers in the
+    first block (default 4), `step` in each later one. `gradient_equilibrium`: IMTA's phase 1 (MSDNet only)."""
     if gradient_equilibrium and arch != "msdnet":
         raise ValueError(f"gradient equilibrium (IMTA) is built for msdnet, not {arch}")
     if arch == "ranet":  # the two released CIFAR models; `step` does not apply
@@ -602,11 +518,9 @@ def build_model(arch, num_classes, exits, image_size=32, step=None, base=None, g
 
 
 def check_input_size(arch, exits, image_size, step=None, base=None, gradient_equilibrium=False):
-    """ValueError, in one line, where `build_model` cannot build the network or the network cannot
-    take `image_size` images. Shapes only: the network is built and run on the meta device, computing
-    nothing. Every MSDNet exit reads the same coarsest scale, so one exit tells whether the size fits,
-    as fast for any K. The sizes the networks were designed for, 32 (CIFAR) and 224 (ImageNet), fit:
-    they skip the run, whose first call costs about 2 s (PyTorch loads its meta kernels)."""
+    """ValueError, in one line, where `build_model` cannot build the network or it cannot take `image_size`
+    images: shapes only, on the meta device, and one MSDNet exit (all read the coarsest scale). 32 and 224, the
+    sizes the networks were designed for, skip the run, whose first call costs ~2 s (meta kernels load)."""
     with torch.device("meta"):
         model = build_model(arch, 10, exits if arch == "ranet" else 1, image_size, step, base,
                             gradient_equilibrium).eval()
@@ -620,20 +534,10 @@ def check_input_size(arch, exits, image_size, step=None, base=None, gradient_equ
 
 
 def count_cost(model, image_size):
-    """Cumulative Mul-Adds and parameters per exit, with MSDNet's op-counter convention.
-
-    Conv: C_in*C_out*k*k*H_out*W_out/groups; ReLU: one per element; pooling: k*k per output
-    element; linear: in*out + out; BN, concat and interpolation are free. Each exit's figure is
-    what computing that exit costs, earlier exits included. A module (its Mul-Adds and its
-    parameters) counts towards the first exit that
-    - depends on its output: the exit's logits reach the module's output in the autograd graph,
-      whatever order the forward runs in, or
-    - is handed out after the module ran in the network's exit-by-exit stream (`exits_iter`,
-      where the model has one): MSDNet computes a whole block, finer scales too, before its exit
-      answers, and real early exit (l2w.early_exit_predict) pays for that. A plain forward hands
-      out every exit at the end, so there dependency alone decides.
-    The forward returns a list or tuple of per-exit logits, or torch.stack of them.
-    """
+    """Cumulative Mul-Adds and parameters per exit, MSDNet's convention (README, "Models and their cost"): conv
+    C_in*C_out*k*k*H_out*W_out/groups, ReLU 1 and pooling k*k per output element, linear in*out + out; BN, concat
+    and interpolation free. A module counts towards the first exit whose logits depend on its output (autograd
+    graph) or that `exits_iter` hands out after it ran: real early exit pays for MSDNet's whole block."""
     in_stream = hasattr(model, "exits_iter")
     streamed, calls, seen = [], [], set()   # calls: (autograd node of the output, exits streamed before, cost)
 
@@ -658,15 +562,13 @@ def count_cost(model, image_size):
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        image = torch.zeros(1, 3, image_size, image_size, device=device, requires_grad=True)   # every output gets a node
+        # requires_grad: every module's output gets an autograd node, which tells the exits that depend on it
+        image = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device, requires_grad=True)
         with torch.enable_grad():
-            if in_stream:
+            if in_stream:   # one exit at a time: the hook reads how many were handed out before each module ran
                 for z in model.exits_iter(image):
                     streamed.append(z)
-                logits = streamed
-            else:
-                logits = model(image)
+            logits = streamed if in_stream else model(image)
     finally:
         for h in handles:
             h.remove()
