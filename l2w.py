@@ -19,27 +19,28 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
 
 The file reads in that order: config, the method (self-contained: copy it into your project),
 IMTA, evaluation (anytime, budgeted, real early exit), the training loop, then what a user looks
-up rather than reads: the command line's checks and parsing, curves, benchmark, main().
+up rather than reads: the command line, curves and summaries, benchmark, main().
 
     python l2w.py --dataset cifar10 --arch msdnet --exits 7     # the paper's setting
-    python l2w.py --dataset synthetic --exits 3                 # offline demo, under a minute
+    python l2w.py --dataset synthetic --exits 3                 # offline demo, about a minute and a half
     python l2w.py --eval-only --resume runs/.../checkpoint.pt   # evaluate a checkpoint
     python l2w.py --select-q RUN RUN ...                        # q chosen on the hold-out
     python l2w.py --help                                        # every option; README.md for more
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
+import datetime
 import gc
-import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
-import pickle
 import re
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -76,7 +77,7 @@ class Config:
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
-    lr: float = 0.0                # backbone lr, cosine to 0; 0: the paper's 0.1 x half-batch / 64 (CIFAR), / 256 (ImageNet)
+    lr: float = 0.0                # cosine to 0; leave it out for the paper's 0.1 x half-batch / 64 (CIFAR) or / 256
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wpn_lr: float = 1e-4           # Adam, cosine to 0
@@ -87,18 +88,17 @@ class Config:
     delta: float = 0.8             # perturbation: weights = 1 + delta * (g - mean g)
     constraint: str = "col"        # mean taken per sample ('col'), per exit ('row') or overall ('mat')
     meta_interval: int = 1         # the WPN is meta-updated every I iterations
-    meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (same gradient, first-order; README)
+    meta_grad: str = "higher"      # higher (second-order backward, as taught) | jvp (the same gradient, first-order)
     holdout: int = 5000            # training images held out for validation and thresholds
-    holdout_indices: str = ""      # hold-out split from a file: a run's holdout_indices.json, or index.pth's last --holdout
+    holdout_indices: str = ""      # hold-out from a file: a run's holdout_indices.json, or index.pth's last --holdout
     synthetic_size: int = 1500     # training images of --dataset synthetic (test set: a third)
     seed: int = 0
-    workers: int = 4               # loader processes per rank (folders, ImageNet; CIFAR is made on the device), at most the CPUs
+    workers: int = 4               # loader processes per rank for folders and ImageNet (CIFAR: on the device)
     device: str = "auto"           # auto (cuda if available) | cpu | cuda | cuda:1 ...
     amp: bool = False              # bf16 autocast (fp16 + loss scaling where bf16 is unavailable)
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
-    tf32: bool = False             # TF32 in the meta-gradient's fp32 convolutions too: faster on recent GPUs, less exact
+    tf32: bool = False             # TF32 in the meta-gradient too: faster on recent GPUs, less exact
     deterministic: bool = False    # deterministic GPU kernels (slower), so that a resume is bit-identical on a GPU too
-    sync_bn: bool = False          # under torchrun: BatchNorm statistics over all ranks
     out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>_<q>_<seed>
     print_every: int = 20          # iterations between progress lines
     save_every: int = 0            # iterations between checkpoints (0: each epoch); also on SIGTERM/SIGUSR1
@@ -109,17 +109,16 @@ class Config:
     budget: float = 0.0            # --eval-only: mean Mul-Adds/image (20M)
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
-    imta: str = ""                 # IMTA (Li et al. 2019) phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
+    imta: str = ""                 # IMTA phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
     pretrained: str = ""           # --imta finetune: the --imta pretrain checkpoint whose network is frozen
     kd_temperature: float = 3.0    # --imta finetune: distillation temperature T (IMTA: 3 on CIFAR, 1 on ImageNet)
-    kd_gamma: float = 0.9          # --imta finetune: share gamma of the distillation term (IMTA: 0.9 CIFAR, 0.1 ImageNet)
+    kd_gamma: float = 0.9          # --imta finetune: distillation's share gamma (IMTA: 0.9 CIFAR, 0.1 ImageNet)
     kd_reduction: str = "mean"     # KL per sample: mean (IMTA: summed over classes / classes) | batchmean (summed)
     world_size: int = dataclasses.field(default=1, metadata={"cli": False})  # set by torchrun
 
     def __post_init__(self):
         check_knobs(self)   # an unknown method, meta_grad or constraint must not train something else
-        if not self.lr:   # the paper: 0.1 x batch / 64 (CIFAR), / 256 (ImageNet); as released, the batch of each
-            # update, half the global batch: 0.8 at the presets' 1024 and 4096
+        if not self.lr:   # the paper's rule, with the batch of each update (half the global batch, as released)
             self.lr = 0.1 * (self.batch_size / 2) / (256 if self.image_size >= 64 else 64)
 
 
@@ -135,17 +134,14 @@ PRESETS = {
     "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # the demo (3 exits, L2W-DEN), about 75 s on a 2-core CPU, chosen on the hold-out: 2,000 fresh
-    # training images seen twice (62 iterations) keep the losses spread (no exit saturates), and the
-    # WPN's Adam at 1e-3 (10x the paper's, which takes ~29,000 steps) moves its weights in 124 steps
+    # the demo (3 exits), chosen on the hold-out: 2,000 training images seen twice keep the losses
+    # spread, and the WPN's Adam at 10x the paper's lr moves its weights in 124 steps
     "synthetic": dict(epochs=2, batch_size=64, lr=0.3, wpn_lr=1e-3, q=0.75, delta=0.8, constraint="col",
                       meta_interval=1, holdout=500, synthetic_size=2500, workers=0, print_every=10, image_size=32),
 }
-# IMTA's distillation settings (its released code), for --imta finetune; other data sets keep
-# the Config defaults, IMTA's CIFAR values (T = 3, gamma = 0.9).
+# IMTA's distillation settings (its released code) for --imta finetune; elsewhere its CIFAR values.
 IMTA_PRESETS = {"imagenet": dict(kd_temperature=1.0, kd_gamma=0.1)}
-# Far beyond the papers' networks (5 to 8 exits, a WPN of 1 hidden layer of 500 units), and below
-# the sizes that hang or exhaust memory (a CIFAR MSDNet of 32 exits has 528 layers, 324M parameters).
+# Far beyond the papers' networks, below the sizes that hang or exhaust memory.
 LIMITS = {"exits": 32, "wpn_depth": 8, "wpn_width": 4096}
 
 
@@ -169,8 +165,7 @@ CHOICES = {"method": ("l2w", "baseline"), "meta_grad": ("higher", "jvp"), "const
 
 
 def check_knobs(cfg):
-    """The method reads its knobs from any object with the attributes method, delta, constraint,
-    q and meta_grad: a misspelt choice must fail, not silently train something else."""
+    """The knobs come from any object with these attributes: a misspelt one must not train something else."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
@@ -221,8 +216,7 @@ def exit_cross_entropy(logits, targets):
 
 
 def cross_entropy_losses(model, images, targets):
-    """Step 1: L[i, k] = cross-entropy of sample i at exit k, shape (n, K). The default per-exit
-    loss; `model` is anything callable on the images (a module or a functional forward)."""
+    """Step 1: L[i, k], shape (n, K), the default per-exit loss; `model`: a module or a functional forward."""
     return exit_cross_entropy(model(images), targets)
 
 
@@ -240,8 +234,7 @@ def confidences(logits):
 def meta_exit_assignment(confidence, fractions):
     """Exit of every meta sample (step 4), as the released code assigns them: walking the exits in
     order, exit k takes exactly floor(n f_k) of the samples not yet assigned, the most confident
-    at exit k first (ties: lower index first; sorted, so saturated confidences cannot push more
-    in); the last exit takes the rest. confidence: (K, n); returns (n,) exit indices."""
+    at exit k first (ties: lower index first); the last exit takes the rest. confidence: (K, n)."""
     exits, n = confidence.shape
     exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.arange(n, device=confidence.device)
@@ -256,8 +249,8 @@ def meta_exit_assignment(confidence, fractions):
 def meta_loss_fn(logits, targets, q):
     """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
     budgeted inference would, then sum over exits the mean CE of the samples that leave there:
-    each sample's CE at each exit weighted 1 / (the exit's count) where it leaves, else 0 (a mask
-    would pick samples by values, whose count the host would wait for the GPU to know)."""
+    each sample's CE weighted 1 / (the exit's count) where it leaves, else 0 (a mask would pick
+    samples by values, whose count the host would wait for the GPU to know)."""
     logits = check_exit_logits(logits)
     exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
     losses = exit_cross_entropy(logits, targets)
@@ -266,17 +259,14 @@ def meta_loss_fn(logits, targets, q):
 
 
 def functional_forward(net, params, images, **kwargs):
-    """The network's forward with `params` ({name: tensor}) in place of its own parameters. The
-    buffers are copies: a train-mode BatchNorm normalises with the batch statistics, as in any
-    training forward, but its running statistics stay untouched (the virtual step never touches
-    the real model)."""
+    """The network's forward with `params` ({name: tensor}) in place of its own, on copies of its
+    buffers: BatchNorm's running statistics stay untouched (the virtual step never touches the model)."""
     buffers = {name: b.clone() for name, b in net.named_buffers()}
     return functional_call(net, {**buffers, **params}, (images,), kwargs)
 
 
 def trainable_parameters(net):
-    """{name: parameter} of what the virtual and the real step move: those that require grad (in
-    IMTA's second phase the new heads only; the frozen network does not)."""
+    """{name: parameter} of what the virtual and the real step move (in IMTA's phase 2: the new heads)."""
     return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
@@ -285,8 +275,7 @@ def scaled(loss, scaler):   # times an fp16 loss scaler's scale, where there is 
 
 
 def optimizer_step(optimizer, scaler=None):
-    """optimizer.step(), through an fp16 loss scaler where there is one (it unscales, skips the
-    step if the gradients overflowed and lowers its scale). Returns whether it skipped."""
+    """optimizer.step(), through an fp16 loss scaler where there is one; returns whether it skipped (overflow)."""
     if scaler is None:
         optimizer.step()
         return False
@@ -299,9 +288,8 @@ def optimizer_step(optimizer, scaler=None):
 def higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler):
     """Steps 3-5 as the method is taught: a differentiable virtual step and the second-order
     backward of the meta loss through it. Leaves the WPN's gradient in its .grad."""
-    # Step 3: theta' = SGD step on the weighted loss with the real optimizer's lr, momentum
-    # buffers and weight decay, differentiable in the WPN. higher steps a copy of the
-    # optimizer's state: the real optimizer is left exactly as it was.
+    # Step 3: theta' = SGD step on the weighted loss with the real optimizer's lr, momentum buffers and
+    # weight decay, differentiable in the WPN; higher steps a copy of them, the real ones stay as they were.
     virtual_sgd = higher.get_diff_optim(optimizer, list(params.values()))
     theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=list(params.values()))
     # Steps 4-5: the meta loss at theta', back-propagated through theta' into the WPN.
@@ -312,9 +300,8 @@ def higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, sca
 
 def virtual_sgd_step(optimizer, params, grads):
     """theta' = theta - lr (mu buf + g + wd theta), torch.optim.SGD's formula with each
-    parameter's group (lr, momentum, dampening, Nesterov, weight decay) and momentum buffer
-    (without a buffer yet, buf = the step itself). theta' is affine in g: returns (theta', a)
-    with d theta'_p / d g_p = -a_p."""
+    parameter's group and momentum buffer (none yet: buf = the step itself). theta' is affine
+    in g: returns (theta', a) with d theta'_p / d g_p = -a_p."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
     theta_virtual, slopes = [], []
     for p, g in zip(params, grads):
@@ -332,14 +319,11 @@ def virtual_sgd_step(optimizer, params, grads):
 
 def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler, train_losses, draws):
     """Steps 3-5 with the same meta-gradient and no second-order backward (README, "The
-    meta-gradient without the second-order backward"). Leaves the WPN's gradient in its .grad.
-
-    The WPN sees the losses detached, so theta' = theta - a (g(w) + const), with
-    g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in the weights w, and
-        dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >:
-    one backward of M at theta' (v) and one forward-mode Jacobian-vector product of
-    theta -> L (`train_losses`, whose random draws were `draws`) in the direction a * v give all
-    n x K of them."""
+    meta-gradient without the second-order backward"). The WPN sees the losses detached, so
+    theta' = theta - a (g(w) + const), g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in w:
+        dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >,
+    one backward of M at theta' (v) and one forward-mode JVP of theta -> L (`train_losses`, whose
+    random draws were `draws`) in the direction a * v. Leaves the WPN's gradient in its .grad."""
     # Step 3 as plain numbers (SGD's formula); the graph of `losses` stays for the real step.
     grads = torch.autograd.grad(weighted_loss(losses, weights.detach()), list(params.values()), retain_graph=True,
                                 allow_unused=True, materialize_grads=True)   # a layer the forward skips: g = 0
@@ -349,10 +333,9 @@ def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler
     # Step 4, and v = grad_theta' M.
     m = meta_loss(dict(zip(params, theta_virtual)))
     scaled(m, scaler).backward(inputs=theta_virtual)
-    # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: forward-mode AD
-    # through the batched training forward (BatchNorm couples the samples), with the random
-    # draws (dropout) of the forward it differentiates. A parameter the meta loss does not
-    # reach (an exit no meta sample leaves at) has v = 0.
+    # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: forward-mode AD through the
+    # batched forward (BatchNorm couples the samples) with its random draws (dropout). A parameter the
+    # meta loss does not reach (an exit no meta sample leaves at) has v = 0.
     direction = {name: torch.zeros_like(p) if t.grad is None else a * t.grad
                  for (name, p), a, t in zip(params.items(), slopes, theta_virtual)}
     with replayed(draws), forward_ad.dual_level(), torch.no_grad():
@@ -373,8 +356,7 @@ def random_state(device):   # what the random draws of a forward on `device` sta
 
 @contextlib.contextmanager
 def replayed(state):
-    """Draw again from `state` (of `random_state`); afterwards the global stream goes on as if
-    nothing had been drawn here, as with `higher`, which takes no such forward."""
+    """Draw again from `state`; then the global stream goes on as if nothing had been drawn (as with `higher`)."""
     device, cpu, cuda = state
     with torch.random.fork_rng(devices=[device] if cuda is not None else []):
         torch.set_rng_state(cpu)
@@ -386,8 +368,8 @@ def replayed(state):
 @contextlib.contextmanager
 def ieee_fp32():
     """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were. On
-    Ampere and later GPUs PyTorch lets cuDNN round fp32 convolutions' operands to TF32 (a 10-bit
-    mantissa) by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
+    Ampere and later GPUs cuDNN may round fp32 convolutions' operands to TF32 (a 10-bit mantissa)
+    by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     # torch >= 2.9 sets it per operation; mixing those settings with the older flags raises
     name, ieee, modules = (("fp32_precision", "ieee", (cudnn.conv, matmul)) if hasattr(cudnn, "conv")
@@ -403,24 +385,21 @@ def ieee_fp32():
 
 
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
-              loss_fn, autocast, scalers, virtual_context, meta_precision):
-    """Steps 1-6 on a (train half, meta half) pair; returns (loss, meta loss or None, whether the
-    fp16 loss scaler skipped the WPN's step), the losses as tensors on the device: reading them
-    would make the host wait for the GPU before it queues the next step."""
+              loss_fn, autocast, scalers, meta_precision):
+    """Steps 1-6 on a (train half, meta half) pair: (loss, meta loss or None, whether fp16 skipped the
+    WPN's step), the losses left on the device (reading them makes the host wait for the GPU)."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
     draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
     # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
-    # fp32: in bf16 that gradient is mostly rounding error. For the same reason steps 1-5 run in
-    # IEEE fp32, not TF32 (`meta_precision`). This forward and its graph serve both the virtual
-    # step and the real step, which start from the same parameters and images.
+    # fp32 (in bf16 that gradient is mostly rounding error), and steps 1-5 run in IEEE fp32, not
+    # TF32 (`meta_precision`). This forward and its graph serve both the virtual and the real step.
     with (meta_precision if meta_step else autocast)():
         losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
-        # Steps 2-5 move the WPN only: the real parameters, the optimizer and the BatchNorm
-        # statistics stay untouched. The virtual step moves what the real step moves.
+        # Steps 2-5 move the WPN only; the virtual step moves what the real step moves.
         params = trainable_parameters(net)
 
         def train_losses(theta):   # the train half's losses at `theta`
@@ -431,18 +410,13 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
                 return meta_loss_fn(functional_forward(net, theta_virtual, meta_images), meta_targets, cfg.q)
 
         wpn_optimizer.zero_grad(set_to_none=True)
-        with meta_precision(), (virtual_context or contextlib.nullcontext)():
-            virtual_losses = losses
-            if virtual_context:   # e.g. SyncBatchNorm, whose synchronised graph cannot be differentiated again
-                draws = random_state(images.device)
-                virtual_losses = train_losses({})
-            # Step 2: weights from the WPN on the detached losses.
-            weights = sample_weights(wpn(virtual_losses.detach()), cfg.delta, cfg.constraint)
+        with meta_precision():
+            weights = sample_weights(wpn(losses.detach()), cfg.delta, cfg.constraint)   # step 2
             if cfg.meta_grad == "jvp":
-                m = jvp_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler,
+                m = jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss_at, meta_scaler,
                                       train_losses, draws)
             else:
-                m = higher_meta_gradient(wpn, optimizer, params, virtual_losses, weights, meta_loss_at, meta_scaler)
+                m = higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss_at, meta_scaler)
         skipped = optimizer_step(wpn_optimizer, meta_scaler)   # step 5: Adam step of the WPN
         meta_loss = m.detach()
 
@@ -466,9 +440,9 @@ def check_meta_step(model, optimizer, cfg):
     trainable, groups = trainable_parameters(model), optimizer.param_groups
     held = {id(p) for group in groups for p in group["params"]}
     missing = [name for name, p in trainable.items() if id(p) not in held]
-    if missing:
-        raise ValueError(f"the virtual step moves every parameter that requires grad, but the optimizer does not "
-                         f"hold {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if missing:   # the virtual step moves every parameter that requires grad
+        raise ValueError(f"the optimizer does not hold {missing[0]}"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if cfg.meta_grad == "higher" and len(held) > len(trainable):
         raise ValueError(f"meta_grad 'higher' needs an optimizer of the parameters that require grad only; this "
                          f"one also holds {len(held) - len(trainable)} frozen ones (leave them out, or use "
@@ -481,23 +455,19 @@ def check_meta_step(model, optimizer, cfg):
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
-               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, virtual_context=None,
-               meta_precision=ieee_fp32):
+               loss_fn=cross_entropy_losses, autocast=contextlib.nullcontext, scalers=None, meta_precision=ieee_fp32):
     """One iteration, as the authors released it: the batch is split into halves A and B; A
     trains with B as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a
     meta step): 0-dim tensors on the device, "wpn_skipped"}.
 
-    model: its forward returns per-exit logits, cheapest exit first (may be DDP-wrapped).
+    model: its forward returns per-exit logits, cheapest exit first (DDP-wrapped or not).
     optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).
     cfg: any object with method, delta, constraint, q, meta_grad.
     meta: False weights with the current WPN without updating it (the meta interval).
     loss_fn(model, images, targets) -> (n, K) per-exit losses, the ones the WPN weights.
-    autocast: a context factory for the forwards that may run in low precision.
-    scalers: fp16 loss scalers {"real": backbone's, "meta": WPN's}, or None.
-    virtual_context: a context factory for steps 3-5; when given, they take a forward of
-    their own in it instead of reusing step 1's graph.
-    meta_precision: a context factory for steps 1-5 of a meta step (`contextlib.nullcontext`:
-    PyTorch's TF32 settings, faster on recent GPUs).
+    autocast: a context factory for the forwards that may run in low precision; scalers: fp16 loss
+    scalers {"real": backbone's, "meta": WPN's}, or None.
+    meta_precision: a context factory for steps 1-5 of a meta step (`contextlib.nullcontext`: TF32 allowed).
     """
     check_knobs(cfg)
     if cfg.method == "l2w" and meta:
@@ -508,7 +478,7 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     if len(a) != 2 or a[0].shape[0] != a[1].shape[0]:
         raise ValueError(f"a batch of {images.shape[0]} cannot be split into two equal halves")
     halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta,
-                        loss_fn, autocast, scalers, virtual_context, meta_precision) for i in (0, 1)]
+                        loss_fn, autocast, scalers, meta_precision) for i in (0, 1)]
     metas = [h[1] for h in halves if h[1] is not None]
     return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
             "wpn_skipped": sum(h[2] for h in halves)}
@@ -519,15 +489,9 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 # ============================================================================
 
 def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
-    """IMTA's one-for-all knowledge distillation (Sec. 3.3) per sample and exit, shape (n, K): the
-    last exit learns from the labels, every other exit k from the labels and the last exit alike,
-    (1 - gamma) CE + gamma T^2 KL(softmax(teacher / T) || softmax(z_k / T)).
-
-    reduction 'mean' reproduces IMTA's nn.KLDivLoss() (the old default reduction, a mean over
-    batch x classes): each sample's KL, summed over the classes, is divided by the number of
-    classes; 'batchmean' keeps the true per-sample KL. Averaged over the batch, each column is
-    IMTA's loss of that exit.
-    """
+    """IMTA's one-for-all distillation (Sec. 3.3) per sample and exit, (n, K): the last exit learns
+    from the labels, exit k from the labels and the last exit, (1 - gamma) CE + gamma T^2 KL(teacher
+    || z_k) at temperature T; 'mean' divides the KL by the classes, as IMTA's nn.KLDivLoss() does."""
     soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
     columns = []
     for z in logits[:-1]:
@@ -540,35 +504,30 @@ def distillation_losses(logits, teacher, targets, temperature, gamma, reduction=
 
 
 def imta_exit_losses(model, images, targets, temperature, gamma, reduction="mean"):
-    """`train_step`'s loss_fn in IMTA's second phase: the new heads' distillation losses against
-    the frozen network's last exit."""
+    """`train_step`'s loss_fn in IMTA's second phase: the new heads against the frozen last exit."""
     logits, teacher = model(images, with_teacher=True)
     return distillation_losses(logits, teacher, targets, temperature, gamma, reduction)
 
 
 # ============================================================================
-# Evaluation: anytime and budgeted (MSDNet's protocols, Huang et al. ICLR 2018)
+# Evaluation: anytime and budgeted (MSDNet's protocols, Huang et al. ICLR 2018), real early exit
 # ============================================================================
 
 @torch.no_grad()
+@ieee_fp32()   # the same checkpoint gives the same logits, whatever the TF32 settings
 def predict(model, loader, device, cfg, with_teacher=False):
-    """Logits of every exit for a whole split, in order: (list of K (n, classes) tensors, targets)
-    on the CPU; `with_teacher` (IMTA's phase 2) appends the distillation teacher's logits to the list.
-    Under torchrun each rank predicts its share of every batch with rank 0's weights and BatchNorm
-    statistics (those the checkpoint holds); only rank 0 gets the whole (others None)."""
+    """(list of K (n, classes) logits, targets) of a whole split on the CPU (`with_teacher`: IMTA's
+    teacher's appended). Under torchrun each rank predicts its share of every batch with rank 0's
+    weights and BatchNorm statistics (the checkpoint's); rank 0 gets the whole, the others None."""
     net = unwrap(model).eval()
-    if dist.is_initialized():
-        # DDP copies rank 0's buffers into every rank at each training forward, after which each
-        # rank updates them with its own shard: without this, ranks would score with different
-        # running statistics.
+    if dist.is_initialized():   # each rank's running statistics have followed its own shard
         for buffer in net.buffers():
             dist.broadcast(buffer, 0)
     batches = []
     for images, labels in loader:
-        images, _ = to_device(images, labels, device, cfg)
+        images = to_device(images, labels, device, cfg)[0]
         logits = net(images, with_teacher=True) if with_teacher else net(images)
-        if with_teacher:   # (the new heads' logits, the teacher's)
-            logits = [*logits[0], logits[1]]
+        logits = [*logits[0], logits[1]] if with_teacher else logits   # IMTA: (the new heads' logits, the teacher's)
         batches.append(([z.float().cpu() for z in logits], labels.cpu()))
     if dist.is_initialized():   # rank r holds the r-th contiguous share of each batch
         shares = [None] * dist.get_world_size() if is_main() else None
@@ -580,8 +539,7 @@ def predict(model, loader, device, cfg, with_teacher=False):
 
 
 def percent(right):
-    """The share of True in `right`, in %, from the count and rounded to 1e-4: 73.0, not float32's
-    73.00000190734863 (results.json stores what the figure means); NaN for no sample."""
+    """The share of True in `right`, in %, rounded to 1e-4 (73.0, not float32's 73.0000019); NaN for none."""
     return round(100 * right.sum().item() / right.numel(), 4) if right.numel() else math.nan
 
 
@@ -597,13 +555,9 @@ def anytime_evaluate(logits, targets, flops, params):
 
 
 def fit_thresholds(confidence, fractions):
-    """Per-exit confidence thresholds that send the share f_k of `confidence`'s samples to exit k
-    (MSDNet's dynamic_eval_find_threshold). confidence: (K, n).
-
-    Walking the exits in order, exit k's threshold is the confidence of the floor(n * f_k)-th
-    most confident sample among those that have not exited; if that count is 0 or is not
-    reached, nobody exits there (threshold +inf). The last exit takes everything (-inf).
-    """
+    """Thresholds that send the share f_k of the (K, n) `confidence`'s samples to exit k (MSDNet's
+    dynamic_eval_find_threshold): exit k's is the confidence of the floor(n f_k)-th most confident
+    sample not yet exited (+inf if that is 0 or not reached); the last exit takes the rest (-inf)."""
     exits, n = confidence.shape
     thresholds = torch.full((exits,), math.inf, dtype=confidence.dtype, device=confidence.device)
     exited = torch.zeros(n, dtype=torch.bool, device=confidence.device)
@@ -618,18 +572,14 @@ def fit_thresholds(confidence, fractions):
 
 
 def exit_with_thresholds(confidence, thresholds):
-    """Index of the first exit whose threshold each sample reaches, shape (n,). A sample that
-    reaches none (a NaN confidence or threshold reaches nothing) runs to the last exit, as in
-    `early_exit_predict`."""
+    """(n,) first exit whose threshold each sample reaches; none reached (NaN): the last exit."""
     reached = confidence >= thresholds[:, None]
     reached[-1] = True
     return reached.to(torch.uint8).argmax(dim=0)   # the first True
 
 
 def budgeted_point(thresholds, confidence, correct, flops):
-    """Accuracy (%) and mean Mul-Adds per image when each sample leaves at the first exit whose
-    threshold its confidence reaches. confidence, correct: (K, n); flops: (K,) float64. Computed on
-    confidence's device (a GPU's logits work as they are)."""
+    """Accuracy (%) and mean Mul-Adds per image with these thresholds; confidence, correct: (K, n)."""
     thresholds, flops = thresholds.to(confidence.device), flops.to(confidence.device)
     exit_of = exit_with_thresholds(confidence, thresholds)
     n = confidence.shape[1]
@@ -644,9 +594,8 @@ def correctness(logits, targets):
 
 def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
                      qs=tuple(p / 20 for p in range(1, 40))):
-    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39 (or `qs`), fit
-    thresholds on the hold-out split, apply them to the test set, and report accuracy and
-    expected Mul-Adds sum_k share_k * flops_k (thresholds: `fit_thresholds`)."""
+    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39, thresholds fitted on
+    the hold-out split, applied to the test set: accuracy and Mul-Adds sum_k share_k * flops_k."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
     correct, flops = correctness(test_logits, test_targets), torch.tensor(flops, dtype=torch.float64)
     curve = []
@@ -658,18 +607,9 @@ def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
 
 
 def holdout_halves(logits, targets):
-    """The hold-out split as two fixed halves, its even and odd positions: ((logits, targets), ...).
-    Choosing q (--select-q) or thresholds (--budget) must not look at the test set, so it looks at
-    the hold-out, as the test protocol would: thresholds fitted on the first half are scored on
-    the second. Scored on the images they were fitted on, thresholds would meet every q's exit
-    fractions exactly, and the cost would be more certain than it is on images never seen."""
+    """The hold-out as two halves (even, odd positions): what chooses q (--select-q) or thresholds
+    (--budget) fits on the first and scores on the second, as the test protocol would."""
     return tuple(([z[half::2] for z in logits], targets[half::2]) for half in (0, 1))
-
-
-def holdout_curve(val_logits, val_targets, flops):
-    """The budgeted curve measured on the hold-out split alone (`holdout_halves`)."""
-    (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(val_logits, val_targets)
-    return dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops)
 
 
 # --budget tries every q of this grid: steps of 0.001 up to 2 (it holds the budgeted protocol's 39
@@ -679,10 +619,8 @@ BUDGET_QS = [p / 1000 for p in range(1, 2001)] + [2 * 1.01 ** j for j in range(1
 
 def budget_evaluate(budget, val, test, flops):
     """--budget: of the thresholds fitted at each q of BUDGET_QS on the first half of the hold-out,
-    those whose mean Mul-Adds per image on the second half is at most `budget`, the most accurate
-    there (then the cheapest). All of BUDGET_QS is tried, so no q of it that fits does better on
-    the hold-out. Returns the record for results.json: q, the thresholds (for `early_exit_predict`),
-    hold-out and test accuracy and Mul-Adds. The test set is scored, never looked at to choose."""
+    those within `budget` on the second half, the most accurate there (then the cheapest). The test
+    set is scored, never looked at to choose."""
     (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(*val)
     exits = len(flops)
     if budget >= flops[-1]:
@@ -701,21 +639,19 @@ def budget_evaluate(budget, val, test, flops):
     holdout_acc, holdout_flops = budgeted_point(thresholds, confidences(score_logits),
                                                 correctness(score_logits, score_targets), flops)
     test_acc, test_flops = budgeted_point(thresholds, confidences(test[0]), correctness(*test), flops)
-    log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: {'the whole network' if q is None else f'q {q:.4g}'}, thresholds "
-        f"{' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit_targets)} images, "
-        f"scored on {len(score_targets)}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per image\n"
-        f" test set ({len(test[1])} images): top-1 {test_acc:.2f}, {test_flops / 1e6:.2f}M Mul-Adds per image")
+    log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: {'the whole network' if q is None else f'q {q:.4g}'}, "
+        f"thresholds {' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit_targets)} "
+        f"images, scored on {len(score_targets)}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per "
+        f"image\n test set ({len(test[1])} images): top-1 {test_acc:.2f}, {test_flops / 1e6:.2f}M Mul-Adds per image")
     return {"budget": budget, "q": q, "thresholds": thresholds.tolist(), "holdout_acc": holdout_acc,
             "holdout_flops": holdout_flops, "test_acc": test_acc, "test_flops": test_flops}
 
 
 @torch.inference_mode()
 def early_exit_predict(model, images, thresholds):
-    """Real early exiting for a batch: the network runs exit by exit, and at exit k the samples
-    whose confidence reaches thresholds[k] leave with that exit's prediction; everything the
-    later exits need is cut to the samples that remain, so no computation is spent on the ones
-    that left. Gives what the budgeted protocol simulates from a full forward pass
-    (`exit_with_thresholds`). Returns (predictions, exits), each of shape (n,)."""
+    """Real early exiting: the network runs exit by exit; at exit k the samples whose confidence
+    reaches thresholds[k] leave, and what later exits need is cut to those that remain. Returns
+    (predictions, exits), what the budgeted protocol simulates (`exit_with_thresholds`)."""
     if model.training:   # not unconditionally: eval() walks every module, as long as a first exit at batch 1
         model.eval()
     n, device = images.shape[0], images.device
@@ -740,6 +676,73 @@ def early_exit_predict(model, images, thresholds):
     return predictions, exit_of
 
 
+def timed(step, images, device):
+    """(seconds, step(images) or step(), peak GPU memory in bytes or None), the GPU synchronised around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    out = step() if images is None else step(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+@torch.inference_mode()
+@ieee_fp32()   # as `predict`, whose logits the budgeted protocol simulates from
+def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
+    """--early-exit: the budgeted protocol at q = cfg.q (or --budget's thresholds), for real: every
+    test batch through the whole network and `early_exit_predict` in turn (in alternating order),
+    at batch size 1 and --batch-size. `same_as_budgeted`: images whose exit and prediction agree."""
+    net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
+    q = budget["q"] if budget else cfg.q
+    thresholds = (torch.tensor(budget["thresholds"]) if budget else
+                  fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits)))
+    simulated = exit_with_thresholds(confidences(test[0]), thresholds)
+    simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
+    on_device = thresholds.to(device)
+    steps = {"whole": net, "early": lambda images: early_exit_predict(net, images, on_device)}
+    runs = []
+    for batch_size in dict.fromkeys([1, cfg.batch_size]):
+        loader = make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
+        seconds, predictions, exit_of = {"whole": 0.0, "early": 0.0}, [], []
+        for i, (images, labels) in enumerate(loader):
+            images, _ = to_device(images, labels, device, cfg)
+            if i == 0:   # warm-up: the first calls allocate memory and pick kernels
+                for step in steps.values():
+                    timed(step, images, device)
+            outputs = {}
+            for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
+                elapsed, outputs[name], _ = timed(steps[name], images, device)
+                seconds[name] += elapsed
+            predictions.append(outputs["early"][0].cpu())
+            exit_of.append(outputs["early"][1].cpu())
+        predictions, exit_of = torch.cat(predictions), torch.cat(exit_of)
+        runs.append({"batch_size": batch_size,
+                     "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
+                     "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
+                     "speedup": seconds["whole"] / seconds["early"],
+                     "accuracy": percent(predictions == test[1]),
+                     "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
+                     "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
+    shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
+    average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
+    result = {"q": q, "accuracy": runs[0]["accuracy"], "budgeted_accuracy": percent(simulated_predictions == test[1]),
+              "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
+              "runs": runs}
+    log(f"\nearly exit at {'the last exit' if q is None else f'q {q:.4g}'} (test set, {n} images, run exit by exit "
+        f"and through the whole network)\n top-1 {result['accuracy']:.2f} (budgeted protocol: "
+        f"{result['budgeted_accuracy']:.2f}), {average_flops / 1e6:.2f}M Mul-Adds per image (whole network "
+        f"{flops[-1] / 1e6:.2f}M: {result['flops_speedup']:.2f}x), exit shares {' '.join(f'{s:.3f}' for s in shares)}\n"
+        " batch   early exit: ms/image  images/s   whole network: ms/image  images/s   speedup   "
+        "share of the Mul-Adds speedup   same as budgeted")
+    for run in runs:
+        log(f"{run['batch_size']:6d} {run['ms_per_image']:21.3f} {run['images_per_s']:9.1f} "
+            f"{run['whole_ms_per_image']:24.3f} {run['whole_images_per_s']:9.1f} {run['speedup']:8.2f}x "
+            f"{100 * run['speedup'] / result['flops_speedup']:28.0f} % {run['same_as_budgeted']:11d}/{n}")
+    return result
+
+
 def average_ranks(x):
     """Ranks 1..n of x's values, ties given the mean of the ranks they span (Spearman's rule)."""
     order = x.argsort(stable=True)
@@ -751,26 +754,17 @@ def average_ranks(x):
 
 
 @torch.no_grad()
-def wpn_weights(wpn, losses, cfg):
-    """Step 2 on an (n, K) loss matrix: the weights `wpn` gives with the run's delta and
-    constraint, as float64 on the CPU. The matrix is one set: `row` and `mat` take their means
-    over all of it (in training, over a half-batch)."""
-    net = unwrap(wpn)
-    return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
-
-
 def weight_profile(losses, wpn, cfg, initial_wpn=None):
-    """What the WPN has learned, read off a held-out (n, K) loss matrix. Per exit k: the `mean`
-    weight; `spearman`, the rank correlation of w[:, k] with L[:, k] (None where either is
-    constant); `deciles`, the mean weight of each tenth of the samples sorted by L[:, k], easiest
-    first; and given the WPN's starting point, `moved`, the mean |w - w_start| of the weights the
-    two give to the same losses. The paper's claim: easy samples should weigh more at the early
-    exits (spearman < 0 there) and hard ones at the last exits (spearman > 0)."""
-    weights = wpn_weights(wpn, losses, cfg)
-    losses = losses.double().cpu()
+    """What the WPN learned, from a held-out (n, K) loss matrix taken as one set. Per exit: the `mean`
+    weight; `spearman`, the rank correlation of weight and loss (None if either is constant; the
+    paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of each tenth of the
+    samples by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
+    def weights_of(net):
+        net = unwrap(net)
+        return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
+    weights, losses = weights_of(wpn), losses.double().cpu()
     profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
-               "moved": None if initial_wpn is None else
-               (weights - wpn_weights(initial_wpn, losses, cfg)).abs().mean(0).tolist()}
+               "moved": None if initial_wpn is None else (weights - weights_of(initial_wpn)).abs().mean(0).tolist()}
     for w, loss in zip(weights.T, losses.T):
         rank_w, rank_l = average_ranks(w), average_ranks(loss)
         rank_w, rank_l = rank_w - rank_w.mean(), rank_l - rank_l.mean()
@@ -781,14 +775,38 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
     return profile
 
 
-@torch.no_grad()
-def learned_weights(model, wpn, images, targets, cfg, initial_wpn=None, batch_size=256):
-    """`weight_profile` of a network and its WPN (e.g. a checkpoint's) on held-out images with
-    test-time transforms, the network in eval mode, the images taken as one set."""
-    net = unwrap(model).eval()
-    device = next(net.parameters()).device
-    logits = [torch.cat(z) for z in zip(*(net(x.to(device)) for x in images.split(batch_size)))]
-    return weight_profile(exit_cross_entropy([z.float().cpu() for z in logits], targets.cpu()), wpn, cfg, initial_wpn)
+def evaluate(cfg, model, splits, device, val, flops, params, history):
+    """Both protocols on the test set with thresholds from `val`, the hold-out's (logits, targets),
+    never from the test set; rank 0 reports and writes results.json."""
+    test = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
+    if not is_main():
+        return None
+    (test_logits, test_targets), (val_logits, val_targets) = test, val
+    anytime = anytime_evaluate(test_logits, test_targets, flops, params)
+    dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
+    fit, score = holdout_halves(val_logits, val_targets)   # the budgeted curve on the hold-out alone
+    holdout = dynamic_evaluate(*fit, *score, flops) if splits.threshold_source == "holdout" else None
+    log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
+    for row in anytime:
+        log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
+            f"{row['params'] / 1e6:12.3f}")
+    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images"
+        + ("; hold-out columns: thresholds fitted on one half of it, scored on the other)" if holdout else ")")
+        + "\n    q   top-1   Mul-Adds (M)" + ("   hold-out top-1   Mul-Adds (M)" if holdout else ""))
+    for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
+        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}"
+            + (f" {own['acc']:16.2f} {own['flops'] / 1e6:14.2f}" if own else ""))
+    results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
+               "class_counts": splits.class_counts, "anytime": anytime, "dynamic": dynamic,
+               "holdout_dynamic": holdout, "history": history}
+    if cfg.budget:
+        results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
+    if cfg.early_exit:
+        results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, test, flops,
+                                                    results.get("budget"))
+    write_json(os.path.join(cfg.out, "results.json"), results)
+    log(f"\nwrote {cfg.out}/results.json")
+    return results
 
 
 # ============================================================================
@@ -800,86 +818,59 @@ def cosine(base, iteration, total):
     return 0.5 * base * (1 + math.cos(math.pi * iteration / total))
 
 
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
 def atomic_write(path, write):
-    """`write(file)` into a uniquely named temporary file in the same directory, flushed to disk,
-    then renamed over `path`: a crash or a second writer never leaves a half-written checkpoint
-    or results file behind."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    """`write(file)` into path.tmp, flushed to disk, then renamed over `path`: a crash or a full disk
+    never leaves a half-written checkpoint or results file."""
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(path + ".tmp", "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:   # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
+        raise UsageError(f"cannot write '{path}' ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
+                         f"{free:.0f} MiB free there); " + ("the last one written is intact" if os.path.exists(path)
+                                                            else "nothing was written")) from None
 
 
 def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-CHECKPOINT_KEYS = ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoch", "batch", "rng",
-                   "holdout_indices")
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
 def check_file(path, what):
     """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
-    if os.path.isdir(path):
-        inside = os.path.join(path, "checkpoint.pt")
-        raise UsageError(f"{what} '{path}' is a folder, not a file"
-                         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
-    if not os.path.isfile(path):
-        raise UsageError(f"{what} '{path}' does not exist")
+    inside = os.path.join(path, "checkpoint.pt")
+    need(not os.path.isdir(path), f"{what} '{path}' is a folder, not a file"
+         + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
+    need(os.path.isfile(path), f"{what} '{path}' does not exist")
 
 
 def load_checkpoint(path):
-    """A checkpoint written by `train`. Loaded with weights_only=True: tensors, numbers, strings
-    and containers only, so a file from elsewhere cannot run code."""
+    """A checkpoint of `train`, loaded with weights_only=True: a file from elsewhere cannot run code."""
     check_file(path, "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if unsafe:
-            raise UsageError(f"checkpoint '{path}' needs arbitrary code to load ({unsafe.group(1)}); refused, "
-                             f"since loading it could run anything (l2w.py checkpoints hold only tensors)") from None
-        raise UsageError(f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint") from None
     except Exception as e:
-        raise UsageError(f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint ({type(e).__name__})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise UsageError(f"checkpoint '{path}' is not an l2w.py checkpoint (it lacks {', '.join(missing)})")
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))   # what weights_only refused to build
+        raise UsageError(f"checkpoint '{path}' needs arbitrary code to load ({unsafe.group(1)}); refused, since "
+                         f"loading it could run anything" if unsafe else
+                         f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint ({type(e).__name__})") from None
+    missing = [k for k in ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoch", "batch", "rng",
+                           "holdout_indices") if not isinstance(state, dict) or k not in state]
+    need(not missing, f"checkpoint '{path}' is not an l2w.py checkpoint (it lacks {', '.join(missing)})")
     return state
 
 
-def rng_state(device):
-    """The RNG state of this process's devices, as tensors (nothing here draws from Python's or
-    numpy's RNG: shuffling and augmentation are seeded per epoch and sample)."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    """Restore what fits this machine: the CUDA state only on a CUDA device (a run saved on 8 GPUs
-    may be resumed or evaluated on one, or on the CPU)."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def make_loader(dataset, cfg, device, shuffle):
-    """Loader of (images, targets) over (epoch, index) batches from data.ShardedBatches: shuffling
-    and augmentation are seeded by (seed, epoch), so a resumed epoch sees the same batches. Under
-    torchrun each rank loads its share of every global batch. CIFAR's batches are made on the
-    device in whole; other images are read and augmented one by one in loader workers."""
+    """Batches seeded by (seed, epoch), the same in a resumed epoch; under torchrun each rank loads its
+    share of every global batch. CIFAR is augmented on the device, other images in loader workers."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = data.ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
     if isinstance(dataset, data.DeviceImages):
@@ -889,14 +880,11 @@ def make_loader(dataset, cfg, device, shuffle):
 
 
 def setup_device(cfg):
-    """Single process: the requested device. Under torchrun (WORLD_SIZE > 1): one process per
-    rank, NCCL on GPUs (rank i on cuda:LOCAL_RANK), gloo on CPU. A GPU is made the current one
-    before anything starts CUDA, so that every call that means "the current GPU" (synchronising,
-    peak memory, new tensors) means it. --deterministic: deterministic kernels only."""
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """The device, and under torchrun (WORLD_SIZE > 1) the process group: NCCL on GPUs (rank i on
+    cuda:LOCAL_RANK), gloo on CPU. A GPU is made the current one before anything starts CUDA."""
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts: before any GPU work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
     if cfg.world_size > 1 and device.type == "cuda":
@@ -931,46 +919,19 @@ def unwrap(model):
     return model.module if isinstance(model, DDP) else model
 
 
-@contextlib.contextmanager
-def per_rank_batchnorm(net):
-    """--sync-bn's virtual step: SyncBatchNorm layers normalise with this rank's batch only (a
-    one-rank process group), a forward whose graph can be differentiated again."""
-    layers = [m for m in net.modules() if isinstance(m, nn.SyncBatchNorm)]
-    saved = [m.process_group for m in layers]
-    for m in layers:
-        m.process_group = m.own_rank_group
-    try:
-        yield
-    finally:
-        for m, group in zip(layers, saved):
-            m.process_group = group
-
-
 def amp_dtype(device):
-    """bf16 where the device computes it natively (CPUs, Ampere and newer GPUs), else fp16.
-    (`torch.cuda.is_bf16_supported()` also counts emulated bf16 on older GPUs: too slow.)"""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        return torch.float16
-    return torch.bfloat16
+    """bf16 where computed natively (CPUs, Ampere and newer GPUs; not `is_bf16_supported()`'s emulation), else fp16."""
+    native = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native else torch.float16
 
 
 def build(cfg, num_classes, device):
-    """Backbone, WPN and their optimizers as configured (README, "The paper's experiments"),
-    wrapped in DistributedDataParallel under torchrun, and `train_step`'s optional arguments
-    (`method_options`)."""
+    """Backbone, WPN, their optimizers (the networks DDP-wrapped under torchrun), `train_step`'s options."""
     model = build_model(cfg.arch, num_classes, cfg.exits, cfg.image_size, cfg.step, base=cfg.base,
                         gradient_equilibrium=cfg.imta == "pretrain")
     if cfg.imta == "finetune":   # IMTA's second phase: the network above frozen, new heads on it
         model = IMTANet(model, num_classes)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist.is_initialized() and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        own = [dist.new_group([r]) for r in range(dist.get_world_size())]   # every rank creates every group
-        for m in model.modules():
-            if isinstance(m, nn.SyncBatchNorm):
-                m.own_rank_group = own[dist.get_rank()]   # read by per_rank_batchnorm
+    model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     wpn = WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
     optimizer = torch.optim.SGD(trainable_parameters(model).values(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -978,15 +939,12 @@ def build(cfg, num_classes, device):
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
         model, wpn = DDP(model, device_ids=ids), DDP(wpn, device_ids=ids)
-    return model, wpn, optimizer, wpn_optimizer, method_options(cfg, unwrap(model), device)
+    return model, wpn, optimizer, wpn_optimizer, method_options(cfg, device)
 
 
-def method_options(cfg, net, device):
-    """The engineering, plugged into the method through `train_step`'s optional arguments: IMTA's
-    distillation loss, the autocast context of --amp, TF32 in the meta-gradient under --tf32,
-    fp16's two loss scalers (the WPN's meta gradients come through a different, fp32 graph and
-    overflow at other scales than the backbone's), and per-rank BatchNorm for the virtual step
-    under --sync-bn."""
+def method_options(cfg, device):
+    """The engineering, through `train_step`'s optional arguments: IMTA's loss, --amp, --tf32, and fp16's
+    two loss scalers (the WPN's meta gradients overflow at other scales than the backbone's)."""
     options = {"autocast": partial(torch.autocast, device.type, dtype=amp_dtype(device), enabled=cfg.amp)}
     if cfg.tf32:
         options["meta_precision"] = contextlib.nullcontext   # PyTorch's TF32 settings in steps 1-5 too
@@ -995,14 +953,7 @@ def method_options(cfg, net, device):
                                      reduction=cfg.kd_reduction)
     if cfg.amp and amp_dtype(device) == torch.float16:
         options["scalers"] = {"real": torch.amp.GradScaler(device.type), "meta": torch.amp.GradScaler(device.type)}
-    if dist.is_initialized() and cfg.sync_bn:
-        options["virtual_context"] = partial(per_rank_batchnorm, net)
     return options
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def to_device(images, targets, device, cfg):
@@ -1012,119 +963,78 @@ def to_device(images, targets, device, cfg):
     return images, targets.to(device, non_blocking=True)
 
 
-def replicas_identical(*modules):
-    """Under torchrun: are these modules' parameters and buffers bit-identical on every rank?
-    Compares a SHA-256 of their bytes, not copies of the tensors."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for t in itertools.chain(unwrap(module).parameters(), unwrap(module).buffers()):
-            digest.update(t.detach().flatten().view(torch.uint8).cpu().numpy().tobytes())
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest.hexdigest())
-    return len(set(digests)) == 1
+def load_weights(cfg, model, wpn):
+    """--weights: a released MSDNet-PyTorch / L2W-DEN checkpoint into `model` (and its WPN into `wpn`)."""
+    try:
+        info = load_released(model, cfg.weights, wpn)
+    except ValueError as e:
+        try:   # one of l2w.py's own checkpoints? say what it is for
+            config = load_checkpoint(cfg.weights)["config"]
+        except UsageError:
+            raise UsageError(str(e) + (" (--exits, --step, --base, --image-size and the data set choose the "
+                                       "network; --wpn-depth and --wpn-width the WPN)" if "does not fit this" in str(e)
+                                       else "")) from None
+        raise UsageError(f"--weights '{cfg.weights}' is a checkpoint of l2w.py"
+                         + (f" (--imta {config['imta']})" if config.get("imta") else "")
+                         + ", not a released one: evaluate or continue it with --resume"
+                         + ("; phase 2 starts from it with --imta finetune --pretrained"
+                            if config.get("imta") == "pretrain" else "")) from None
+    except Exception as e:   # not a file torch.load(weights_only=True) can read
+        raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
+    log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
+        f"{', and its WPN' if info['wpn'] else ''})")
 
 
-class Preemption:
-    """SIGTERM and SIGUSR1 (what SLURM sends before it ends a job) ask the training loop to write a
-    checkpoint after the current iteration and stop; under torchrun the ranks stop together."""
+def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
+    """Where training starts: the --resume checkpoint, else the frozen phase-1 network (--imta
+    finetune) or released weights (--weights). Returns (epoch, iteration, history, the epoch's
+    running sums, the WPN as training found it: to measure how far it moves)."""
+    (net, wpn), optimizers = map(unwrap, nets[:2]), nets[2:]
+    if not state:
+        if pretrained:
+            if pretrained["config"].get("imta") != "pretrain":
+                log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
+                    "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
+            try:
+                net.backbone.load_state_dict(pretrained["model"])
+            except RuntimeError as e:
+                raise UsageError(f"--pretrained '{cfg.pretrained}' does not fit this model ({str(e).splitlines()[0]})")
+        if cfg.weights:
+            load_weights(cfg, net, wpn)
+            if splits.threshold_source == "holdout":
+                log("warning: thresholds fitted on images a network trained on are optimistic, and the authors' "
+                    "L2W-DEN models trained on every training image (so did their own evaluation); "
+                    + ("" if cfg.holdout_indices else "this hold-out is drawn from --seed; ") + "--holdout-indices "
+                    "gives the images of a network trained without them (MSDNet-PyTorch's index.pth, a run's "
+                    "holdout_indices.json)")
+        return 0, 0, [], None, copy.deepcopy(wpn)
+    try:
+        for module, key in ((net, "model"), (wpn, "wpn"), *zip(optimizers, ("optimizer", "wpn_optimizer"))):
+            module.load_state_dict(state[key])
+        for name, scaler in (scalers or {}).items():
+            if (state.get("scalers") or {}).get(name):
+                scaler.load_state_dict(state["scalers"][name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        detail = re.search(r'(Missing|Unexpected) key\(s\) in state_dict: "[^"]+"|size mismatch for [\w.]+', str(e))
+        raise UsageError(f"checkpoint '{cfg.resume}' does not fit the {cfg.arch} with {cfg.exits} exits that its "
+                         f"config describes ({detail.group(0) if detail else str(e).splitlines()[0]})") from None
+    torch.set_rng_state(state["rng"]["torch"])   # its CUDA part on a GPU only: a GPU's run may resume on the CPU
+    if state["rng"]["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    log(f"resumed from {cfg.resume} at epoch {state['epoch']}"
+        + (f", iteration {state['batch']}" if state["batch"] else ""))
+    initial_wpn = copy.deepcopy(wpn)
+    if state.get("wpn_init") is None:   # a checkpoint written before runs kept it
+        initial_wpn = None
+    else:
+        initial_wpn.load_state_dict(state["wpn_init"])
+    return state["epoch"], state["batch"], list(state.get("history", [])), state.get("tally"), initial_wpn
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, device):
-        self.device, self.received = device, 0
-        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
-
-    def handle(self, signum, frame):
-        self.received = signum
-
-    def requested(self, progress_line):
-        """The signal number to stop for (0: go on). Under torchrun the ranks agree on it at progress
-        lines only (`progress_line`): the collective and its host read would stall every iteration."""
-        if not dist.is_initialized():
-            return self.received
-        if not progress_line:
-            return 0
-        flag = torch.tensor([self.received], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-
-    def close(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class Stopped(Exception):
-    """Training stopped on a signal after writing its checkpoint; the exit code is 128 + signal."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def train(cfg, state=None, stop_after_epoch=None):
-    """Train (or, with cfg.eval_only, only evaluate) and write results.json; returns the results.
-
-    `state` is the loaded cfg.resume checkpoint, if already read. `stop_after_epoch` ends the
-    run early as an interruption would (used to test resume).
-    """
-    device = setup_device(cfg)
-    torch.manual_seed(cfg.seed)
-    if cfg.resume and state is None:
-        state = load_checkpoint(cfg.resume)
-    # IMTA's second phase starts from the phase-1 network and its hold-out split; a phase-2
-    # checkpoint holds both, so a resumed run does not read the phase-1 file.
-    pretrained = load_checkpoint(cfg.pretrained) if cfg.imta == "finetune" and not state else None
-    if pretrained and pretrained["config"].get("imta") != "pretrain":
-        log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
-            "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
-    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"),
-                                                   device=device))
-    model, wpn, optimizer, wpn_optimizer, options = build(cfg, splits.num_classes, device)
-    scalers = options.get("scalers")
-    if pretrained:
-        try:
-            unwrap(model).backbone.load_state_dict(pretrained["model"])
-        except RuntimeError as e:
-            raise UsageError(f"--pretrained '{cfg.pretrained}' does not fit this model ({str(e).splitlines()[0]})") from None
-    start_epoch = start_batch = 0
-    if state:
-        try:
-            unwrap(model).load_state_dict(state["model"])
-            unwrap(wpn).load_state_dict(state["wpn"])
-            optimizer.load_state_dict(state["optimizer"])
-            wpn_optimizer.load_state_dict(state["wpn_optimizer"])
-            for name, scaler in (scalers or {}).items():
-                if (state.get("scalers") or {}).get(name):
-                    scaler.load_state_dict(state["scalers"][name])
-        except (RuntimeError, ValueError, KeyError) as e:
-            detail = re.search(r'(Missing|Unexpected) key\(s\) in state_dict: "[^"]+"|size mismatch for [\w.]+', str(e))
-            raise UsageError(f"checkpoint '{cfg.resume}' does not fit the {cfg.arch} with {cfg.exits} exits that its "
-                             f"config describes ({detail.group(0) if detail else str(e).splitlines()[0]})") from None
-        start_epoch, start_batch = state["epoch"], state["batch"]
-        set_rng_state(state["rng"], device)
-        log(f"resumed from {cfg.resume} at epoch {start_epoch}" + (f", iteration {start_batch}" if start_batch else ""))
-
-    train_loader = make_loader(splits.train, cfg, device, shuffle=True)
-    val_loader = make_loader(splits.threshold_set, cfg, device, shuffle=False)
-    n_batches = len(train_loader.batch_sampler)
+def start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch):
+    """What can be checked only with the data and the network, then the run in a few lines."""
     if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
-    if cfg.weights and not state:   # the run's starting point; once it has a checkpoint, never read again
-        load_weights(cfg, unwrap(model), unwrap(wpn))
-        if not cfg.holdout_indices:
-            log("warning: the hold-out split is drawn from --seed and may overlap the images the released network "
-                "was trained on (inflated confidences there skew the budgeted figures and --budget); give the split "
-                "it was trained with: --holdout-indices index.pth")
-    # The WPN as training found it (random, or --weights'), to measure how far it moves (unknown
-    # for a checkpoint written before runs kept it).
-    start = state.get("wpn_init") if state else unwrap(wpn).state_dict()
-    initial_wpn = None if start is None else WPN(cfg.exits, cfg.wpn_depth, cfg.wpn_width).to(device)
-    if initial_wpn is not None:
-        initial_wpn.load_state_dict(start)
-    if is_main():
-        os.makedirs(cfg.out, exist_ok=True)
-        write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
-    flops, params = count_cost(unwrap(model), cfg.image_size)
     if cfg.budget and cfg.budget < flops[0]:   # said before any image is predicted
         raise UsageError(f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's {flops[0] / 1e6:.2f}M "
                          "Mul-Adds per image: no thresholds can meet it")
@@ -1132,271 +1042,182 @@ def train(cfg, state=None, stop_after_epoch=None):
         f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
         f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}; batch {cfg.batch_size}, "
         f"lr {cfg.lr:g}")
-    if cfg.imta == "pretrain":
-        log("IMTA phase 1: gradient equilibrium in the backward pass")
-    elif cfg.imta == "finetune":
-        log(f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, "
-            f"{sum(p.numel() for p in trainable_parameters(unwrap(model)).values()):,} parameters in the new heads and ISC")
+    if cfg.imta:
+        heads = sum(p.numel() for p in trainable_parameters(unwrap(model)).values())
+        log("IMTA phase 1: gradient equilibrium in the backward pass" if cfg.imta == "pretrain" else
+            f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, {heads:,} parameters in the new "
+            "heads and ISC")
     log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
     if splits.ignored:
-        shown = ", ".join(splits.ignored[:5]) + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else "")
-        log(f"ignored {len(splits.ignored)} files that are not class folders: {shown}")
+        log(f"ignored {len(splits.ignored)} files that are not class folders: {', '.join(splits.ignored[:5])}"
+            + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else ""))
     if splits.threshold_source == "train":
         log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
             "with test-time transforms; no per-epoch validation")
+    if is_main():
+        os.makedirs(cfg.out, exist_ok=True)
+        write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
 
-    def save(epoch, batch):   # the position to continue from: `batch` iterations into `epoch`
-        if is_main():
-            checkpoint = {"model": unwrap(model).state_dict(), "wpn": unwrap(wpn).state_dict(),
-                          "optimizer": optimizer.state_dict(), "wpn_optimizer": wpn_optimizer.state_dict(),
-                          "scalers": {k: s.state_dict() for k, s in scalers.items()} if scalers else None,
-                          "epoch": epoch, "batch": batch, "rng": rng_state(device),
-                          "config": dataclasses.asdict(cfg), "holdout_indices": splits.holdout_indices,
-                          "history": history, "tally": tally,
-                          "wpn_init": None if initial_wpn is None else initial_wpn.state_dict()}
-            atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
 
-    total_iters = cfg.epochs * n_batches
-    seconds, done_here, skipped, val = 0.0, 0, 0, None   # seconds: in training iterations (img/s and ETA)
-    # One record per finished epoch (results.json["history"]); `tally`, the running epoch's sums,
-    # travels in a mid-epoch checkpoint so that a resumed run records the same means.
-    history, tally = list((state or {}).get("history", [])), (state or {}).get("tally")
-    preemption = Preemption(device)
-    torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: cuDNN times its kernels once
+class StopSignal:
+    """SIGTERM and SIGUSR1 (SLURM's warning): a checkpoint after the current iteration, then stop. Under
+    torchrun every rank must stop at the same iteration, without waiting for its GPU: each iteration
+    starts an all_reduce of the flags on a CPU (gloo) group and reads the one of the iteration before."""
+
+    def __init__(self):
+        self.received, self.pending = 0, None
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def handle(self, signum, frame):
+        self.received = signum
+
+    def __call__(self):   # the signal to stop for (0: go on), the same on every rank
+        if self.group is None:
+            return self.received
+        agreed = 0
+        if self.pending:   # started an iteration ago: on a loaded CPU, hardly ever still running
+            self.pending[0].wait()
+            agreed = int(self.pending[1])
+        flag = torch.tensor([self.received])
+        self.pending = dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+        return agreed
+
+    def close(self):
+        if self.pending:
+            self.pending[0].wait()
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def save_checkpoint(cfg, nets, scalers, splits, device, history, initial_wpn, epoch, batch, tally=None):
+    """Everything a run needs to continue bit-identically from `batch` iterations into `epoch` (a
+    mid-epoch checkpoint carries the epoch's running sums, `tally`); rank 0 writes it."""
+    if is_main():
+        (net, wpn), (optimizer, wpn_optimizer) = map(unwrap, nets[:2]), nets[2:]
+        checkpoint = {"model": net.state_dict(), "wpn": wpn.state_dict(), "optimizer": optimizer.state_dict(),
+                      "wpn_optimizer": wpn_optimizer.state_dict(),
+                      "scalers": {k: s.state_dict() for k, s in scalers.items()} if scalers else None,
+                      "epoch": epoch, "batch": batch, "config": dataclasses.asdict(cfg),
+                      "rng": {"torch": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                      "holdout_indices": splits.holdout_indices, "history": history, "tally": tally,
+                      "wpn_init": None if initial_wpn is None else initial_wpn.state_dict()}
+        atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+
+
+def train(cfg, state=None):
+    """Train (or with cfg.eval_only only evaluate) and write results.json; returns the results.
+    `state`: the --resume checkpoint, if already loaded."""
+    device = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    state = state or (load_checkpoint(cfg.resume) if cfg.resume else None)
+    # IMTA's second phase starts from the phase-1 network and its hold-out split (a phase-2 checkpoint holds both)
+    pretrained = load_checkpoint(cfg.pretrained) if cfg.imta == "finetune" and not state else None
+    splits = rank_zero_first(lambda: data.load(cfg, (state or pretrained or {}).get("holdout_indices"), device=device))
+    *nets, options = build(cfg, splits.num_classes, device)
+    (model, wpn, optimizer, wpn_optimizer), scalers = nets, options.get("scalers")
+    start_epoch, start_batch, history, tally, initial_wpn = starting_point(cfg, state, pretrained, splits, device,
+                                                                           nets, scalers)
+    train_loader = make_loader(splits.train, cfg, device, shuffle=True)
+    val_loader = make_loader(splits.threshold_set, cfg, device, shuffle=False)
+    n_batches = len(train_loader.batch_sampler)
+    total_iters, (flops, params) = cfg.epochs * n_batches, count_cost(unwrap(model), cfg.image_size)
+    start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch)
+    save = partial(save_checkpoint, cfg, nets, scalers, splits, device, history, initial_wpn)
+    stop, seconds, done, skipped, val = StopSignal(), 0.0, 0, 0, None   # seconds, done: this process's iterations
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
             skip = start_batch if epoch == start_epoch else 0
             train_loader.batch_sampler.set_epoch(epoch, skip)
-            if not (skip and tally):
-                tally = {"sums": torch.zeros(2), "counts": [0, 0], "seconds": 0.0}
-            # The epoch's loss and meta loss, summed on the device and read at progress lines only: a
-            # read makes the host wait for the GPU, which then idles until the host queues more.
-            sums, counts, started = tally["sums"].to(device), tally["counts"], time.time()
-
-            def clock():   # training time since `started` into the run's and the epoch's seconds
-                nonlocal seconds, started
-                elapsed, started = time.time() - started, time.time()
-                seconds += elapsed
-                tally.update(sums=sums.cpu(), seconds=tally["seconds"] + elapsed)
-
+            # The epoch's loss and meta loss, summed on the device and read at progress lines only (a
+            # read makes the host wait for the GPU); a mid-epoch checkpoint carries them.
+            sums, counts, epoch_seconds = ((tally["sums"].to(device), tally["counts"], tally["seconds"])
+                                           if skip and tally else (torch.zeros(2, device=device), [0, 0], 0.0))
+            torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: kernels timed once
+            started = time.time()
             for i, (images, targets) in enumerate(train_loader, start=skip):
                 iteration = epoch * n_batches + i
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine(cfg.lr, iteration, total_iters)
-                for group in wpn_optimizer.param_groups:
-                    group["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
+                optimizer.param_groups[0]["lr"] = cosine(cfg.lr, iteration, total_iters)
+                wpn_optimizer.param_groups[0]["lr"] = cosine(cfg.wpn_lr, iteration, total_iters)
                 images, targets = to_device(images, targets, device, cfg)
-                out = train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg,
-                                 meta=iteration % cfg.meta_interval == 0, **options)
-                done_here, skipped = done_here + 1, skipped + out["wpn_skipped"]
+                out = train_step(*nets, images, targets, cfg, meta=iteration % cfg.meta_interval == 0, **options)
                 for k, value in enumerate((out["loss"], out["meta_loss"])):
                     if value is not None:
                         sums[k] += value
                         counts[k] += 1
-                progress_line = (i + 1) % cfg.print_every == 0 or i + 1 == n_batches
-                if progress_line:
+                done, skipped = done + 1, skipped + out["wpn_skipped"]
+                if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
                     loss, meta = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # the epoch's means
                     elapsed = seconds + time.time() - started
-                    eta = elapsed / done_here * (total_iters - iteration - 1)
-                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {loss:.4f} "
-                        f"meta {'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
-                        f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
+                    log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {loss:.4f} meta "
+                        f"{'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
+                        f"{done * cfg.batch_size / elapsed:.0f} img/s "
+                        f"ETA {datetime.timedelta(seconds=int(elapsed / done * (total_iters - iteration - 1)))}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
-                signum = preemption.requested(progress_line)
+                signum = stop()
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
-                    clock()
-                    save(epoch, i + 1)
+                    lap = time.time() - started   # training time only: not the checkpoint's
+                    seconds, epoch_seconds = seconds + lap, epoch_seconds + lap
+                    save(epoch, i + 1, {"sums": sums.cpu(), "counts": counts, "seconds": epoch_seconds})
                     started = time.time()
                 if signum:
                     log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
                         f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
-                    raise Stopped(signum)
-            clock()
-            history.append(epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer))
-            if splits.threshold_source == "holdout":
-                # the last epoch's also fits thresholds; in IMTA's phase 2 the WPN weighs distillation losses
-                distilled = cfg.method == "l2w" and cfg.imta == "finetune"
-                val = predict(model, val_loader, device, cfg, with_teacher=distilled)
-                if is_main():
-                    record = history[-1]
-                    if distilled:
-                        (*logits, teacher), targets = val
-                        val = logits, targets
-                    record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
-                    if cfg.method == "l2w":
-                        losses = (distillation_losses(val[0], teacher, val[1], cfg.kd_temperature, cfg.kd_gamma,
-                                                      cfg.kd_reduction) if distilled else exit_cross_entropy(*val))
-                        record["weights"] = weight_profile(losses, wpn, cfg, initial_wpn)
-                    log(f"epoch {epoch + 1}/{cfg.epochs} hold-out top-1 per exit: "
-                        + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
-                        + ("" if record["weights"] is None else " | WPN weight vs loss, Spearman per exit: "
-                           + " ".join("-" if r is None else f"{r:+.2f}" for r in record["weights"]["spearman"])
-                           + ("" if record["weights"]["moved"] is None else
-                              f"; weights moved {statistics.fmean(record['weights']['moved']):.2f} from the start")))
-            history[-1]["seconds"] += time.time() - started   # training and the hold-out's evaluation
-            tally = None
+                    if dist.is_initialized():   # every rank leaves once the checkpoint is written
+                        dist.barrier()
+                    raise SystemExit(128 + signum)   # the usual exit code of a signalled job
+            lap = time.time() - started
+            seconds, epoch_seconds = seconds + lap, epoch_seconds + lap
+            history.append(epoch_record(cfg, epoch, sums, counts, epoch_seconds, optimizer, wpn_optimizer))
+            torch.backends.cudnn.benchmark = False   # evaluation picks the same kernels every time
+            if splits.threshold_source == "holdout":   # the last epoch's also fits the thresholds
+                started = time.time()
+                val = validate(cfg, model, wpn, val_loader, device, history[-1], initial_wpn)
+                history[-1]["seconds"] += time.time() - started
             save(epoch + 1, 0)
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-                return None
     finally:
-        preemption.close()
-        torch.backends.cudnn.benchmark = False   # evaluation's shapes vary (real early exit cuts every batch)
-    trained_here = not cfg.eval_only and cfg.epochs > start_epoch and splits.threshold_source == "holdout"
-    if not trained_here:
+        stop.close()
+        torch.backends.cudnn.benchmark = False
+    if cfg.eval_only or cfg.epochs <= start_epoch or splits.threshold_source != "holdout":
         val = predict(model, val_loader, device, cfg)
-    return evaluate(cfg, model, wpn, splits, device, val, flops, params, history)
+    return evaluate(cfg, model, splits, device, val, flops, params, history)
 
 
-def epoch_record(cfg, epoch, tally, optimizer, wpn_optimizer):
-    """results.json["history"]'s record of a finished epoch, from its `tally`: the means of the loss
-    and of the meta loss (None without a meta step) over its iterations, the learning rates of its
-    last iteration and its training images per second. The training loop adds the hold-out's top-1
-    per exit, the WPN's `weight_profile` and the seconds of the hold-out's evaluation."""
-    (loss, meta_loss), (iterations, meta_iterations) = tally["sums"].tolist(), tally["counts"]
+def epoch_record(cfg, epoch, sums, counts, seconds, optimizer, wpn_optimizer):
+    """results.json["history"]'s record of an epoch: mean loss and meta loss (over the iterations that
+    had one), the last iteration's learning rates, images per second; `validate` adds the rest."""
+    (loss, meta_loss), (iterations, meta_iterations) = sums.tolist(), counts
     return {"epoch": epoch + 1, "loss": loss / iterations if iterations else None,
             "meta_loss": meta_loss / meta_iterations if meta_iterations else None,
             "lr": optimizer.param_groups[0]["lr"], "wpn_lr": wpn_optimizer.param_groups[0]["lr"],
-            "holdout_top1": None, "seconds": tally["seconds"],
-            "images_per_s": iterations * cfg.batch_size / tally["seconds"] if tally["seconds"] else None,
-            "weights": None}
+            "holdout_top1": None, "seconds": seconds,
+            "images_per_s": iterations * cfg.batch_size / seconds if seconds else None, "weights": None}
 
 
-def load_weights(cfg, model, wpn):
-    """--weights: a released MSDNet-PyTorch / L2W-DEN checkpoint into `model` (and its WPN, if it
-    has one, into `wpn`)."""
-    try:
-        info = load_released(model, cfg.weights, wpn)
-    except ValueError as e:
-        try:   # one of l2w.py's own checkpoints? say what it is for
-            config = load_checkpoint(cfg.weights)["config"]
-        except UsageError:
-            config = None
-        if config is not None:
-            raise UsageError(f"--weights '{cfg.weights}' is a checkpoint of l2w.py"
-                             + (f" (--imta {config['imta']})" if config.get("imta") else "")
-                             + ", not a released one: evaluate or continue it with --resume"
-                             + ("; phase 2 starts from it with --imta finetune --pretrained"
-                                if config.get("imta") == "pretrain" else "")) from None
-        hint = ""
-        if "does not fit this" in str(e):   # name the flags that choose the network
-            hint = (" (--exits, --step, --base, --image-size and the data set choose the network; "
-                    "--wpn-depth and --wpn-width the WPN)")
-        raise UsageError(f"{e}{hint}") from None
-    except Exception as e:   # not a file torch.load(weights_only=True) can read
-        raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
-    log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
-        f"{', and its WPN' if info['wpn'] else ''})")
-
-
-def evaluate(cfg, model, wpn, splits, device, val, flops, params, history):
-    """Both protocols on the test set; thresholds come from `val`, the (logits, targets) of the
-    hold-out split (or of the training images with test-time transforms), never from the test
-    set. Rank 0 reports and writes, with the training's `history`."""
-    test = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
-    results = {"config": dataclasses.asdict(cfg), "threshold_source": splits.threshold_source,
-               "class_counts": splits.class_counts}
-    if dist.is_initialized():   # the averaged gradients must have kept every rank's copy equal
-        results["replicas_identical"] = replicas_identical(model, wpn)
+def validate(cfg, model, wpn, loader, device, record, initial_wpn):
+    """The hold-out's top-1 per exit and the WPN's `weight_profile` into the epoch's `record`;
+    returns its (logits, targets) on rank 0."""
+    distilled = cfg.method == "l2w" and cfg.imta == "finetune"   # IMTA's phase 2: the WPN weighs distillation losses
+    val = predict(model, loader, device, cfg, with_teacher=distilled)
     if not is_main():
         return None
-    (test_logits, test_targets), (val_logits, val_targets) = test, val
-    anytime = anytime_evaluate(test_logits, test_targets, flops, params)
-    dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
-    holdout = holdout_curve(val_logits, val_targets, flops) if splits.threshold_source == "holdout" else None
-    log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
-    for row in anytime:
-        log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
-            f"{row['params'] / 1e6:12.3f}")
-    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images"
-        + ("; hold-out columns: thresholds fitted on one half of it, scored on the other)" if holdout else ")")
-        + "\n    q   top-1   Mul-Adds (M)" + ("   hold-out top-1   Mul-Adds (M)" if holdout else ""))
-    for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
-        log(f"{row['q']:5.2f} {row['acc']:7.2f} {row['flops'] / 1e6:14.2f}"
-            + (f" {own['acc']:16.2f} {own['flops'] / 1e6:14.2f}" if own else ""))
-    results.update(anytime=anytime, dynamic=dynamic, holdout_dynamic=holdout, history=history)
-    if cfg.budget:
-        results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
-    if cfg.early_exit:
-        results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, (test_logits, test_targets),
-                                                    flops, results.get("budget"))
-    path = os.path.join(cfg.out, "results.json")
-    write_json(path, results)
-    log(f"\nwrote {path}")
-    return results
-
-
-def timed(step, images, device):
-    """(seconds, step(images), peak GPU memory in bytes or None) of one call, `device`
-    synchronised before and after (`images` None: step())."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    out = step() if images is None else step(images)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
-@torch.inference_mode()
-def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
-    """--early-exit: the budgeted protocol at q = cfg.q, for real. Thresholds are fitted on the
-    hold-out split as in `dynamic_evaluate` (or are `budget`'s, the record of --budget); then
-    every test batch runs through the whole network and through `early_exit_predict`, in turn and
-    in alternating order (so that load on the machine and warm caches favour neither), at batch
-    size 1 and at --batch-size. Reports time per image, images/s, the average Mul-Adds of the
-    exits taken and the accuracy, which must be the budgeted protocol's at those thresholds
-    (`same_as_budgeted` counts the images whose exit and prediction are)."""
-    net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
-    q = budget["q"] if budget else cfg.q
-    thresholds = (torch.tensor(budget["thresholds"]) if budget else
-                  fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits)))
-    simulated = exit_with_thresholds(confidences(test[0]), thresholds)
-    simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
-    on_device = thresholds.to(device)
-    steps = {"whole": net, "early": lambda images: early_exit_predict(net, images, on_device)}
-
-    runs = []
-    for batch_size in dict.fromkeys([1, cfg.batch_size]):
-        loader = make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
-        seconds, predictions, exit_of = {"whole": 0.0, "early": 0.0}, [], []
-        for i, (images, labels) in enumerate(loader):
-            images, _ = to_device(images, labels, device, cfg)
-            if i == 0:   # warm-up: the first calls allocate memory and pick kernels
-                for step in steps.values():
-                    timed(step, images, device)
-            outputs = {}
-            for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
-                elapsed, outputs[name], _ = timed(steps[name], images, device)
-                seconds[name] += elapsed
-            predictions.append(outputs["early"][0].cpu())
-            exit_of.append(outputs["early"][1].cpu())
-        predictions, exit_of = torch.cat(predictions), torch.cat(exit_of)
-        runs.append({"batch_size": batch_size,
-                     "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
-                     "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
-                     "speedup": seconds["whole"] / seconds["early"],
-                     "accuracy": percent(predictions == test[1]),
-                     "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
-                     "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
-    shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
-    average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
-    result = {"q": q, "accuracy": runs[0]["accuracy"],
-              "budgeted_accuracy": percent(simulated_predictions == test[1]),
-              "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
-              "runs": runs}
-    at = f"q {q:.4g}" if q is not None else "the last exit"
-    log(f"\nearly exit at {at} (test set, {n} images, run exit by exit and through the whole network)\n"
-        f" top-1 {result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), "
-        f"{average_flops / 1e6:.2f}M Mul-Adds per image (whole network {flops[-1] / 1e6:.2f}M: "
-        f"{result['flops_speedup']:.2f}x), exit shares {' '.join(f'{s:.3f}' for s in shares)}\n"
-        " batch   early exit: ms/image  images/s   whole network: ms/image  images/s   speedup   "
-        "share of the Mul-Adds speedup   same as budgeted")
-    for run in runs:
-        log(f"{run['batch_size']:6d} {run['ms_per_image']:21.3f} {run['images_per_s']:9.1f} "
-            f"{run['whole_ms_per_image']:24.3f} {run['whole_images_per_s']:9.1f} {run['speedup']:8.2f}x "
-            f"{100 * run['speedup'] / result['flops_speedup']:28.0f} % {run['same_as_budgeted']:11d}/{n}")
-    return result
+    if distilled:
+        (*logits, teacher), targets = val
+        val = logits, targets
+    record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
+    if cfg.method == "l2w":
+        losses = (distillation_losses(val[0], teacher, val[1], cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction)
+                  if distilled else exit_cross_entropy(*val))
+        record["weights"] = weight_profile(losses, wpn, cfg, initial_wpn)
+    weights = record["weights"]
+    log(f"epoch {record['epoch']}/{cfg.epochs} hold-out top-1 per exit: "
+        + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
+        + ("" if weights is None else " | WPN weight vs loss, Spearman per exit: "
+           + " ".join("-" if r is None else f"{r:+.2f}" for r in weights["spearman"])
+           + ("" if weights["moved"] is None else
+              f"; weights moved {statistics.fmean(weights['moved']):.2f} from the start")))
+    return val
 
 
 # ============================================================================
@@ -1413,15 +1234,11 @@ def mul_adds(text):
                                          f"not '{text}'") from None
 
 
-CLI_TYPES = {"budget": mul_adds}   # flags read by more than the field's type
-
-
 def finite(low, strict=False):   # a float's range: nan and inf are out of every one
     return lambda v: math.isfinite(v) and (v > low if strict else v >= low)
 
 
-# The range of every number, each rule stated once: (fields, whether a value is in it, what the
-# value must be[, why]).
+# The range of every number, each rule stated once: (fields, whether a value is in it, what it must be[, why]).
 RANGES = [
     (("exits", "step", "base", "batch_size", "wpn_width", "meta_interval", "print_every", "bench_iters",
       "image_size"), lambda v: v >= 1, "must be >= 1"),
@@ -1445,8 +1262,7 @@ def need(ok, message):
 
 
 def check_config(cfg):
-    """Every field's range and every combination that cannot run, checked before any data is
-    loaded or any directory made."""
+    """Every field's range and every combination that cannot run, before any data is loaded or written."""
     for name, allowed in CLI_CHOICES.items():
         need(getattr(cfg, name) in allowed, f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
     need(cfg.imta in ("", "pretrain", "finetune"), f"unknown --imta '{cfg.imta}' (choose pretrain or finetune)")
@@ -1459,14 +1275,14 @@ def check_config(cfg):
     except OverflowError:
         fits = False
     need(fits, f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
-    # Combinations: (what must hold, what to do otherwise), in the order a user would fix them.
     ranks = f"{cfg.world_size} ranks"
     for ok, message in [
         (cfg.batch_size % (2 * cfg.world_size) == 0, f"--batch-size must be even (it is split into two halves) and "
          f"divisible by 2 x {ranks}, got {cfg.batch_size}"),
         (cfg.imta != "finetune" or cfg.eval_only or cfg.batch_size >= 4 * cfg.world_size, f"--imta finetune needs "
          f"--batch-size >= 4 x {ranks} (ISC's BatchNorm1d needs 2 samples in each half-batch), got {cfg.batch_size}"),
-        (not cfg.imta or cfg.arch == "msdnet", f"--imta is built for msdnet (IMTA's techniques as released), not {cfg.arch}"),
+        (not cfg.imta or cfg.arch == "msdnet", f"--imta is built for msdnet (IMTA's techniques as released), "
+                                               f"not {cfg.arch}"),
         (cfg.imta != "finetune" or cfg.pretrained or cfg.resume,
          "--imta finetune needs --pretrained PATH (a checkpoint of --imta pretrain)"),
         (not cfg.pretrained or cfg.imta == "finetune", "--pretrained is for --imta finetune"),
@@ -1481,9 +1297,10 @@ def check_config(cfg):
          "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)"),
         (not cfg.holdout_indices or cfg.holdout > 0, "--holdout-indices gives the hold-out split, and --holdout 0 "
          "asks for none"),
-        (not (cfg.early_exit and cfg.world_size > 1), "--early-exit times inference in one process; run it without torchrun"),
+        (not (cfg.early_exit and cfg.world_size > 1),
+         "--early-exit times inference in one process; run it without torchrun"),
         (not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device),
          f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)"),
         (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)"),
     ]:
@@ -1492,31 +1309,22 @@ def check_config(cfg):
         if path and not (cfg.resume or cfg.pretrained):   # read once, when the run starts
             check_file(path, flag)
     need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
-    uses_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    need(not (cfg.sync_bn and cfg.world_size > 1 and not uses_cuda),
-         "--sync-bn needs GPUs (PyTorch's SyncBatchNorm works on CUDA only)")
     checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-    if (not (cfg.bench or cfg.eval_only) and os.path.isfile(checkpoint)
-            and not (cfg.resume and os.path.samefile(checkpoint, cfg.resume))):
-        raise UsageError(f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume {checkpoint}, "
-                         f"or give another --out")
-    if not cfg.bench:
-        check_writable(cfg.out)
+    need(cfg.bench or cfg.eval_only or not os.path.isfile(checkpoint) or cfg.resume and os.path.samefile(
+        checkpoint, cfg.resume), f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume "
+                                 f"{checkpoint}, or give another --out")
+    if not cfg.bench:   # `folder` exists or can be made, and files can be written in it; makes and leaves nothing
+        existing = os.path.abspath(cfg.out)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=existing))
+        except OSError as e:
+            raise UsageError(f"--out '{cfg.out}' cannot be written: {e.strerror} in '{existing}'") from None
     try:
         check_input_size(cfg.arch, cfg.exits, cfg.image_size, cfg.step, cfg.base, cfg.imta == "pretrain")
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def check_writable(folder):
-    """`folder` exists or can be made, and files can be written in it; makes and leaves nothing."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=existing))
-    except OSError as e:
-        raise UsageError(f"--out '{folder}' cannot be written: {e.strerror} in '{existing}'") from None
 
 
 def missing_device(device):
@@ -1535,14 +1343,21 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-# Fields that do not change what a run trains (where it runs, what it reports): they name no run
-# folder and may differ within a q sweep. Then the fields that only L2W-DEN's meta-learning reads,
-# and those that only IMTA's distillation reads.
+# Fields that do not change what a run trains (they name no run folder and may differ within a q
+# sweep); those that only L2W-DEN's meta-learning reads, only IMTA's distillation, and files.
 NOT_TRAINING = ("data_dir", "workers", "device", "channels_last", "deterministic", "out", "print_every", "save_every",
                 "resume", "eval_only", "early_exit", "budget", "bench", "bench_iters", "world_size")
 META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "delta", "constraint", "meta_interval",
                "meta_grad", "tf32")
 KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
+FILE_FIELDS = ("pretrained", "weights", "holdout_indices")
+# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
+# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
+PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
+                     "base", "image_size")
+# --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
+# long-tailed sets), the hold-out split, the networks it holds and the batches its position counts.
+RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
 
 
 def number(value):
@@ -1552,10 +1367,9 @@ def number(value):
 
 
 def default_out(cfg):
-    """runs/<data>_<network>_<method>_seed<seed>, the short names of the paper's runs, then
-    _<field><value> for every other field that changes training and differs from the data set's
-    preset (e.g. _wpn-width10, _meta-grad-jvp), so that runs that train differently never share a
-    folder. A run started from a checkpoint (--pretrained, --weights) adds _from-<its run or file>."""
+    """runs/<data>_<network>_<method>_seed<seed>, then _<field><value> for every other field that changes
+    training and differs from the preset (_wpn-width10; a file to start from: _from-<its run or file>),
+    so that runs that train differently never share a folder."""
     data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
     if cfg.dataset == "folder":   # the data are the folder
         data_name += "-" + os.path.basename(os.path.abspath(cfg.data_dir))
@@ -1575,45 +1389,39 @@ def default_out(cfg):
         value, flag = getattr(cfg, f.name), f.name.replace("_", "-")
         if f.name in skip or value == getattr(preset, f.name):
             continue
-        if f.name in ("pretrained", "weights", "holdout_indices"):   # a run's file by its folder, another by its name
+        if f.name in FILE_FIELDS:   # a run's file by its folder, another by its name
             path = os.path.abspath(value)
             name += ("_split-" if f.name == "holdout_indices" else "_from-") + (
-                os.path.basename(os.path.dirname(path)) if os.path.basename(path) in ("checkpoint.pt", "holdout_indices.json")
-                else os.path.basename(path).split(".")[0])
+                os.path.basename(os.path.dirname(path)) if os.path.basename(path) in
+                ("checkpoint.pt", "holdout_indices.json") else os.path.basename(path).split(".")[0])
         else:
             name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
     return os.path.join("runs", name)
 
 
 def parse_config(argv=None):
-    """CLI generated from the Config fields (--batch-size 1024, --eval-only, ...), each with its
-    comment as help. Returns (config, checkpoint state or None): with --resume the run continues
-    beside the checkpoint, with the config stored in it; flags given now win, except those that
-    would change its data, split or network (RESUME_FIELDS). --eval-only writes into
-    <checkpoint's folder>/eval (or runs/eval_<weights file>) unless --out is given, never over a
-    training run or an earlier evaluation (eval-2, eval-3, ... then)."""
+    """The CLI, generated from the Config fields and their comments. Returns (config, checkpoint or None):
+    --resume continues beside the checkpoint with its config, flags winning but RESUME_FIELDS'; --eval-only
+    writes into <checkpoint's folder>/eval (or runs/eval_<file>), then eval-2, ..., never over results."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
                            epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
                                   "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves; "
                                   "--summary PATH [PATH ...] [--out summary.json] compares methods over seeds")
     for f in dataclasses.fields(Config):
-        if not f.metadata.get("cli", True):
-            continue
-        flag, help = "--" + f.name.replace("_", "-"), f"{comments.get(f.name, '')} (default: {f.default})"
-        if f.type is bool:
-            parser.add_argument(flag, action="store_true", help=help)
-        else:
-            parser.add_argument(flag, type=CLI_TYPES.get(f.name, f.type), metavar=f.name.upper(), help=help)
+        if f.metadata.get("cli", True):
+            flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
+            help += "" if f.name == "lr" else f" (default: {f.default})"   # lr: the rule, said in its comment
+            parser.add_argument(flag, help=help, **({"action": "store_true"} if f.type is bool else
+                                                    {"type": mul_adds if f.name == "budget" else f.type,
+                                                     "metavar": f.name.upper()}))
     flags = vars(parser.parse_args(argv))
-    if flags.get("lr") == 0:   # Config's lr 0 stands for the paper's rule: not a rate one can ask for
-        raise UsageError("--lr must be a finite number > 0 (leave it out for the paper's rule at the batch size)")
-    if flags.get("resume") and flags.get("weights"):
-        raise UsageError("--weights starts a run from released weights, --resume continues one: give one of them")
+    need(flags.get("lr") != 0, "--lr must be a finite number > 0 (leave it out for the paper's rule at the batch size)")
+    need(not (flags.get("resume") and flags.get("weights")),
+         "--weights starts a run from released weights, --resume continues one: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
-    saved = {k: v for k, v in state["config"].items() if k in known} if state else {}
-    saved.pop("eval_only", None)
+    saved = {k: v for k, v in state["config"].items() if k in known and k != "eval_only"} if state else {}
     if state:
         kept_fields(flags, saved, RESUME_FIELDS, "the checkpoint's",
                     "a resumed run keeps the data, hold-out split, network and batch size it started with")
@@ -1623,14 +1431,15 @@ def parse_config(argv=None):
     if imta == "finetune" and not state and flags.get("pretrained"):
         saved = pretrained_fields(flags)
     dataset = flags.get("dataset", saved.get("dataset", Config.dataset))
-    imta_preset = IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}
     try:
-        cfg = Config(**{**PRESETS.get(dataset, {}), **imta_preset, **saved, **flags})
+        cfg = Config(**{**PRESETS.get(dataset, {}), **(IMTA_PRESETS.get(dataset, {}) if imta == "finetune" else {}),
+                        **saved, **flags})
     except ValueError as e:   # the method's knobs (check_knobs)
         raise UsageError(str(e)) from None
     cfg.world_size = torchrun_world_size()
     if "workers" not in flags:   # a default or preset asks for no more loader processes than CPUs (torch warns)
-        cfg.workers = min(cfg.workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()   # not macOS
+        cfg.workers = min(cfg.workers, cpus)
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
         cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
                                 os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
@@ -1639,33 +1448,30 @@ def parse_config(argv=None):
     elif not cfg.out:
         cfg.out = default_out(cfg)
     check_config(cfg)
-    if cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt")):
-        raise UsageError(f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
+    need(not (cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt"))),
+         f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
     return cfg, state
 
 
 def kept_fields(flags, config, fields, whose, why):
-    """The `fields` of a checkpoint's config (Config's default where an older one lacks one); a
-    flag that contradicts one of them is an error."""
+    """The `fields` of a checkpoint's config (else Config's default); a flag may not contradict them."""
     kept = {k: config.get(k, getattr(Config, k)) for k in fields}
     for k, v in kept.items():
-        if k in flags and flags[k] != v:
-            raise UsageError(f"--{k.replace('_', '-')} {flags[k]} does not match {whose} "
-                             f"{repr(v) if isinstance(v, str) else v} ({why})")
+        need(k not in flags or flags[k] == v, f"--{k.replace('_', '-')} {flags.get(k)} does not match {whose} "
+                                              f"{repr(v) if isinstance(v, str) else v} ({why})")
     return kept
 
 
 def pretrained_fields(flags):
-    """The PRETRAINED_FIELDS of the --pretrained checkpoint's config, which must be a finished
-    phase-1 run; a flag that contradicts one of them is an error (the frozen network cannot change)."""
+    """The PRETRAINED_FIELDS of the --pretrained checkpoint, which must be a finished phase-1 run."""
     path = flags["pretrained"]
     state = load_checkpoint(path)
     config = state["config"]
-    if config.get("imta") == "finetune":
-        raise UsageError(f"--pretrained '{path}' is an --imta finetune checkpoint; give the --imta pretrain one")
-    if state["batch"] or state["epoch"] < config.get("epochs", 0):
-        raise UsageError(f"--pretrained '{path}' is unfinished ({state['epoch']} of {config.get('epochs')} epochs "
-                         f"done) and phase 2 would freeze it as it is; finish it first with --resume {path}")
+    need(config.get("imta") != "finetune", f"--pretrained '{path}' is an --imta finetune checkpoint; give the "
+                                           "--imta pretrain one")
+    need(not state["batch"] and state["epoch"] >= config.get("epochs", 0), f"--pretrained '{path}' is unfinished "
+         f"({state['epoch']} of {config.get('epochs')} epochs done) and phase 2 would freeze it as it is; finish it "
+         f"first with --resume {path}")
     return kept_fields(flags, config, PRETRAINED_FIELDS, "the pretrained network's",
                        "--imta finetune takes it from --pretrained")
 
@@ -1673,12 +1479,11 @@ def pretrained_fields(flags):
 def torchrun_world_size():
     """WORLD_SIZE as torchrun sets it, with the variables its rendezvous reads (1 without torchrun)."""
     world = os.environ.get("WORLD_SIZE", "1")
-    if not (world.isdigit() and int(world) >= 1):
-        raise UsageError(f"WORLD_SIZE={world!r} in the environment; torchrun sets it to the number of processes")
+    need(world.isdigit() and int(world) >= 1,
+         f"WORLD_SIZE={world!r} in the environment; torchrun sets it to the number of processes")
     unset = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if int(world) > 1 and unset:
-        raise UsageError(f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start the processes "
-                         "with torchrun (which sets them all), or unset WORLD_SIZE")
+    need(int(world) == 1 or not unset, f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start "
+                                       "the processes with torchrun (which sets them all), or unset WORLD_SIZE")
     return int(world)
 
 
@@ -1687,14 +1492,6 @@ def unused_folder(folder):
     taken = lambda f: any(os.path.exists(os.path.join(f, name)) for name in ("results.json", "checkpoint.pt"))
     return next(f for f in itertools.chain([folder], (f"{folder}-{i}" for i in itertools.count(2))) if not taken(f))
 
-
-# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
-# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
-PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
-                     "base", "image_size")
-# --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
-# long-tailed sets), the hold-out split, the networks it holds and the batches its position counts.
-RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
 
 # ============================================================================
 # Curves: accuracy against Mul-Adds, the figure of the paper's experiments; q chosen on them
@@ -1712,21 +1509,24 @@ def read_results(path, command="--plot"):
     return results
 
 
-def run_labels(runs):
-    """Method, network and data of each run's config, and its seed where the runs' seeds differ."""
-    seeds = [r["config"]["seed"] for r in runs]
-    return [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" + (f" seed {seed}" if len(set(seeds)) > 1 else "")
-            for c, seed in zip((r["config"] for r in runs), seeds)]
+# What a run trained: every field but where and how it ran and the files it started from (an IMTA
+# phase-2 run of each seed starts from a phase-1 run of its own).
+TRAINED = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, *FILE_FIELDS)]
+
+
+def run_labels(configs, skip=()):
+    """Each run's method, network and data, then the training settings that tell it from the others
+    (e.g. seed=1, wpn_width=10; L2W-DEN's own settings only for its runs)."""
+    differ = [k for k in TRAINED if k not in ("method", "arch", "exits", "dataset", *skip)
+              and len({repr(c.get(k)) for c in configs}) > 1]
+    return [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" + "".join(
+        f" {k}={c.get(k)}" for k in differ if not (c["method"] == "baseline" and k in META_FIELDS)) for c in configs]
 
 
 def plot_curves(paths, out_png):
-    """One figure of every run in `paths` (run directories or results.json files). Its first panel:
-    the budgeted curve (accuracy against expected Mul-Adds per image), the anytime accuracy of each
-    exit at its Mul-Adds, for --early-exit runs the measured point with its time per image, and for
-    --budget runs the budget and the test set's accuracy and Mul-Adds at its thresholds. Beside it,
-    from each run's history, the hold-out accuracy of every exit over the epochs; below, for each
-    L2W-DEN run, the WPN's mean weight in each tenth of the hold-out sorted by the exit's loss, at
-    the first and the last epoch (`weight_profile`). Returns the runs' labels."""
+    """One figure of finished runs: the test set's budgeted curve and each exit's point (and those of
+    --early-exit, --budget); each exit's hold-out accuracy by epoch; for each L2W-DEN run, the WPN's
+    weight by hold-out loss decile at the first and the last epoch. Returns the runs' labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1734,9 +1534,8 @@ def plot_curves(paths, out_png):
     except ImportError:
         raise UsageError("--plot draws with matplotlib, which is not installed: pip install matplotlib") from None
     runs = [read_results(p) for p in paths]
-    labels = run_labels(runs)
-    giga = max(r["anytime"][-1]["flops"] for r in runs) >= 1e9
-    scale, unit = (1e9, "G") if giga else (1e6, "M")
+    labels = run_labels([r["config"] for r in runs])
+    scale, unit = (1e9, "G") if max(r["anytime"][-1]["flops"] for r in runs) >= 1e9 else (1e6, "M")
     weighted = [(label, [h for h in r.get("history") or [] if h.get("weights")]) for label, r in zip(labels, runs)]
     weighted = [(label, h) for label, h in weighted if h]
     panels = 2 + len(weighted)
@@ -1801,26 +1600,23 @@ def plot_curves(paths, out_png):
 
 
 def select_q(paths, out_json, points=5):
-    """--select-q (supplementary Sec. 1.3: q is tuned on a split held out of the training data):
-    the runs of one q sweep compared on their hold-out curves (`holdout_curve`), never on the test
-    set. At a budget b, a run scores the best hold-out accuracy of its curve's points that cost at
-    most b (what a deployer could choose); its summary is the mean of that over 101 budgets evenly
-    spread over the range of Mul-Adds that every run's curve covers. The best summary wins.
-    Prints the table (at `points` of those budgets), writes it with the choice to `out_json`."""
+    """--select-q (supplementary Sec. 1.3: q tuned on held-out training data): the runs of a q sweep
+    compared on their hold-out curves, never the test set. At a budget, a run scores its best hold-out
+    point within it (what a deployer could choose); the best mean over 101 budgets across the
+    Mul-Adds that every curve covers wins."""
     runs = [read_results(p, "--select-q") for p in paths]
     first = runs[0]["config"]
     same = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "q")]
     for path, results in zip(paths, runs):
-        if not results.get("holdout_dynamic"):
-            raise UsageError(f"--select-q: '{path}' has no hold-out curve (its run held out no images: --holdout 0)")
-        differ = next((k for k in same if results["config"].get(k) != first.get(k)), None)
-        if differ:
-            raise UsageError(f"--select-q: '{path}' is not of the sweep of '{paths[0]}' (--{differ.replace('_', '-')}"
-                             f" {results['config'].get(differ)}, not {first.get(differ)}); give runs that differ in "
-                             "--q only")
+        need(results.get("holdout_dynamic"), f"--select-q: '{path}' has no hold-out curve (its run held out no "
+                                             "images: --holdout 0)")
+        differ = next((k for k in same if results["config"].get(k) != first.get(k)), "")
+        need(not differ, f"--select-q: '{path}' is not of the sweep of '{paths[0]}' (--{differ.replace('_', '-')} "
+                         f"{results['config'].get(differ)}, not {first.get(differ)}); give runs that differ in "
+                         "--q only")
     qs = [r["config"]["q"] for r in runs]
-    if first["method"] != "l2w" or len(set(qs)) < len(qs):
-        raise UsageError("--select-q compares L2W-DEN runs (--method l2w), each with another --q")
+    need(first["method"] == "l2w" and len(set(qs)) == len(qs),
+         "--select-q compares L2W-DEN runs (--method l2w), each with another --q")
     curves = [r["holdout_dynamic"] for r in runs]
     low, high = common_range(curves)
     budgets = [low + (high - low) * i / 100 for i in range(101)]
@@ -1847,8 +1643,8 @@ def common_range(curves):
 
 
 def curve_mean(curve, low, high, points=101):
-    """Mean accuracy of a budgeted curve over `points` budgets evenly spread on [low, high], the
-    curve read linearly between its points (equal costs: their mean accuracy)."""
+    """Mean accuracy of a budgeted curve over `points` budgets evenly spread on [low, high], read
+    linearly between its points (equal costs: their mean accuracy)."""
     costs = sorted({p["flops"] for p in curve})
     accs = [statistics.fmean(p["acc"] for p in curve if p["flops"] == c) for c in costs]
 
@@ -1862,25 +1658,25 @@ def curve_mean(curve, low, high, points=101):
 def summarize(paths, out_json):
     """--summary: runs that differ only in their seed form a group. Per group, the mean and standard
     deviation over the seeds of each exit's test top-1 and of the budgeted curve's mean accuracy
-    over the range of Mul-Adds that every run covers (`curve_mean`); for each L2W-DEN group whose
-    baseline group is among the runs (the same config but the method), the paired difference
-    L2W-DEN minus baseline, seed by seed. It reads the test figures to report them: it chooses
-    nothing. Prints the tables and writes them to `out_json`."""
+    over the Mul-Adds that every run covers (`curve_mean`); for each L2W-DEN group whose baseline
+    group is among the runs (the same config but the method), the paired difference L2W-DEN minus
+    baseline, seed by seed. It reports test figures: it chooses nothing."""
     runs = [read_results(p, "--summary") for p in paths]
     low, high = common_range([r["dynamic"] for r in runs])
-    if low > high:
-        raise UsageError("--summary: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
-    trained = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "seed")]
-    key = lambda c, skip=(): tuple(repr(c.get(k)) for k in trained if k not in skip)
+    need(low <= high, "--summary: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
+    key = lambda c, skip=(): tuple(repr(c.get(k)) for k in TRAINED if k not in ("seed", *skip))
     groups = {}
-    for path, results, label in zip(paths, runs, run_labels(runs)):
+    for path, results in zip(paths, runs):
         seed = results["config"]["seed"]
-        group = groups.setdefault(key(results["config"]), {"label": label.rsplit(" seed", 1)[0],
-                                                           "config": results["config"], "runs": {}})
+        group = groups.setdefault(key(results["config"]), {"config": results["config"], "runs": {}})
         if seed in group["runs"]:
             raise UsageError(f"--summary: '{path}' and '{group['runs'][seed]['path']}' are the same run (seed {seed})")
         group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
                                "budgeted_mean": curve_mean(results["dynamic"], low, high)}
+    groups = list(groups.values())
+    for group, label in zip(groups, run_labels([g["config"] for g in groups], skip=("seed",))):
+        group["label"] = label
+
     def over_seeds(rows):   # mean and standard deviation over the seeds' rows, per exit and budgeted
         spread = lambda values: (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
         top1 = [spread(column) for column in zip(*(r["top1"] for r in rows))]
@@ -1889,13 +1685,13 @@ def summarize(paths, out_json):
                 "budgeted_mean": budgeted[0], "budgeted_std": budgeted[1]}
 
     report = {"range": [low, high], "groups": [], "paired": []}
-    for group in groups.values():
+    for group in groups:
         per_seed = [group["runs"][seed] for seed in sorted(group["runs"])]
         report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]),
                                  "runs": [r["path"] for r in per_seed], **over_seeds(per_seed)})
     methods_apart = ("method", *META_FIELDS)
-    for group in groups.values():
-        base = next((g for g in groups.values() if g["config"]["method"] == "baseline"
+    for group in groups:
+        base = next((g for g in groups if g["config"]["method"] == "baseline"
                      and key(g["config"], methods_apart) == key(group["config"], methods_apart)), None)
         if group["config"]["method"] != "l2w" or base is None:
             continue
@@ -1906,9 +1702,16 @@ def summarize(paths, out_json):
         if differences:
             report["paired"].append({"l2w": group["label"], "baseline": base["label"], "per_seed": differences,
                                      **over_seeds(differences)})
+    print_summary(report)
+    write_json(out_json, report)
+    return report
+
+
+def print_summary(report):
     width = max(len(g["label"]) for g in report["groups"]) + 2
     show = lambda mean, std=None, sign="": f"{mean:{sign}8.2f}" + ("       " if std is None else f" ± {std:4.2f}")
     exits = max(len(g["top1_mean"]) for g in report["groups"])
+    low, high = report["range"]
     header = (f"{'':{width}}seeds" + "".join(f"{f'exit {k + 1}':>15}" for k in range(exits))
               + f"   budgeted: mean over {low / 1e6:.2f}-{high / 1e6:.2f}M Mul-Adds")
     print(f"test top-1 (%), mean ± standard deviation over the seeds\n{header}")
@@ -1920,10 +1723,8 @@ def summarize(paths, out_json):
         for d in pair["per_seed"]:
             print(f"{'seed ' + str(d['seed']):{width + 5}}" + "".join(show(x, sign="+") for x in d["top1"])
                   + "   " + show(d["budgeted_mean"], sign="+"))
-        print(f"{'mean ± std':{width + 5}}" + "".join(show(m, s, "+") for m, s in zip(pair["top1_mean"], pair["top1_std"]))
+        print(f"{'mean ± std':{width + 5}}" + "".join(map(show, pair["top1_mean"], pair["top1_std"], "+" * exits))
               + "   " + show(pair["budgeted_mean"], pair["budgeted_std"], "+"))
-    write_json(out_json, report)
-    return report
 
 
 # ============================================================================
@@ -1943,12 +1744,9 @@ def bench(cfg):
         train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, **knobs), **options)
 
     print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"{torch.get_num_threads()} threads, amp {cfg.amp}, channels-last {cfg.channels_last}, "
-          f"median of {cfg.bench_iters}")
-    # The three kinds of iteration alternate, so that a busy machine slows them alike, and take
-    # turns at going first, so that none always follows the same one. "higher" and "jvp" are the
-    # two ways of taking the same meta-gradient (Config.meta_grad).
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {torch.get_num_threads()} "
+          f"threads, amp {cfg.amp}, channels-last {cfg.channels_last}, median of {cfg.bench_iters}")
+    # The three kinds of iteration alternate (a busy machine slows them alike) and take turns at going first.
     steps = [("plain", partial(iteration, method="baseline")),
              ("higher", partial(iteration, method="l2w", meta_grad="higher")),
              ("jvp", partial(iteration, method="l2w", meta_grad="jvp"))]
@@ -1972,8 +1770,7 @@ def bench(cfg):
 
 def data_pipeline(cfg, device):
     """The training data pipeline's images/s (--bench-iters batches after one): does it or the
-    iteration bound a run? Loaded after the iterations' timings, so that their peak memory holds
-    no images; without the data (and no way to download it), one line says so."""
+    iteration bound a run? Loaded after the timings, so that their peak memory holds no images."""
     try:
         splits = data.load(cfg, device=device)
     except data.DataError as e:
@@ -1981,8 +1778,8 @@ def data_pipeline(cfg, device):
         return
     batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
     next(batches, None)   # warm-up: loader workers start
-    seconds, images_loaded, _ = timed(lambda: sum(len(to_device(*batch, device, cfg)[0])
-                                                  for batch in itertools.islice(batches, cfg.bench_iters)), None, device)
+    load = lambda: sum(len(to_device(*batch, device, cfg)[0]) for batch in itertools.islice(batches, cfg.bench_iters))
+    seconds, images_loaded, _ = timed(load, None, device)
     print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
           + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
              f"{cfg.workers} loader workers)"))
@@ -2024,8 +1821,6 @@ def main(argv=None):
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Stopped as e:   # preempted: the checkpoint is written; the usual code of a signalled job
-        sys.exit(128 + e.signum)
     finally:
         if dist.is_initialized():
             gc.collect()   # free the DDP wrappers while their process group still exists
