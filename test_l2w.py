@@ -3413,58 +3413,252 @@ def test_an_unreadable_image_is_named_and_the_last_checkpoint_stays(tmp_path):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def gpu():
+    """The CUDA tests' device. Their bodies take it as an argument so that, where there is no GPU,
+    they can be run on "cpu" (with this fixture overridden) to check their logic."""
+    return "cuda"
+
+
+def on_device(setup, device):
+    """A copy of (model, wpn, optimizer, wpn_optimizer) on `device`, the optimizers' state too."""
+    setup = copy.deepcopy(setup)   # one deepcopy keeps the optimizers' links to the parameters
+    for module in setup[:2]:
+        module.to(device)
+    for optimizer in setup[2:]:   # loading its own state moves it to where the parameters are
+        optimizer.load_state_dict(optimizer.state_dict())
+    return setup
+
+
+def l2w_script(folder, cifar=None, group=None):
+    """The path of a script that runs l2w.py's command line as `python l2w.py` does, in a process
+    of its own, after what no flag can set up: torchvision's CIFAR-10 checksums made those of the
+    files write_fake_cifar10 wrote (`cifar`, what it returned; fake_cifar10_cfg patches them in this
+    process only), and a process group of backend `group` from torchrun's variables (l2w builds one
+    for two ranks or more)."""
+    lines = ["import sys", f"sys.path.insert(0, {HERE!r})", "import torch", "import l2w"]
+    if cifar:
+        lines += ["import torchvision"] + [f"torchvision.datasets.CIFAR10.{name} = {value!r}"
+                                           for name, value in zip(("train_list", "test_list", "meta"), cifar)]
+    if group:
+        lines += [f"torch.distributed.init_process_group({group!r})"]
+    path = os.path.join(folder, "l2w_run.py")
+    with open(path, "w") as f:
+        f.write("\n".join(lines + ["l2w.main()"]) + "\n")
+    return path
+
+
+def sigterm_at(command, progress, cwd=None):
+    """Run `command` and send it SIGTERM, as a scheduler about to preempt a job does, once it
+    prints a line holding `progress`: its CompletedProcess, with the output after that line."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    for line in proc.stdout:
+        if progress in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def bit_identical(a, b):
+    """Nested dicts, lists and tensors equal, the tensors bit for bit and of one dtype."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(bit_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(bit_identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def assert_evaluated_alike(got, want, images):
+    """results.json's anytime and budgeted figures of one network evaluated twice on a GPU in
+    batches of other shapes (torchrun's shares of each batch, one process's whole batches): every
+    accuracy the same count of the `images` test images give or take one image, every budgeted
+    Mul-Adds figure the same give or take one image's exit.
+
+    Not equal: cuDNN picks its kernels by batch shape, so the logits differ by float32 rounding
+    (~1e-6 of their size, evaluated in IEEE fp32), and an image whose two best logits, or whose
+    confidence and an exit's threshold, lie that close may change its prediction or its exit. Such
+    near ties are rare (of the order of 1e-5 of the images), so one in a figure is unlikely and two
+    far more so. A real error (a share of the images lost or counted twice, other BatchNorm
+    statistics, logits paired with other images' targets) moves many images, or leaves a
+    percentage that is no count of `images`."""
+    def count(percent):
+        right = percent * images / 100
+        assert abs(right - round(right)) < 1e-3, f"{percent}% is no count of {images} images"
+        return round(right)
+
+    costs = lambda results: [(r["exit"], r["flops"], r["params"]) for r in results["anytime"]]
+    assert costs(got) == costs(want) and len(got["dynamic"]) == len(want["dynamic"]) > 0
+    for a, b in zip(got["anytime"], want["anytime"]):
+        assert all(abs(count(a[k]) - count(b[k])) <= 1 for k in ("acc1", "acc5")), (a, b)
+    flops = [r["flops"] for r in want["anytime"]]
+    for a, b in zip(got["dynamic"], want["dynamic"]):
+        assert a["q"] == b["q"] and abs(count(a["acc"]) - count(b["acc"])) <= 1, (a, b)
+        assert abs(a["flops"] - b["flops"]) * images <= (flops[-1] - flops[0]) * (1 + 1e-9), (a, b)
+
+
 @cuda
-def test_cuda_l2w_iteration_equals_the_cpu_one():
-    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = double_setup(seed=6)
-    gpu = copy.deepcopy((model, wpn, optimizer, wpn_optimizer))
-    gpu[0].cuda(), gpu[1].cuda()
-    for opt in gpu[2:]:   # move the optimizer state along with the parameters
-        opt.load_state_dict(opt.state_dict())
-    l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg)
-    l2w.train_step(*gpu, images.cuda(), targets.cuda(), cfg)
-    for got, want in zip(state_of(*gpu[:3]), state_of(model, wpn, optimizer)):
+@pytest.mark.parametrize("meta_grad", ["higher", "jvp"])
+def test_cuda_l2w_iteration_equals_the_cpu_one(gpu, meta_grad):
+    cfg, *setup, images, targets = double_setup(seed=6, meta_grad=meta_grad)
+    on_gpu = on_device(setup, gpu)
+    l2w.train_step(*setup, images, targets, cfg)
+    l2w.train_step(*on_gpu, images.to(gpu), targets.to(gpu), cfg)
+    for got, want in zip(state_of(*on_gpu[:3]), state_of(*setup[:3]), strict=True):
         assert torch.allclose(got.cpu().double(), want.double(), rtol=1e-7, atol=1e-9)
 
 
 @cuda
+def test_cuda_jvp_replays_the_gpus_dropout_draws_and_takes_highers_iteration(gpu):
+    # Dropout draws from the GPU's random stream: jvp's forward-mode pass must replay step 1's
+    # draws from it and leave it as higher does (float64, so that only rounding differs).
+    knobs, *setup, images, targets = own_network_setup(dropout=0.3, dtype=torch.float64)
+    higher, jvp = on_device(setup, gpu), on_device(setup, gpu)
+    images, targets = images.to(gpu), targets.to(gpu)
+    torch.manual_seed(2)
+    l2w.train_step(*higher, images, targets, with_knobs(knobs, meta_grad="higher"))
+    higher_draw = torch.rand(1, device=gpu)
+    torch.manual_seed(2)
+    l2w.train_step(*jvp, images, targets, with_knobs(knobs, meta_grad="jvp"))
+    assert torch.equal(torch.rand(1, device=gpu), higher_draw)
+    assert not all(torch.equal(a, b.to(gpu)) for a, b in zip(higher[1].parameters(), setup[1].parameters()))
+    for got, want in zip(state_of(*jvp[:3]), state_of(*higher[:3]), strict=True):
+        assert torch.allclose(got.double(), want.double(), rtol=1e-9, atol=1e-12)
+
+
+@cuda
+def test_cuda_cifar_batches_made_on_the_gpu_are_the_cpus(gpu):
+    # Crops, flips and normalisation of whole batches on the GPU, against the same on the CPU
+    # (checked against torchvision above); not bit for bit: CUDA divides by a scalar as a product
+    # with its reciprocal, which may differ in the last bit. A wrong offset or flip differs by O(1).
+    images, labels = cifar_like(40, seed=3)
+    batches = {}
+    for device in ("cpu", gpu):
+        split = data.DeviceImages(images.to(device), labels.to(device), range(3, 40), data.CIFAR_STATS["cifar10"],
+                                  augment=True, seed=5)
+        sampler = data.ShardedBatches(len(split), 8, seed=5)
+        sampler.set_epoch(2)
+        batches[device] = list(data.DeviceBatches(split, sampler))
+    assert len(batches[gpu]) == len(batches["cpu"]) == 4
+    for (x, y), (x_cpu, y_cpu) in zip(batches[gpu], batches["cpu"]):
+        assert x.device.type == torch.device(gpu).type and torch.equal(y.cpu(), y_cpu)
+        assert torch.allclose(x.cpu(), x_cpu, rtol=0, atol=1e-5)
+
+
+@cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_one_synthetic_epoch_trains_and_evaluates(tmp_path, monkeypatch, precision):
+def test_cuda_one_synthetic_epoch_trains_and_evaluates(tmp_path, monkeypatch, gpu, precision):
     if precision == "fp16":
         monkeypatch.setattr(l2w, "amp_dtype", lambda device: torch.float16)
-    elif precision == "bf16" and l2w.amp_dtype(torch.device("cuda")) != torch.bfloat16:
+    elif precision == "bf16" and l2w.amp_dtype(torch.device(gpu)) != torch.bfloat16:
         pytest.skip("this GPU has no native bf16")
-    cfg = small_cfg(device="cuda", amp=precision != "fp32", out=str(tmp_path / precision), synthetic_size=600)
+    cfg = small_cfg(device=gpu, amp=precision != "fp32", out=str(tmp_path / precision), synthetic_size=600)
     results = l2w.train(cfg)
     assert all(math.isfinite(r["acc1"]) and r["acc1"] > 10 for r in results["anytime"])   # above chance
     state = l2w.load_checkpoint(str(tmp_path / precision / "checkpoint.pt"))
     assert (state["scalers"] is not None) == (precision == "fp16") and state["rng"]["cuda"] is not None
     again = l2w.train(dataclasses.replace(cfg, eval_only=True, resume=str(tmp_path / precision / "checkpoint.pt"),
                                           out=str(tmp_path / "eval")))
+    # batches of the same shapes: the same kernels, the same logits
     assert again["anytime"] == results["anytime"] and again["dynamic"] == results["dynamic"]
 
 
 @cuda
-def test_cuda_bench_prints_times_and_peak_memory():
-    result = run_cli("--bench", "--dataset", "cifar100", "--exits", "5", "--batch-size", "64", "--bench-iters", "2",
-                     "--device", "cuda")
+def test_cuda_bench_prints_times_peak_memory_and_the_on_device_cifar_pipeline(tmp_path, monkeypatch, gpu):
+    cfg = fake_cifar10_cfg(tmp_path, monkeypatch)   # CIFAR-10 files written here: the pipeline is timed offline
+    result = cli("--bench", "--dataset", "cifar10", "--data-dir", cfg.data_dir, "--holdout", "20", "--exits", "5",
+                 "--batch-size", "16", "--bench-iters", "2", "--device", gpu)
     assert result.returncode == 0, result.stderr
-    assert "peak memory" in result.stdout and "ratio" in result.stdout
+    peaks = dict(re.findall(r"^(plain|higher|jvp) .* ms/iter .* peak memory (\d+) MiB$", result.stdout, re.M))
+    assert len(peaks) == 3 and int(peaks["higher"]) > int(peaks["plain"]) > 0, result.stdout   # a second-order graph
+    assert "ratio  higher/plain" in result.stdout
+    assert re.search(r"^data +[\d.]+ img/s: the training data pipeline \(augmented on the device\)$", result.stdout,
+                     re.M), result.stdout
 
 
 @cuda
-def test_cuda_torchrun_nccl_equals_single_process_evaluation(tmp_path):
-    gpus = torch.cuda.device_count()
-    out = tmp_path / "nccl"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(gpus), os.path.join(HERE, "l2w.py"), "--dataset", "synthetic", "--exits", "3",
-                             "--epochs", "1", "--synthetic-size", "600", "--holdout", "60",
-                             "--batch-size", str(16 * gpus), "--out", str(out), "--device", "cuda",
-                             *(["--sync-bn"] if gpus >= 2 else [])],
-                            capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+def test_cuda_deterministic_cifar_run_stopped_by_sigterm_resumes_bit_identically(tmp_path, gpu):
+    # --deterministic promises a bit-identical resume on a GPU too. Its settings must be in place
+    # before cuBLAS starts, so each run is a process of its own, on CIFAR-10 files written here
+    # (each batch cropped and flipped on the GPU); the jvp meta-gradient and --channels-last come along.
+    script = l2w_script(tmp_path, cifar=write_fake_cifar10(str(tmp_path / "cifar"), per_batch=24, n_test=30))
+    command = [sys.executable, script, "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--holdout",
+               "20", "--exits", "2", "--epochs", "2", "--batch-size", "16", "--lr", "0.1", "--meta-grad", "jvp",
+               "--deterministic", "--channels-last", "--print-every", "1", "--device", gpu]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    result = subprocess.run(command + ["--out", str(straight)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # SIGTERM in the second epoch (100 training images: 6 iterations an epoch)
+    result = sigterm_at(command + ["--out", str(split)], "epoch 2/2 iter 1/6")
+    assert result.returncode == 128 + signal.SIGTERM, (result.stdout, result.stderr[-3000:])
+    state = l2w.load_checkpoint(str(split / "checkpoint.pt"))
+    assert state["epoch"] == 1 and 1 <= state["batch"] < 6 and not (split / "results.json").exists()
+    result = subprocess.run([sys.executable, script, "--resume", str(split / "checkpoint.pt")], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (straight, split))
+    assert all(bit_identical(a[k], b[k]) for k in ("epoch", "batch", "model", "wpn", "optimizer", "wpn_optimizer"))
+    assert bit_identical(a["rng"]["cuda"], b["rng"]["cuda"])   # the stream the GPU's dropout draws from
+    ra, rb = (json.loads((folder / "results.json").read_text()) for folder in (straight, split))
+    assert ra["anytime"] == rb["anytime"] and ra["dynamic"] == rb["dynamic"]
+    timeless = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+    assert timeless(ra["history"]) == timeless(rb["history"]) and len(ra["history"]) == 2
+
+
+@cuda
+def test_cuda_imta_pretrain_then_finetune_exits_early_as_the_budgeted_protocol(tmp_path, gpu):
+    phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
+    result = cli("--dataset", "synthetic", "--exits", "3", "--epochs", "1", "--synthetic-size", "300", "--holdout",
+                 "60", "--batch-size", "32", "--imta", "pretrain", "--out", phase1, "--device", gpu)
+    assert result.returncode == 0, result.stderr
+    result = cli("--imta", "finetune", "--pretrained", phase1 / "checkpoint.pt", "--epochs", "1", "--batch-size", "32",
+                 "--meta-grad", "jvp", "--channels-last", "--early-exit", "--q", "0.5", "--out", phase2,
+                 "--device", gpu)
+    assert result.returncode == 0, result.stderr
+    first, second = (l2w.load_checkpoint(str(folder / "checkpoint.pt")) for folder in (phase1, phase2))
+    assert second["config"]["imta"] == "finetune" and min(second["history"][0]["weights"]["moved"]) > 0
+    assert all(torch.equal(second["model"]["backbone." + k], v) for k, v in first["model"].items())   # frozen
+    # Real early exit runs on batches cut to the images still running: other shapes than the
+    # budgeted protocol's whole batches, so its exits and predictions are that protocol's give or
+    # take one image (assert_evaluated_alike says why).
+    results = json.loads((phase2 / "results.json").read_text())
+    early, images = results["early_exit"], 100   # --synthetic-size 300: 100 test images
+    assert early["budgeted_accuracy"] == next(r["acc"] for r in results["dynamic"] if r["q"] == 0.5)
+    assert [run["batch_size"] for run in early["runs"]] == [1, 32]
+    for run in early["runs"]:
+        assert run["same_as_budgeted"] >= images - 1, run
+        assert abs(run["accuracy"] - early["budgeted_accuracy"]) <= 100 / images + 1e-9, run
+
+
+@cuda
+def test_cuda_torchrun_over_nccl_stops_on_sigterm_resumes_and_evaluates_as_one_process(tmp_path, gpu):
+    # l2w builds a process group for two ranks or more: NCCL, rank i on cuda:i. NCCL refuses two
+    # ranks on one GPU, so one GPU runs one rank, in a group its script builds (l2w_script): DDP,
+    # l2w's collectives (BatchNorm buffers broadcast before evaluation, predictions gathered, the
+    # stop signal agreed on, the replicas compared) and the last barrier then run over NCCL as on
+    # many GPUs; only the sharding of the batches, which knows no device, is left to the two-rank
+    # CPU test. (gloo could put two ranks on one GPU, but l2w never pairs gloo with GPUs.)
+    ranks = 2 if gpu == "cuda" and torch.cuda.device_count() >= 2 else 1
+    group = "nccl" if gpu == "cuda" else "gloo"   # as l2w chooses (gloo: to check this test's logic on the CPU)
+    script = os.path.join(HERE, "l2w.py") if ranks > 1 else l2w_script(tmp_path, group=group)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), script]
+    out = tmp_path / "ddp"
+    # 540 training images: 16 iterations an epoch; torchrun passes a SIGTERM on to its ranks
+    flags = ["--dataset", "synthetic", "--exits", "3", "--epochs", "2", "--synthetic-size", "600", "--holdout", "60",
+             "--batch-size", "32", "--amp", "--channels-last", "--print-every", "1", "--out", str(out), "--device", gpu]
+    result = sigterm_at(torchrun + flags, "epoch 1/2 iter 2/16", cwd=tmp_path)
+    assert "stopped by signal" in result.stdout, (result.stdout, result.stderr[-3000:])
+    state = l2w.load_checkpoint(str(out / "checkpoint.pt"))
+    assert state["epoch"] == 0 and 2 <= state["batch"] < 16 and not (out / "results.json").exists()
+    result = subprocess.run(torchrun + ["--resume", str(out / "checkpoint.pt")], capture_output=True, text=True,
+                            timeout=600, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("resumed from") == 1 and f"at epoch 0, iteration {state['batch']}" in result.stdout
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["world_size"] == gpus and results.get("replicas_identical", True) is True
+    assert results["config"]["world_size"] == ranks and results["replicas_identical"] is True
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
     single = run_cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
-    evaluated = json.loads((tmp_path / "single" / "results.json").read_text())
-    assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
+    assert_evaluated_alike(json.loads((tmp_path / "single" / "results.json").read_text()), results, images=200)
