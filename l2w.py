@@ -753,10 +753,12 @@ def average_ranks(x):
 @torch.no_grad()
 def wpn_weights(wpn, losses, cfg):
     """Step 2 on an (n, K) loss matrix: the weights `wpn` gives with the run's delta and
-    constraint, as float64 on the CPU. The matrix is one set: `row` and `mat` take their means
-    over all of it (in training, over a half-batch)."""
+    constraint, computed in float64 on the CPU (float32's rounding, ~1e-7 and another on each
+    device or BLAS, would order weights closer than that: the profile's ranks). The matrix is one
+    set: `row` and `mat` take their means over all of it (in training, over a half-batch)."""
     net = unwrap(wpn)
-    return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
+    params = {name: p.double().cpu() for name, p in net.named_parameters()}
+    return sample_weights(functional_call(net, params, (losses.double().cpu(),)), cfg.delta, cfg.constraint)
 
 
 def weight_profile(losses, wpn, cfg, initial_wpn=None):
