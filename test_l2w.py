@@ -1726,6 +1726,26 @@ def test_resume_mid_epoch_after_sigterm_is_exact(tmp_path, monkeypatch):
     assert timeless(resumed["history"]) == timeless(straight["history"])
 
 
+def test_the_history_means_the_loss_over_every_iteration_and_the_meta_loss_over_the_meta_iterations(
+        tmp_path, monkeypatch):
+    # --meta-interval 2 with 3 iterations an epoch: meta steps at iterations 0 and 2 (epoch 1) and 4
+    # (epoch 2; the interval counts across epochs). Each epoch's record holds the mean of what
+    # train_step returned: the loss over all of its iterations, the meta loss over its meta ones.
+    returned, train_step = [], l2w.train_step
+    def recording_step(*args, **kwargs):
+        out = train_step(*args, **kwargs)
+        returned.append((out["loss"].item(), None if out["meta_loss"] is None else out["meta_loss"].item()))
+        return out
+    monkeypatch.setattr(l2w, "train_step", recording_step)
+    cfg = small_cfg(exits=2, batch_size=16, synthetic_size=60, holdout=12, epochs=2, meta_interval=2,
+                    out=str(tmp_path / "run"))
+    history = l2w.train(cfg)["history"]
+    assert [meta is not None for _, meta in returned] == [True, False, True, False, True, False]
+    for record, epoch in zip(history, (returned[:3], returned[3:]), strict=True):
+        assert record["loss"] == pytest.approx(statistics.fmean(loss for loss, _ in epoch), rel=1e-6)
+        assert record["meta_loss"] == pytest.approx(statistics.fmean(m for _, m in epoch if m is not None), rel=1e-6)
+
+
 def test_under_torchrun_the_ranks_agree_on_a_signal_at_progress_lines_only(monkeypatch):
     # one process: the handler's flag, read every iteration; under torchrun an all_reduce (and its
     # host read) at progress lines only, not a stall of every iteration
