@@ -997,59 +997,102 @@ def tf32_settings():
 
 
 class SettingsAtEachProduct(TorchDispatchMode):
-    """Records (operation, tf32_settings()) at every convolution and matrix product, forward and
+    """Records (operation, settings()) at every convolution and matrix product, forward and
     backward (and forward-mode tangents), and the markers appended to the same list."""
 
     OPS = ("convolution", "convolution_backward", "mm", "addmm", "bmm")
 
-    def __init__(self, record):
+    def __init__(self, record, settings=tf32_settings):
         super().__init__()
-        self.record = record
+        self.record, self.settings = record, settings
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__.split(".")[0] in self.OPS:
-            self.record.append((func.__name__.split(".")[0], tf32_settings()))
+            self.record.append((func.__name__.split(".")[0], self.settings()))
         return func(*args, **(kwargs or {}))
 
 
-def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypatch):
+def mark_steps(monkeypatch, record, optimizer, wpn_optimizer):
+    """Appends a marker to `record` at each WPN step (steps 1-5 done) and backbone step (real step done)."""
+    for opt, marker in ((wpn_optimizer, "steps 1-5 done"), (optimizer, "real step done")):
+        monkeypatch.setattr(opt, "step", lambda step=opt.step, marker=marker: (record.append(marker), step())[1])
+
+
+def by_phase(record, meta):
+    """[(phase, operation, settings)] of an iteration's `record` (SettingsAtEachProduct, mark_steps),
+    phase 'meta' for steps 1-5 of each half (of a meta iteration) and 'real' for its real step."""
+    halves = "".join("m" if r == "steps 1-5 done" else "r" if r == "real step done" else "." for r in record)
+    assert re.fullmatch(r"(\.+m\.+r){2}" if meta else r"(\.+r){2}", halves), halves
+    phase, phases = "meta" if meta else "real", []
+    for r in record:
+        if isinstance(r, str):
+            phase = "real" if r == "steps 1-5 done" or not meta else "meta"
+        else:
+            phases.append((phase, *r))
+    return phases
+
+
+def per_operation_precisions():
+    """torch >= 2.9's fp32 precision settings, each backend before its operations (torch < 2.9: none)."""
+    b = torch.backends
+    if not hasattr(b.cudnn, "conv"):
+        return ()
+    return b, b.cuda.matmul, b.cudnn, b.cudnn.conv, b.cudnn.rnn, b.mkldnn, b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn
+
+
+def fp32_precision_flags():
+    """Every fp32 precision setting as PyTorch reads it back: the older flags (a message where the
+    read raises) and the precision of each backend and operation."""
+    def read(get):
+        try:
+            return get()
+        except RuntimeError as e:
+            return "raises: " + str(e).split(",")[0]
+    return ([read(get) for get in (torch.get_float32_matmul_precision, torch._C._get_cublas_allow_tf32,
+                                   torch._C._get_cudnn_allow_tf32)],
+            [m.fp32_precision for m in per_operation_precisions()])
+
+
+@pytest.fixture
+def fp32_precision_restored():
+    """PyTorch's fp32 precision settings put back after the test as they were: the older flags, then
+    (on torch >= 2.9) the precision of each backend and operation, which the older ones also set."""
+    before, older = fp32_precision_flags(), (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    precisions = [m.fp32_precision for m in per_operation_precisions()]
+    yield
+    torch.set_float32_matmul_precision(older[0])
+    torch.backends.cudnn.allow_tf32 = older[1]
+    for module, precision in zip(per_operation_precisions(), precisions):
+        module.fp32_precision = precision
+    assert fp32_precision_flags() == before
+
+
+def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypatch, fp32_precision_restored):
     # Steps 1-5 of a meta iteration (step 1's forward, the virtual step, the meta forward and every
     # backward or tangent through them) run in IEEE fp32; the real step's backward, plain
     # iterations and the run with --tf32's option keep PyTorch's settings, read before.
-    previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")   # a user's TF32 for matrix products too
-    try:
-        default = tf32_settings()
-        ieee = ("ieee", "ieee") if hasattr(torch.backends.cudnn, "conv") else (False, False)
-        assert default != ieee and all(a != b for a, b in zip(default, ieee))
-        cfg, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()   # small, all kinds of layer
-        record = []
-        for opt, marker in ((wpn_optimizer, "steps 1-5 done"), (optimizer, "real step done")):
-            monkeypatch.setattr(opt, "step", lambda step=opt.step, marker=marker: (record.append(marker), step())[1])
-        for meta_grad, meta, options, expected in (("higher", True, {}, ieee), ("jvp", True, {}, ieee),
-                                                   ("jvp", False, {}, default),
-                                                   ("jvp", True, l2w.method_options(small_cfg(tf32=True), model,
-                                                                                    torch.device("cpu")), default)):
-            record.clear()
-            with SettingsAtEachProduct(record):
-                l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets,
-                               with_knobs(cfg, meta_grad=meta_grad), meta=meta, **options)
-            halves = "".join("m" if r == "steps 1-5 done" else "r" if r == "real step done" else "." for r in record)
-            assert re.fullmatch(r"(\.+m\.+r){2}" if meta else r"(\.+r){2}", halves), halves
-            phase = "meta"
-            for r in record:
-                if isinstance(r, str):
-                    phase = "real" if r == "steps 1-5 done" else "meta"
-                else:
-                    assert r[1] == (expected if phase == "meta" and meta else default), (meta_grad, meta, phase, r)
-        # each phase holds convolutions' forwards and backwards and matrix products
-        meta_ops = {r[0] for r in record[:record.index("steps 1-5 done")]}
-        real_ops = {r[0] for r in record[record.index("steps 1-5 done") + 1:record.index("real step done")]}
-        assert {"convolution", "convolution_backward", "addmm", "mm"} <= meta_ops
-        assert {"convolution_backward", "mm"} <= real_ops
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    assert torch.get_float32_matmul_precision() == previous
+    default = tf32_settings()
+    ieee = ("ieee", "ieee") if hasattr(torch.backends.cudnn, "conv") else (False, False)
+    assert default != ieee and all(a != b for a, b in zip(default, ieee))
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()   # small, all kinds of layer
+    record = []
+    mark_steps(monkeypatch, record, optimizer, wpn_optimizer)
+    for meta_grad, meta, options, expected in (("higher", True, {}, ieee), ("jvp", True, {}, ieee),
+                                               ("jvp", False, {}, default),
+                                               ("jvp", True, l2w.method_options(small_cfg(tf32=True), model,
+                                                                                torch.device("cpu")), default)):
+        record.clear()
+        with SettingsAtEachProduct(record):
+            l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets,
+                           with_knobs(cfg, meta_grad=meta_grad), meta=meta, **options)
+        for phase, op, settings in by_phase(record, meta):
+            assert settings == (expected if phase == "meta" else default), (meta_grad, meta, phase, op)
+    # each phase holds convolutions' forwards and backwards and matrix products
+    meta_ops = {r[0] for r in record[:record.index("steps 1-5 done")]}
+    real_ops = {r[0] for r in record[record.index("steps 1-5 done") + 1:record.index("real step done")]}
+    assert {"convolution", "convolution_backward", "addmm", "mm"} <= meta_ops
+    assert {"convolution_backward", "mm"} <= real_ops
 
 
 # ----------------------------------------------------------------------------
