@@ -388,18 +388,29 @@ def ieee_fp32():
     """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were. On
     Ampere and later GPUs PyTorch lets cuDNN round fp32 convolutions' operands to TF32 (a 10-bit
     mantissa) by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    # torch >= 2.9 sets it per operation; mixing those settings with the older flags raises
-    name, ieee, modules = (("fp32_precision", "ieee", (cudnn.conv, matmul)) if hasattr(cudnn, "conv")
-                           else ("allow_tf32", False, (cudnn, matmul)))
-    saved = [getattr(module, name) for module in modules]
-    for module in modules:
-        setattr(module, name, ieee)
+    cudnn = torch.backends.cudnn
+    # torch >= 2.9 also keeps a precision per operation, which the older flags set too, and raises where
+    # the two disagree (a user's set_float32_matmul_precision("high") and our "ieee"): both are set.
+    per_op = ((torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, cudnn.conv, cudnn.rnn)
+              if hasattr(cudnn, "conv") else ())
+    try:   # unreadable where a user set per-operation ones alone (the two disagree already): left alone
+        older = torch.get_float32_matmul_precision(), cudnn.allow_tf32
+    except RuntimeError:
+        older = None
+
+    def put(flags, precisions):   # the older flags first: they set per-operation ones too
+        if flags:
+            torch.set_float32_matmul_precision(flags[0])
+            cudnn.allow_tf32 = flags[1]
+        for module, precision in zip(per_op, precisions):
+            module.fp32_precision = precision
+
+    saved = older, [module.fp32_precision for module in per_op]
+    put(("highest", False) if older else None, ["ieee"] * len(per_op))
     try:
         yield
     finally:
-        for module, value in zip(modules, saved):
-            setattr(module, name, value)
+        put(*saved)
 
 
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,

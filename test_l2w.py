@@ -1095,6 +1095,56 @@ def test_the_meta_gradient_is_taken_in_ieee_fp32_unless_tf32_is_allowed(monkeypa
     assert {"convolution_backward", "mm"} <= real_ops
 
 
+# A user's TF32 set with PyTorch's older switches (torch < 2.9's only ones), which on torch >= 2.9
+# also set the per-operation precision
+OLDER_TF32_SWITCHES = {
+    "defaults": lambda: None,
+    "set_float32_matmul_precision high": lambda: torch.set_float32_matmul_precision("high"),
+    "matmul.allow_tf32 True": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "set_float32_matmul_precision medium, cudnn.allow_tf32 False": lambda: (
+        torch.set_float32_matmul_precision("medium"), setattr(torch.backends.cudnn, "allow_tf32", False)),
+    "cudnn.allow_tf32 False": lambda: setattr(torch.backends.cudnn, "allow_tf32", False),
+}
+
+
+@pytest.mark.parametrize("switch", OLDER_TF32_SWITCHES)
+def test_ieee_fp32_agrees_with_a_users_older_tf32_switches_at_every_product_and_gives_them_back(
+        switch, monkeypatch, fp32_precision_restored):
+    # torch >= 2.9 raises where its older flags and the per-operation precision disagree whenever
+    # asked whether cuBLAS may use TF32 (and cuDNN, asked without naming an operation). Asked at every
+    # product of a meta iteration, both answer: no in steps 1-5, the user's answer in the real step;
+    # afterwards every setting reads as the user left it.
+    OLDER_TF32_SWITCHES[switch]()
+    users = fp32_precision_flags()
+    asked = lambda: (torch._C._get_cublas_allow_tf32(), torch._C._get_cudnn_allow_tf32())
+    users_answer = asked()
+    cfg, model, wpn, optimizer, wpn_optimizer, images, targets = own_network_setup()
+    record = []
+    mark_steps(monkeypatch, record, optimizer, wpn_optimizer)
+    for meta_grad in ("higher", "jvp"):
+        record.clear()
+        with SettingsAtEachProduct(record, asked):
+            l2w.train_step(model, wpn, optimizer, wpn_optimizer, images, targets, with_knobs(cfg, meta_grad=meta_grad))
+        for phase, op, answer in by_phase(record, meta=True):
+            assert answer == ((False, False) if phase == "meta" else users_answer), (meta_grad, phase, op)
+        assert fp32_precision_flags() == users, meta_grad
+
+
+def test_ieee_fp32_leaves_the_older_flags_alone_where_a_user_set_the_per_operation_precision_alone(
+        fp32_precision_restored):
+    # A user who set only the per-operation precision, as torch >= 2.9 advises: the older flags
+    # then disagree with it, and reading them raises. Inside, matrix products and convolutions are
+    # IEEE all the same, cuBLAS's question is answered, and every setting is found back afterwards.
+    if not per_operation_precisions():
+        pytest.skip("torch < 2.9 has the older flags only")
+    torch.backends.fp32_precision = "tf32"
+    users = fp32_precision_flags()
+    assert users[0][1].startswith("raises")
+    with l2w.ieee_fp32():
+        assert tf32_settings() == ("ieee", "ieee") and torch._C._get_cublas_allow_tf32() is False
+    assert fp32_precision_flags() == users
+
+
 # ----------------------------------------------------------------------------
 # Evaluation: budgeted protocol (MSDNet) and real early exiting
 # ----------------------------------------------------------------------------
