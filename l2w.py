@@ -148,8 +148,7 @@ LIMITS = {"exits": 32, "wpn_depth": 8, "wpn_width": 4096}
 # ============================================================================
 # The method (arXiv:2209.08310, Sec. 3): WPN, sample weights, meta objective, one iteration
 # ============================================================================
-# Self-contained: copy from the banner above to the next into your project; it needs only the
-# imports below. README, "Using the method in your own project".
+# Self-contained: copy it, banner to banner, with its imports (README, "Using the method in your own project").
 import contextlib
 import math
 from functools import partial
@@ -172,8 +171,7 @@ def check_knobs(cfg):
 
 
 class WPN(nn.Module):
-    """Weight prediction network (step 2): the K per-exit losses of a sample -> K values in (-1, 1).
-    An MLP with `depth` hidden ReLU layers of `width` units and a tanh output."""
+    """Weight prediction network (step 2): an MLP (`depth` ReLU layers of `width`), K losses -> (-1, 1)^K."""
 
     def __init__(self, exits, depth=1, width=500):
         super().__init__()
@@ -188,9 +186,8 @@ class WPN(nn.Module):
 
 
 def sample_weights(g, delta, constraint):
-    """Weights w = 1 + delta * (g - mean(g)) (step 2): the mean is per sample over the exits
-    ('col'), per exit over the batch ('row') or over the whole matrix ('mat'), so the weights
-    average to 1 along that direction and only redistribute the loss."""
+    """Weights w = 1 + delta * (g - mean(g)) (step 2), the mean per sample over the exits ('col'), per exit
+    ('row') or overall ('mat'): they average to 1 that way and only redistribute the loss."""
     dims = {"col": (1,), "row": (0,), "mat": (0, 1)}[constraint]
     return 1 + delta * (g - g.mean(dim=dims, keepdim=True))
 
@@ -232,9 +229,8 @@ def confidences(logits):
 
 
 def meta_exit_assignment(confidence, fractions):
-    """Exit of every meta sample (step 4), as the released code assigns them: walking the exits in
-    order, exit k takes exactly floor(n f_k) of the samples not yet assigned, the most confident
-    at exit k first (ties: lower index first); the last exit takes the rest. confidence: (K, n)."""
+    """Exit of every meta sample (step 4), as released: exit k takes floor(n f_k) of those not yet assigned,
+    the most confident at exit k first (ties: lower index first); the last exit the rest. confidence: (K, n)."""
     exits, n = confidence.shape
     exit_of = torch.full((n,), exits - 1, dtype=torch.long, device=confidence.device)
     free = torch.arange(n, device=confidence.device)
@@ -247,10 +243,9 @@ def meta_exit_assignment(confidence, fractions):
 
 
 def meta_loss_fn(logits, targets, q):
-    """Meta objective (step 4): assign the meta samples to exits with fractions f_k ~ q^k, as
-    budgeted inference would, then sum over exits the mean CE of the samples that leave there:
-    each sample's CE weighted 1 / (the exit's count) where it leaves, else 0 (a mask would pick
-    samples by values, whose count the host would wait for the GPU to know)."""
+    """Meta objective (step 4): the meta samples assigned to exits with fractions f_k ~ q^k, as budgeted
+    inference would; the sum over exits of the mean CE of those leaving there, each CE weighted 1 / (the
+    exit's count) or 0 (a mask would make the host wait for the GPU to count)."""
     logits = check_exit_logits(logits)
     exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
     losses = exit_cross_entropy(logits, targets)
@@ -259,8 +254,7 @@ def meta_loss_fn(logits, targets, q):
 
 
 def functional_forward(net, params, images, **kwargs):
-    """The network's forward with `params` ({name: tensor}) in place of its own, on copies of its
-    buffers: BatchNorm's running statistics stay untouched (the virtual step never touches the model)."""
+    """The forward with `params` ({name: tensor}) for its own, on copies of its buffers (BatchNorm's stay)."""
     buffers = {name: b.clone() for name, b in net.named_buffers()}
     return functional_call(net, {**buffers, **params}, (images,), kwargs)
 
@@ -268,10 +262,6 @@ def functional_forward(net, params, images, **kwargs):
 def trainable_parameters(net):
     """{name: parameter} of what the virtual and the real step move (in IMTA's phase 2: the new heads)."""
     return {name: p for name, p in net.named_parameters() if p.requires_grad}
-
-
-def scaled(loss, scaler):   # times an fp16 loss scaler's scale, where there is one
-    return loss if scaler is None else scaler.scale(loss)
 
 
 def optimizer_step(optimizer, scaler=None):
@@ -294,14 +284,13 @@ def higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, sca
     theta_virtual = virtual_sgd.step(weighted_loss(losses, weights), params=list(params.values()))
     # Steps 4-5: the meta loss at theta', back-propagated through theta' into the WPN.
     m = meta_loss(dict(zip(params, theta_virtual)))
-    scaled(m, scaler).backward(inputs=list(wpn.parameters()))
+    (m if scaler is None else scaler.scale(m)).backward(inputs=list(wpn.parameters()))
     return m
 
 
 def virtual_sgd_step(optimizer, params, grads):
-    """theta' = theta - lr (mu buf + g + wd theta), torch.optim.SGD's formula with each
-    parameter's group and momentum buffer (none yet: buf = the step itself). theta' is affine
-    in g: returns (theta', a) with d theta'_p / d g_p = -a_p."""
+    """theta' = theta - lr (mu buf + g + wd theta), torch.optim.SGD's formula with each parameter's group
+    and momentum buffer (none yet: the step). Affine in g: returns (theta', a), d theta'_p / d g_p = -a_p."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
     theta_virtual, slopes = [], []
     for p, g in zip(params, grads):
@@ -318,8 +307,7 @@ def virtual_sgd_step(optimizer, params, grads):
 
 
 def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler, train_losses, draws):
-    """Steps 3-5 with the same meta-gradient and no second-order backward (README, "The
-    meta-gradient without the second-order backward"). The WPN sees the losses detached, so
+    """Steps 3-5, the same meta-gradient with no second-order backward (README). The WPN sees the losses detached, so
     theta' = theta - a (g(w) + const), g(w) = grad_theta sum_k mean_i w_ik L_ik, is affine in w:
         dM / dw_ik = -(1/n) < a * grad_theta' M, grad_theta L_ik >,
     one backward of M at theta' (v) and one forward-mode JVP of theta -> L (`train_losses`, whose
@@ -332,7 +320,7 @@ def jvp_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, scaler
     theta_virtual = [t.requires_grad_() for t in theta_virtual]
     # Step 4, and v = grad_theta' M.
     m = meta_loss(dict(zip(params, theta_virtual)))
-    scaled(m, scaler).backward(inputs=theta_virtual)
+    (m if scaler is None else scaler.scale(m)).backward(inputs=theta_virtual)
     # u = J(theta) (a v), J the Jacobian of the train half's (n, K) losses: forward-mode AD through the
     # batched forward (BatchNorm couples the samples) with its random draws (dropout). A parameter the
     # meta loss does not reach (an exit no meta sample leaves at) has v = 0.
@@ -367,40 +355,47 @@ def replayed(state):
 
 @contextlib.contextmanager
 def ieee_fp32():
-    """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were. On
-    Ampere and later GPUs cuDNN may round fp32 convolutions' operands to TF32 (a 10-bit mantissa)
-    by default: much of the rounding that step 1 is kept out of bf16 for (README, "--amp")."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    # torch >= 2.9 sets it per operation; mixing those settings with the older flags raises
-    name, ieee, modules = (("fp32_precision", "ieee", (cudnn.conv, matmul)) if hasattr(cudnn, "conv")
-                           else ("allow_tf32", False, (cudnn, matmul)))
-    saved = [getattr(module, name) for module in modules]
-    for module in modules:
-        setattr(module, name, ieee)
+    """fp32 convolutions and matrix products in IEEE fp32, then the settings as they were: on Ampere
+    and later GPUs cuDNN rounds fp32 convolutions' operands to TF32 by default (README, "--amp")."""
+    cudnn = torch.backends.cudnn
+    # torch >= 2.9 also keeps a precision per operation, which the older flags set too, and raises where
+    # the two disagree (a user's set_float32_matmul_precision("high") and our "ieee"): both are set.
+    per_op = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, cudnn.conv, cudnn.rnn] if hasattr(
+        cudnn, "conv") else []
+    try:   # unreadable where a user set per-operation ones alone (they disagree already): left alone
+        older = torch.get_float32_matmul_precision(), cudnn.allow_tf32
+    except RuntimeError:
+        older = None
+
+    def put(flags, precisions):   # the older flags first: they set the per-operation ones too
+        if flags:
+            torch.set_float32_matmul_precision(flags[0])
+            cudnn.allow_tf32 = flags[1]
+        for module, precision in zip(per_op, precisions):
+            module.fp32_precision = precision
+
+    saved = older, [module.fp32_precision for module in per_op]
+    put(("highest", False) if older else None, ["ieee"] * len(per_op))
     try:
         yield
     finally:
-        for module, value in zip(modules, saved):
-            setattr(module, name, value)
+        put(*saved)
 
 
 def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images, meta_targets, cfg, meta,
               loss_fn, autocast, scalers, meta_precision):
-    """Steps 1-6 on a (train half, meta half) pair: (loss, meta loss or None, whether fp16 skipped the
-    WPN's step), the losses left on the device (reading them makes the host wait for the GPU)."""
+    """Steps 1-6 on (train half, meta half): (loss, meta loss or None, whether fp16 skipped the WPN's step)."""
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
     draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
-    # Step 1: L[i, k]. Under AMP, the forward whose derivative the meta-gradient takes stays in
-    # fp32 (in bf16 that gradient is mostly rounding error), and steps 1-5 run in IEEE fp32, not
-    # TF32 (`meta_precision`). This forward and its graph serve both the virtual and the real step.
+    # Step 1: L[i, k], in fp32 under AMP and steps 1-5 in IEEE fp32 (`meta_precision`): in bf16 or TF32 the
+    # meta-gradient is mostly rounding error. This forward's graph serves both the virtual and the real step.
     with (meta_precision if meta_step else autocast)():
         losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
-        # Steps 2-5 move the WPN only; the virtual step moves what the real step moves.
-        params = trainable_parameters(net)
+        params = trainable_parameters(net)   # steps 2-5 move the WPN only; the virtual step what the real one does
 
         def train_losses(theta):   # the train half's losses at `theta`
             return loss_fn(partial(functional_forward, net, theta), images, targets)
@@ -428,7 +423,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
         weights = torch.ones_like(losses)
     loss = weighted_loss(losses, weights)
     optimizer.zero_grad(set_to_none=True)
-    scaled(loss, real_scaler).backward()
+    (loss if real_scaler is None else real_scaler.scale(loss)).backward()
     optimizer_step(optimizer, real_scaler)
     return loss.detach(), meta_loss, skipped
 
@@ -444,9 +439,8 @@ def check_meta_step(model, optimizer, cfg):
         raise ValueError(f"the optimizer does not hold {missing[0]}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if cfg.meta_grad == "higher" and len(held) > len(trainable):
-        raise ValueError(f"meta_grad 'higher' needs an optimizer of the parameters that require grad only; this "
-                         f"one also holds {len(held) - len(trainable)} frozen ones (leave them out, or use "
-                         f"meta_grad 'jvp')")
+        raise ValueError(f"meta_grad 'higher' needs an optimizer of trainable parameters only; this one also "
+                         f"holds {len(held) - len(trainable)} frozen ones (leave them out, or use meta_grad 'jvp')")
     if any(group.get("maximize") for group in groups):
         raise ValueError("the virtual step descends the weighted loss: an optimizer with maximize=True cannot take it")
     if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
@@ -460,10 +454,9 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
     trains with B as the meta set, then B with A. Returns {"loss", "meta_loss" (None without a
     meta step): 0-dim tensors on the device, "wpn_skipped"}.
 
-    model: its forward returns per-exit logits, cheapest exit first (DDP-wrapped or not).
-    optimizer: the backbone's, holding every parameter that requires grad (SGD for `jvp`).
-    cfg: any object with method, delta, constraint, q, meta_grad.
-    meta: False weights with the current WPN without updating it (the meta interval).
+    model: its forward returns per-exit logits, cheapest exit first (DDP-wrapped or not); optimizer:
+    the backbone's, holding every parameter that requires grad (SGD for `jvp`).
+    cfg: any object with method, delta, constraint, q, meta_grad; meta=False: no meta step (the meta interval).
     loss_fn(model, images, targets) -> (n, K) per-exit losses, the ones the WPN weights.
     autocast: a context factory for the forwards that may run in low precision; scalers: fp16 loss
     scalers {"real": backbone's, "meta": WPN's}, or None.
@@ -759,9 +752,9 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
     weight; `spearman`, the rank correlation of weight and loss (None if either is constant; the
     paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of each tenth of the
     samples by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
-    def weights_of(net):
-        net = unwrap(net)
-        return sample_weights(net(losses.to(next(net.parameters()))).double().cpu(), cfg.delta, cfg.constraint)
+    def weights_of(net):   # in float64: float32's rounding (~1e-7, another on each BLAS) would order close weights
+        params = {name: p.double().cpu() for name, p in unwrap(net).named_parameters()}
+        return sample_weights(functional_call(unwrap(net), params, (losses.double().cpu(),)), cfg.delta, cfg.constraint)
     weights, losses = weights_of(wpn), losses.double().cpu()
     profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
                "moved": None if initial_wpn is None else (weights - weights_of(initial_wpn)).abs().mean(0).tolist()}
