@@ -977,7 +977,11 @@ def build(cfg, num_classes, device):
     wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=cfg.wpn_lr, weight_decay=cfg.wpn_weight_decay)
     if dist.is_initialized():
         ids = [device.index] if device.type == "cuda" else None
-        model, wpn = DDP(model, device_ids=ids), DDP(wpn, device_ids=ids)
+        # find_unused_parameters: DDP keeps its first bucket layout instead of rebuilding it in the
+        # order the first iteration's gradients came, so a resumed process sums each gradient over
+        # the ranks in the order the straight run did (an exact resume on 3+ ranks). Costs a walk of
+        # the graph per forward (~0.4 ms of host time, CIFAR MSDNet-7) and a warning per rank.
+        model, wpn = (DDP(m, device_ids=ids, find_unused_parameters=True) for m in (model, wpn))
     return model, wpn, optimizer, wpn_optimizer, method_options(cfg, unwrap(model), device)
 
 
@@ -1030,25 +1034,33 @@ class Preemption:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, device):
-        self.device, self.received = device, 0
+    def __init__(self):
+        self.received, self.pending = 0, None
+        # under torchrun the ranks share their flags on the CPU: reading them never waits for the GPU
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame):
         self.received = signum
 
-    def requested(self, progress_line):
-        """The signal number to stop for (0: go on). Under torchrun the ranks agree on it at progress
-        lines only (`progress_line`): the collective and its host read would stall every iteration."""
-        if not dist.is_initialized():
+    def requested(self):
+        """The signal number to stop for (0: go on), asked once per iteration. Under torchrun each
+        iteration starts a MAX of the ranks' flags and reads the one the iteration before started:
+        long done, and read by every rank at the same iteration, so the ranks stop together, at most
+        two iterations after the signal (torchrun kills its workers 30 s after its SIGTERM)."""
+        if self.group is None:
             return self.received
-        if not progress_line:
-            return 0
-        flag = torch.tensor([self.received], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        agreed = 0
+        if self.pending:
+            self.pending[0].wait()
+            agreed = int(self.pending[1])
+        flag = torch.tensor([self.received])
+        self.pending = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+        return agreed
 
     def close(self):
+        if self.pending:   # every rank started it: finished before the process group goes
+            self.pending[0].wait()
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
@@ -1155,13 +1167,15 @@ def train(cfg, state=None, stop_after_epoch=None):
                           "history": history, "tally": tally,
                           "wpn_init": None if initial_wpn is None else initial_wpn.state_dict()}
             atomic_write(os.path.join(cfg.out, "checkpoint.pt"), lambda f: torch.save(checkpoint, f))
+        if dist.is_initialized():   # every rank waits for the file: once one leaves, torchrun stops the rest
+            dist.barrier()
 
     total_iters = cfg.epochs * n_batches
     seconds, done_here, skipped, val = 0.0, 0, 0, None   # seconds: in training iterations (img/s and ETA)
     # One record per finished epoch (results.json["history"]); `tally`, the running epoch's sums,
     # travels in a mid-epoch checkpoint so that a resumed run records the same means.
     history, tally = list((state or {}).get("history", [])), (state or {}).get("tally")
-    preemption = Preemption(device)
+    preemption = Preemption()
     torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: cuDNN times its kernels once
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
@@ -1202,7 +1216,7 @@ def train(cfg, state=None, stop_after_epoch=None):
                         f"meta {'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
                         f"{done_here * cfg.batch_size / elapsed:.0f} img/s ETA {format_time(eta)}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
-                signum = preemption.requested(progress_line)
+                signum = preemption.requested()
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
                     clock()
                     save(epoch, i + 1)
