@@ -929,9 +929,10 @@ def build(cfg, num_classes, device):
     optimizer = torch.optim.SGD(trainable_parameters(model).values(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     wpn_optimizer = torch.optim.Adam(wpn.parameters(), lr=cfg.wpn_lr, weight_decay=cfg.wpn_weight_decay)
-    if dist.is_initialized():
+    if dist.is_initialized():   # find_unused_parameters: DDP keeps its first gradient buckets (an exact resume
+        # on 3+ ranks: they set the order of the ranks' sums) for a walk of the graph per forward (< 1 ms)
         ids = [device.index] if device.type == "cuda" else None
-        model, wpn = DDP(model, device_ids=ids), DDP(wpn, device_ids=ids)
+        model, wpn = (DDP(net, device_ids=ids, find_unused_parameters=True) for net in (model, wpn))
     return model, wpn, optimizer, wpn_optimizer, method_options(cfg, device)
 
 
