@@ -1508,11 +1508,10 @@ def read_results(path, command="--plot"):
 TRAINED = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, *FILE_FIELDS)]
 
 
-def run_labels(configs, skip=()):
-    """Each run's method, network and data, then the training settings that tell it from the others
+def run_labels(configs, fields=("seed",)):
+    """Each run's method, network and data, then those of `fields` that tell it from the others
     (e.g. seed=1, wpn_width=10; L2W-DEN's own settings only for its runs)."""
-    differ = [k for k in TRAINED if k not in ("method", "arch", "exits", "dataset", *skip)
-              and len({repr(c.get(k)) for c in configs}) > 1]
+    differ = [k for k in fields if len({repr(c.get(k)) for c in configs}) > 1]
     return [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" + "".join(
         f" {k}={c.get(k)}" for k in differ if not (c["method"] == "baseline" and k in META_FIELDS)) for c in configs]
 
@@ -1668,7 +1667,8 @@ def summarize(paths, out_json):
         group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
                                "budgeted_mean": curve_mean(results["dynamic"], low, high)}
     groups = list(groups.values())
-    for group, label in zip(groups, run_labels([g["config"] for g in groups], skip=("seed",))):
+    apart = [k for k in TRAINED if k not in ("method", "arch", "exits", "dataset", "seed")]
+    for group, label in zip(groups, run_labels([g["config"] for g in groups], apart)):
         group["label"] = label
 
     def over_seeds(rows):   # mean and standard deviation over the seeds' rows, per exit and budgeted
