@@ -2506,34 +2506,6 @@ def test_cli_amp_run_on_cpu(tmp_path):
     assert results["config"]["amp"] is True and all(math.isfinite(r["acc1"]) for r in results["anytime"])
 
 
-def test_torchrun_two_ranks_on_cpu(tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(HERE, "l2w.py"), "--dataset", "synthetic", "--exits", "3", "--epochs", "1",
-                             "--synthetic-size", "124", "--holdout", "28", "--batch-size", "32", "--out", str(out),
-                             "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("wrote ") == 1 and result.stdout.count("anytime (test set") == 1
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "holdout_indices.json", "results.json"]
-    results = json.loads((out / "results.json").read_text())
-    assert results["config"]["world_size"] == 2
-    assert len(results["dynamic"]) == 39 and len(results["anytime"]) == 3
-    # the two ranks scored with the checkpoint's weights and BatchNorm statistics: one process
-    # evaluating the checkpoint gets the same numbers, number for number
-    single = cli("--eval-only", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr
-    evaluated = json.loads((tmp_path / "single" / "results.json").read_text())
-    assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
-    # a distributed run resumes under torchrun (bit-exactness is checked single-process above)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             os.path.join(HERE, "l2w.py"), "--resume", str(out / "checkpoint.pt"), "--epochs", "2"],
-                            capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("resumed from") == 1 and "epoch 2/2 iter 3/3" in result.stdout
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
-
-
 # torchrun runs this in place of l2w.py: at its SIGNAL_AT-th SGD step rank 0 sends SIGTERM to the
 # launcher, as a scheduler would, and rank 0 writes its checkpoint only once the other ranks have
 # left (or 2 s on); each rank notes at exit whether the checkpoint was there.
@@ -2590,6 +2562,16 @@ def test_sigterm_to_torchrun_stops_the_ranks_together_after_the_checkpoint_and_r
     l2w_py, straight, split = os.path.join(HERE, "l2w.py"), tmp_path / "straight", tmp_path / "split"
     result = torchrun(l2w_py, *args, "--out", str(straight))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1 and result.stdout.count("anytime (test set") == 1   # rank 0 alone
+    assert sorted(p.name for p in straight.iterdir()) == ["checkpoint.pt", "holdout_indices.json", "results.json"]
+    results = json.loads((straight / "results.json").read_text())
+    assert results["config"]["world_size"] == 3 and len(results["dynamic"]) == 39 and len(results["anytime"]) == 2
+    # the ranks scored with the checkpoint's weights and BatchNorm statistics: one process evaluating
+    # the checkpoint gets the same numbers, number for number
+    single = cli("--eval-only", "--resume", str(straight / "checkpoint.pt"), "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    evaluated = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert evaluated["anytime"] == results["anytime"] and evaluated["dynamic"] == results["dynamic"]
     (tmp_path / "preempted.py").write_text(PREEMPTED_RANK)
     result = torchrun(str(tmp_path / "preempted.py"), *args, "--out", str(split), TORCH_ELASTIC_SHUTDOWN_TIMEOUT="20",
                       L2W=l2w_py, SIGNAL_AT="4", LEFT=str(tmp_path / "left"), CHECKPOINT=str(split / "checkpoint.pt"))
