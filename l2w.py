@@ -753,8 +753,9 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
     paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of each tenth of the
     samples by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
     def weights_of(net):   # in float64: float32's rounding (~1e-7, another on each BLAS) would order close weights
-        params = {name: p.double().cpu() for name, p in unwrap(net).named_parameters()}
-        return sample_weights(functional_call(unwrap(net), params, (losses.double().cpu(),)), cfg.delta, cfg.constraint)
+        net = unwrap(net)
+        params = {name: p.double().cpu() for name, p in net.named_parameters()}
+        return sample_weights(functional_call(net, params, (losses.double().cpu(),)), cfg.delta, cfg.constraint)
     weights, losses = weights_of(wpn), losses.double().cpu()
     profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
                "moved": None if initial_wpn is None else (weights - weights_of(initial_wpn)).abs().mean(0).tolist()}
@@ -1017,10 +1018,8 @@ def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
         torch.cuda.set_rng_state(state["rng"]["cuda"], device)
     log(f"resumed from {cfg.resume} at epoch {state['epoch']}"
         + (f", iteration {state['batch']}" if state["batch"] else ""))
-    initial_wpn = copy.deepcopy(wpn)
-    if state.get("wpn_init") is None:   # a checkpoint written before runs kept it
-        initial_wpn = None
-    else:
+    initial_wpn = None if state.get("wpn_init") is None else copy.deepcopy(wpn)   # None: written before runs kept it
+    if initial_wpn is not None:
         initial_wpn.load_state_dict(state["wpn_init"])
     return state["epoch"], state["batch"], list(state.get("history", [])), state.get("tally"), initial_wpn
 
