@@ -1,6 +1,5 @@
-"""Data for L2W-DEN: CIFAR-10/100 (balanced or long-tailed), ImageNet and any image folder, a synthetic
-CIFAR-shaped set, and the seeded hold-out split for validation and the budgeted-inference thresholds (never the
-test set; README, "Configuration and data").
+"""Data for L2W-DEN: CIFAR-10/100 (balanced or long-tailed), ImageNet, any image folder, a synthetic CIFAR-shaped
+set, the seeded hold-out split (validation and the budgeted-inference thresholds, never the test set) and loaders.
 
 Augmentation draws from generators of its own, seeded from (seed, epoch[, sample]): a batch does not depend on the
 number of loader workers or ranks, and a resumed run sees the batches it would have. CIFAR is augmented in whole
@@ -15,8 +14,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 # The authors' normalisation (their released code); ImageNet's for ImageNet and folders.
 CIFAR_STATS = {"cifar10": ((0.4914, 0.4824, 0.4467), (0.2471, 0.2435, 0.2616)),
@@ -150,9 +150,19 @@ class DeviceBatches:
         return (self.dataset.batch(items) for items in self.batch_sampler)
 
 
+def make_loader(dataset, cfg, device, shuffle):
+    """Batches seeded by (seed, epoch), the same in a resumed epoch; under torchrun each rank loads its share of
+    every global batch. CIFAR (`DeviceImages`) is augmented on the device, other images in loader workers."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    sampler = ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
+    if isinstance(dataset, DeviceImages):
+        return DeviceBatches(dataset, sampler)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                      persistent_workers=cfg.workers > 0)
+
+
 def holdout_split(targets, holdout, seed):
-    """Seeded split of range(len(targets)) into (train, hold-out) index tensors, stratified by class: every
-    (n / holdout)-th sample in class order (random within a class) is held out."""
+    """Seeded, stratified (train, hold-out) indices: every (n / holdout)-th sample in class order (random within)."""
     targets = torch.as_tensor(targets)
     n = len(targets)
     if not 0 <= holdout < n:
@@ -165,8 +175,7 @@ def holdout_split(targets, holdout, seed):
 
 
 def long_tailed_indices(targets, imbalance, seed=0):
-    """Long-tailed profile of Cui et al. (2019): class c keeps int(N_max * (1/imbalance)^(c/(C-1)))
-    of its training images (a seeded random choice). Returns the kept indices, sorted."""
+    """Cui et al. (2019): class c keeps int(N_max * (1/imbalance)^(c/(C-1))) of its images (seeded); sorted indices."""
     targets = torch.as_tensor(targets)
     counts = torch.bincount(targets)
     n_max, classes = int(counts.max()), len(counts)

@@ -18,7 +18,7 @@ halves A and B, and for (train, meta) in ((A, B), (B, A)):
   6. real SGD step of the backbone, weighted by the updated WPN.
 
 The file reads in that order: config, the method (self-contained: copy it into your project),
-IMTA, evaluation (anytime, budgeted, real early exit), the training loop, then what a user looks
+evaluation (anytime, budgeted, real early exit), the training loop, then what a user looks
 up rather than reads: the command line, curves and summaries, benchmark, main().
 
     python l2w.py --dataset cifar10 --arch msdnet --exits 7     # the paper's setting
@@ -28,7 +28,6 @@ up rather than reads: the command line, curves and summaries, benchmark, main().
     python l2w.py --help                                        # every option; README.md for more
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -36,7 +35,6 @@ import gc
 import inspect
 import itertools
 import json
-import math
 import os
 import re
 import resource
@@ -47,17 +45,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 
-import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 import data
-from models import IMTANet, build_model, check_input_size, count_cost, load_released
+from models import (IMTANet, build_model, check_input_size, count_cost, distillation_losses, imta_exit_losses,
+                    load_released)
 
 
 # ============================================================================
@@ -148,7 +142,7 @@ LIMITS = {"exits": 32, "wpn_depth": 8, "wpn_width": 4096}
 # ============================================================================
 # The method (arXiv:2209.08310, Sec. 3): WPN, sample weights, meta objective, one iteration
 # ============================================================================
-# Self-contained: copy it, banner to banner, with its imports (README, "Using the method in your own project").
+# Self-contained: copy it, banner to banner, with its imports (they serve the whole file); README, "Using the method".
 import contextlib
 import math
 from functools import partial
@@ -172,7 +166,6 @@ def check_knobs(cfg):
 
 class WPN(nn.Module):
     """Weight prediction network (step 2): an MLP (`depth` ReLU layers of `width`), K losses -> (-1, 1)^K."""
-
     def __init__(self, exits, depth=1, width=500):
         super().__init__()
         layers, d_in = [], exits
@@ -478,40 +471,14 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 
 
 # ============================================================================
-# IMTA (Li et al., ICCV 2019) phase 2: its distillation loss is the per-exit loss the WPN weighs
-# ============================================================================
-
-def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
-    """IMTA's one-for-all distillation (Sec. 3.3) per sample and exit, (n, K): the last exit learns
-    from the labels, exit k from the labels and the last exit, (1 - gamma) CE + gamma T^2 KL(teacher
-    || z_k) at temperature T; 'mean' divides the KL by the classes, as IMTA's nn.KLDivLoss() does."""
-    soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
-    columns = []
-    for z in logits[:-1]:
-        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), soft_teacher, reduction="none", log_target=True).sum(1)
-        if reduction == "mean":
-            kl = kl / z.shape[1]
-        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * temperature ** 2 * kl)
-    columns.append(F.cross_entropy(logits[-1], targets, reduction="none"))
-    return torch.stack(columns, dim=1)
-
-
-def imta_exit_losses(model, images, targets, temperature, gamma, reduction="mean"):
-    """`train_step`'s loss_fn in IMTA's second phase: the new heads against the frozen last exit."""
-    logits, teacher = model(images, with_teacher=True)
-    return distillation_losses(logits, teacher, targets, temperature, gamma, reduction)
-
-
-# ============================================================================
 # Evaluation: anytime and budgeted (MSDNet's protocols, Huang et al. ICLR 2018), real early exit
 # ============================================================================
 
 @torch.no_grad()
 @ieee_fp32()   # the same checkpoint gives the same logits, whatever the TF32 settings
 def predict(model, loader, device, cfg, with_teacher=False):
-    """(list of K (n, classes) logits, targets) of a whole split on the CPU (`with_teacher`: IMTA's
-    teacher's appended). Under torchrun each rank predicts its share of every batch with rank 0's
-    weights and BatchNorm statistics (the checkpoint's); rank 0 gets the whole, the others None."""
+    """(K (n, classes) logits, targets) of a split on the CPU (`with_teacher`: IMTA's teacher's appended);
+    under torchrun each rank predicts its share with rank 0's weights and statistics, rank 0 gets the whole."""
     net = unwrap(model).eval()
     if dist.is_initialized():   # each rank's running statistics have followed its own shard
         for buffer in net.buffers():
@@ -548,9 +515,8 @@ def anytime_evaluate(logits, targets, flops, params):
 
 
 def fit_thresholds(confidence, fractions):
-    """Thresholds that send the share f_k of the (K, n) `confidence`'s samples to exit k (MSDNet's
-    dynamic_eval_find_threshold): exit k's is the confidence of the floor(n f_k)-th most confident
-    sample not yet exited (+inf if that is 0 or not reached); the last exit takes the rest (-inf)."""
+    """MSDNet's dynamic_eval_find_threshold: exit k's threshold is the confidence of the floor(n f_k)-th most
+    confident sample not yet exited (+inf if that is 0 or not reached); the last exit takes the rest (-inf)."""
     exits, n = confidence.shape
     thresholds = torch.full((exits,), math.inf, dtype=confidence.dtype, device=confidence.device)
     exited = torch.zeros(n, dtype=torch.bool, device=confidence.device)
@@ -587,8 +553,7 @@ def correctness(logits, targets):
 
 def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
                      qs=tuple(p / 20 for p in range(1, 40))):
-    """Budgeted protocol (MSDNet's dynamic_evaluate): for q = p/20, p = 1..39, thresholds fitted on
-    the hold-out split, applied to the test set: accuracy and Mul-Adds sum_k share_k * flops_k."""
+    """Budgeted protocol (MSDNet's dynamic_evaluate): at each q, thresholds fitted on `val`, scored on `test`."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
     correct, flops = correctness(test_logits, test_targets), torch.tensor(flops, dtype=torch.float64)
     curve = []
@@ -600,8 +565,7 @@ def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
 
 
 def holdout_halves(logits, targets):
-    """The hold-out as two halves (even, odd positions): what chooses q (--select-q) or thresholds
-    (--budget) fits on the first and scores on the second, as the test protocol would."""
+    """The hold-out's even and odd positions: --select-q and --budget fit on the first, score on the second."""
     return tuple(([z[half::2] for z in logits], targets[half::2]) for half in (0, 1))
 
 
@@ -611,15 +575,16 @@ BUDGET_QS = [p / 1000 for p in range(1, 2001)] + [2 * 1.01 ** j for j in range(1
 
 
 def budget_evaluate(budget, val, test, flops):
-    """--budget: of the thresholds fitted at each q of BUDGET_QS on the first half of the hold-out,
-    those within `budget` on the second half, the most accurate there (then the cheapest). The test
-    set is scored, never looked at to choose."""
+    """--budget: of the thresholds fitted at each q of BUDGET_QS on one half of the hold-out, the most accurate
+    within `budget` on the other (then the cheapest). The test set is scored, never looked at to choose."""
     (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(*val)
     exits = len(flops)
     if budget >= flops[-1]:
         log(f"--budget {budget / 1e6:.2f}M is at least the whole network's {flops[-1] / 1e6:.2f}M Mul-Adds "
             "per image: the whole network is used")
+
         q, thresholds = None, torch.tensor([math.inf] * (exits - 1) + [-math.inf])
+
     else:
         curve = dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops, BUDGET_QS)
         fitting = [row for row in curve if row["flops"] <= budget]
@@ -642,14 +607,12 @@ def budget_evaluate(budget, val, test, flops):
 
 @torch.inference_mode()
 def early_exit_predict(model, images, thresholds):
-    """Real early exiting: the network runs exit by exit; at exit k the samples whose confidence
-    reaches thresholds[k] leave, and what later exits need is cut to those that remain. Returns
-    (predictions, exits), what the budgeted protocol simulates (`exit_with_thresholds`)."""
+    """Real early exiting: at exit k the samples whose confidence reaches thresholds[k] leave, and what later
+    exits need is cut to those that remain. Returns (predictions, exits), as `exit_with_thresholds` simulates."""
     if model.training:   # not unconditionally: eval() walks every module, as long as a first exit at batch 1
         model.eval()
     n, device = images.shape[0], images.device
-    predictions = torch.empty(n, dtype=torch.long, device=device)
-    exit_of = torch.empty(n, dtype=torch.long, device=device)
+    predictions, exit_of = (torch.empty(n, dtype=torch.long, device=device) for _ in range(2))
     remaining = torch.arange(n, device=device)    # original index of every sample still running
     stream = model.exits_iter(images)
     logits = next(stream)
@@ -663,8 +626,7 @@ def early_exit_predict(model, images, thresholds):
         if len(stay) == 0:
             break
         remaining = remaining[stay]
-        # nothing to cut when everyone stays (always the case for a single image)
-        logits = stream.send(stay if len(stay) < len(leave) else None)
+        logits = stream.send(stay if len(stay) < len(leave) else None)   # None: all stay, nothing to cut
     stream.close()
     return predictions, exit_of
 
@@ -684,38 +646,34 @@ def timed(step, images, device):
 @torch.inference_mode()
 @ieee_fp32()   # as `predict`, whose logits the budgeted protocol simulates from
 def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
-    """--early-exit: the budgeted protocol at q = cfg.q (or --budget's thresholds), for real: every
-    test batch through the whole network and `early_exit_predict` in turn (in alternating order),
-    at batch size 1 and --batch-size. `same_as_budgeted`: images whose exit and prediction agree."""
+    """--early-exit: the thresholds at cfg.q (or --budget's), for real: each test batch through the whole network
+    and `early_exit_predict` in alternating order, at batch 1 and --batch-size, against the simulation."""
     net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
     q = budget["q"] if budget else cfg.q
     thresholds = (torch.tensor(budget["thresholds"]) if budget else
                   fit_thresholds(confidences(val[0]), exit_fractions(cfg.q, exits)))
     simulated = exit_with_thresholds(confidences(test[0]), thresholds)
     simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
-    on_device = thresholds.to(device)
-    steps = {"whole": net, "early": lambda images: early_exit_predict(net, images, on_device)}
+    steps = {"whole": net, "early": partial(early_exit_predict, net, thresholds=thresholds.to(device))}
     runs = []
     for batch_size in dict.fromkeys([1, cfg.batch_size]):
-        loader = make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
-        seconds, predictions, exit_of = {"whole": 0.0, "early": 0.0}, [], []
+        loader = data.make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
+        seconds, early = {"whole": 0.0, "early": 0.0}, []
         for i, (images, labels) in enumerate(loader):
             images, _ = to_device(images, labels, device, cfg)
             if i == 0:   # warm-up: the first calls allocate memory and pick kernels
                 for step in steps.values():
                     timed(step, images, device)
-            outputs = {}
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
-                elapsed, outputs[name], _ = timed(steps[name], images, device)
+                elapsed, out, _ = timed(steps[name], images, device)
                 seconds[name] += elapsed
-            predictions.append(outputs["early"][0].cpu())
-            exit_of.append(outputs["early"][1].cpu())
-        predictions, exit_of = torch.cat(predictions), torch.cat(exit_of)
+                if name == "early":
+                    early.append([t.cpu() for t in out])
+        predictions, exit_of = (torch.cat(t) for t in zip(*early))
         runs.append({"batch_size": batch_size,
                      "ms_per_image": 1000 * seconds["early"] / n, "images_per_s": n / seconds["early"],
                      "whole_ms_per_image": 1000 * seconds["whole"] / n, "whole_images_per_s": n / seconds["whole"],
-                     "speedup": seconds["whole"] / seconds["early"],
-                     "accuracy": percent(predictions == test[1]),
+                     "speedup": seconds["whole"] / seconds["early"], "accuracy": percent(predictions == test[1]),
                      "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
@@ -748,10 +706,9 @@ def average_ranks(x):
 
 @torch.no_grad()
 def weight_profile(losses, wpn, cfg, initial_wpn=None):
-    """What the WPN learned, from a held-out (n, K) loss matrix taken as one set. Per exit: the `mean`
-    weight; `spearman`, the rank correlation of weight and loss (None if either is constant; the
-    paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of each tenth of the
-    samples by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
+    """What the WPN learned from held-out (n, K) losses, per exit: the `mean` weight; `spearman` of weight and loss
+    (None if either is constant; the paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of
+    each tenth by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
     def weights_of(net):   # in float64: float32's rounding (~1e-7, another on each BLAS) would order close weights
         net = unwrap(net)
         params = {name: p.double().cpu() for name, p in net.named_parameters()}
@@ -770,9 +727,8 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
 
 
 def evaluate(cfg, model, splits, device, val, flops, params, history):
-    """Both protocols on the test set with thresholds from `val`, the hold-out's (logits, targets),
-    never from the test set; rank 0 reports and writes results.json."""
-    test = predict(model, make_loader(splits.test, cfg, device, False), device, cfg)
+    """Both protocols on the test set, thresholds from `val` (the hold-out's logits, targets); writes results.json."""
+    test = predict(model, data.make_loader(splits.test, cfg, device, False), device, cfg)
     if not is_main():
         return None
     (test_logits, test_targets), (val_logits, val_targets) = test, val
@@ -817,8 +773,7 @@ class UsageError(Exception):
 
 
 def atomic_write(path, write):
-    """`write(file)` into path.tmp, flushed to disk, then renamed over `path`: a crash or a full disk
-    never leaves a half-written checkpoint or results file."""
+    """`write(file)` into path.tmp, synced, then renamed over `path`: a crash or a full disk leaves no half file."""
     try:
         with open(path + ".tmp", "wb") as f:
             write(f)
@@ -829,9 +784,9 @@ def atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
+        kept = "the last one written is intact" if os.path.exists(path) else "nothing was written"
         raise UsageError(f"cannot write '{path}' ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
-                         f"{free:.0f} MiB free there); " + ("the last one written is intact" if os.path.exists(path)
-                                                            else "nothing was written")) from None
+                         f"{free:.0f} MiB free there); {kept}") from None
 
 
 def write_json(path, obj):
@@ -860,17 +815,6 @@ def load_checkpoint(path):
                            "holdout_indices") if not isinstance(state, dict) or k not in state]
     need(not missing, f"checkpoint '{path}' is not an l2w.py checkpoint (it lacks {', '.join(missing)})")
     return state
-
-
-def make_loader(dataset, cfg, device, shuffle):
-    """Batches seeded by (seed, epoch), the same in a resumed epoch; under torchrun each rank loads its
-    share of every global batch. CIFAR is augmented on the device, other images in loader workers."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    sampler = data.ShardedBatches(len(dataset), cfg.batch_size, cfg.seed, rank, cfg.world_size, shuffle)
-    if isinstance(dataset, data.DeviceImages):
-        return data.DeviceBatches(dataset, sampler)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                      persistent_workers=cfg.workers > 0)
 
 
 def setup_device(cfg):
@@ -963,17 +907,14 @@ def load_weights(cfg, model, wpn):
     try:
         info = load_released(model, cfg.weights, wpn)
     except ValueError as e:
-        try:   # one of l2w.py's own checkpoints? say what it is for
-            config = load_checkpoint(cfg.weights)["config"]
-        except UsageError:
-            raise UsageError(str(e) + (" (--exits, --step, --base, --image-size and the data set choose the "
-                                       "network; --wpn-depth and --wpn-width the WPN)" if "does not fit this" in str(e)
-                                       else "")) from None
-        raise UsageError(f"--weights '{cfg.weights}' is a checkpoint of l2w.py"
-                         + (f" (--imta {config['imta']})" if config.get("imta") else "")
-                         + ", not a released one: evaluate or continue it with --resume"
-                         + ("; phase 2 starts from it with --imta finetune --pretrained"
-                            if config.get("imta") == "pretrain" else "")) from None
+        message = str(e) + (" (--exits, --step, --base, --image-size and the data set choose the network; "
+                            "--wpn-depth and --wpn-width the WPN)" if "does not fit this" in str(e) else "")
+        with contextlib.suppress(UsageError):   # one of l2w.py's own checkpoints? say what it is for
+            imta = load_checkpoint(cfg.weights)["config"].get("imta")
+            message = (f"--weights '{cfg.weights}' is a checkpoint of l2w.py{f' (--imta {imta})' if imta else ''}, "
+                       "not a released one: evaluate or continue it with --resume"
+                       + ("; phase 2 starts from it with --imta finetune --pretrained" if imta == "pretrain" else ""))
+        raise UsageError(message) from None
     except Exception as e:   # not a file torch.load(weights_only=True) can read
         raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
     log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
@@ -981,9 +922,8 @@ def load_weights(cfg, model, wpn):
 
 
 def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
-    """Where training starts: the --resume checkpoint, else the frozen phase-1 network (--imta
-    finetune) or released weights (--weights). Returns (epoch, iteration, history, the epoch's
-    running sums, the WPN as training found it: to measure how far it moves)."""
+    """Where training starts: the --resume checkpoint, else the frozen phase-1 network (--imta finetune) or released
+    weights (--weights). Returns (epoch, iteration, history, the epoch's running sums, the WPN as training found it)."""
     (net, wpn), optimizers = map(unwrap, nets[:2]), nets[2:]
     if not state:
         if pretrained:
@@ -1026,36 +966,33 @@ def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
 
 def start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch):
     """What can be checked only with the data and the network, then the run in a few lines."""
-    if not cfg.eval_only and cfg.epochs > start_epoch and n_batches == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
-    if cfg.budget and cfg.budget < flops[0]:   # said before any image is predicted
-        raise UsageError(f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's {flops[0] / 1e6:.2f}M "
-                         "Mul-Adds per image: no thresholds can meet it")
-    log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds "
-        f"through the last exit; {cfg.method} on {cfg.world_size} x {device.type}"
-        f"{', amp ' + str(amp_dtype(device)).removeprefix('torch.') if cfg.amp else ''}; batch {cfg.batch_size}, "
-        f"lr {cfg.lr:g}")
-    if cfg.imta:
-        heads = sum(p.numel() for p in trainable_parameters(unwrap(model)).values())
-        log("IMTA phase 1: gradient equilibrium in the backward pass" if cfg.imta == "pretrain" else
-            f"IMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, {heads:,} parameters in the new "
-            "heads and ISC")
-    log(f"{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
+    need(cfg.eval_only or cfg.epochs <= start_epoch or n_batches,
+         f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
+    need(not cfg.budget or cfg.budget >= flops[0], f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's "
+         f"{flops[0] / 1e6:.2f}M Mul-Adds per image: no thresholds can meet it")   # said before any image is predicted
+    heads = sum(p.numel() for p in trainable_parameters(unwrap(model)).values())
+    imta = {"pretrain": "\nIMTA phase 1: gradient equilibrium in the backward pass",
+            "finetune": f"\nIMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, {heads:,} parameters "
+                        "in the new heads and ISC"}.get(cfg.imta, "")
+    amp = f", amp {str(amp_dtype(device)).removeprefix('torch.')}" if cfg.amp else ""
+    log(f"{cfg.arch} with {cfg.exits} exits: {params[-1]:,} parameters, {flops[-1] / 1e6:.2f}M Mul-Adds through the "
+        f"last exit; {cfg.method} on {cfg.world_size} x {device.type}{amp}; batch {cfg.batch_size}, lr {cfg.lr:g}{imta}"
+        f"\n{len(splits.train)} training images, {len(splits.test)} test images; per class: {splits.class_counts}")
     if splits.ignored:
         log(f"ignored {len(splits.ignored)} files that are not class folders: {', '.join(splits.ignored[:5])}"
             + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else ""))
     if splits.threshold_source == "train":
-        log("no hold-out split (--holdout 0): thresholds are fitted on the training images "
-            "with test-time transforms; no per-epoch validation")
+        log("no hold-out split (--holdout 0): thresholds are fitted on the training images with test-time transforms; "
+            "no per-epoch validation")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
 
 
 class StopSignal:
-    """SIGTERM and SIGUSR1 (SLURM's warning): a checkpoint after the current iteration, then stop. Under
-    torchrun every rank must stop at the same iteration, without waiting for its GPU: each iteration
-    starts an all_reduce of the flags on a CPU (gloo) group and reads the one of the iteration before."""
+    """SIGTERM and SIGUSR1 (SLURM's warning): a checkpoint after the current iteration, then stop. Under torchrun every
+    rank stops at the same iteration without waiting for its GPU: each iteration starts an all_reduce of the flags on
+    a CPU (gloo) group and reads the one of the iteration before."""
 
     def __init__(self):
         self.received, self.pending = 0, None
@@ -1084,8 +1021,7 @@ class StopSignal:
 
 
 def save_checkpoint(cfg, nets, scalers, splits, device, history, initial_wpn, epoch, batch, tally=None):
-    """Everything a run needs to continue bit-identically from `batch` iterations into `epoch` (a
-    mid-epoch checkpoint carries the epoch's running sums, `tally`); rank 0 writes it."""
+    """All a run needs to continue bit-identically from `batch` iterations into `epoch` (and the epoch's `tally`)."""
     if is_main():
         (net, wpn), (optimizer, wpn_optimizer) = map(unwrap, nets[:2]), nets[2:]
         checkpoint = {"model": net.state_dict(), "wpn": wpn.state_dict(), "optimizer": optimizer.state_dict(),
@@ -1100,8 +1036,7 @@ def save_checkpoint(cfg, nets, scalers, splits, device, history, initial_wpn, ep
 
 
 def train(cfg, state=None):
-    """Train (or with cfg.eval_only only evaluate) and write results.json; returns the results.
-    `state`: the --resume checkpoint, if already loaded."""
+    """Train (with cfg.eval_only: only evaluate), write results.json and return it; `state`: --resume's checkpoint."""
     device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     state = state or (load_checkpoint(cfg.resume) if cfg.resume else None)
@@ -1112,8 +1047,8 @@ def train(cfg, state=None):
     (model, wpn, optimizer, wpn_optimizer), scalers = nets, options.get("scalers")
     start_epoch, start_batch, history, tally, initial_wpn = starting_point(cfg, state, pretrained, splits, device,
                                                                            nets, scalers)
-    train_loader = make_loader(splits.train, cfg, device, shuffle=True)
-    val_loader = make_loader(splits.threshold_set, cfg, device, shuffle=False)
+    train_loader = data.make_loader(splits.train, cfg, device, shuffle=True)
+    val_loader = data.make_loader(splits.threshold_set, cfg, device, shuffle=False)
     n_batches = len(train_loader.batch_sampler)
     total_iters, (flops, params) = cfg.epochs * n_batches, count_cost(unwrap(model), cfg.image_size)
     start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch)
@@ -1246,7 +1181,8 @@ RANGES = [
     *[((name,), lambda v, most=most: v <= most, f"must be at most {most}",
        " (the papers' networks: 5 to 8 exits, a WPN of 1 hidden layer of 500 units)") for name, most in LIMITS.items()],
 ]
-CLI_CHOICES = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "kd_reduction": ("mean", "batchmean")}
+CLI_CHOICES = {"dataset": tuple(data.DATASETS), "arch": ("msdnet", "ranet"), "kd_reduction": ("mean", "batchmean"),
+               "imta": ("", "pretrain", "finetune")}
 
 
 def need(ok, message):
@@ -1257,8 +1193,8 @@ def need(ok, message):
 def check_config(cfg):
     """Every field's range and every combination that cannot run, before any data is loaded or written."""
     for name, allowed in CLI_CHOICES.items():
-        need(getattr(cfg, name) in allowed, f"unknown {name} '{getattr(cfg, name)}' (choose {', '.join(allowed)})")
-    need(cfg.imta in ("", "pretrain", "finetune"), f"unknown --imta '{cfg.imta}' (choose pretrain or finetune)")
+        need(getattr(cfg, name) in allowed, f"unknown {name} '{getattr(cfg, name)}' (choose "
+                                            f"{', '.join(filter(None, allowed))})")
     for names, ok, rule, *why in RANGES:
         for name in names:
             need(ok(getattr(cfg, name)), f"--{name.replace('_', '-')} {rule}, got {getattr(cfg, name)}{''.join(why)}")
@@ -1434,8 +1370,10 @@ def parse_config(argv=None):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()   # not macOS
         cfg.workers = min(cfg.workers, cpus)
     if cfg.eval_only and "out" not in flags:   # beside the checkpoint, or named after the weights
-        cfg.out = unused_folder(os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
-                                os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
+        folder = (os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), "eval") if cfg.resume else
+                  os.path.join("runs", "eval_" + os.path.basename(cfg.weights).split(".")[0]))
+        cfg.out = next(f for f in itertools.chain([folder], (f"{folder}-{i}" for i in itertools.count(2)))   # eval-2
+                       if not any(os.path.exists(os.path.join(f, n)) for n in ("results.json", "checkpoint.pt")))
     elif state and "out" not in flags:   # where the checkpoint is now, wherever the run was moved or copied
         cfg.out = os.path.dirname(os.path.abspath(cfg.resume))
     elif not cfg.out:
@@ -1478,12 +1416,6 @@ def torchrun_world_size():
     need(int(world) == 1 or not unset, f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start "
                                        "the processes with torchrun (which sets them all), or unset WORLD_SIZE")
     return int(world)
-
-
-def unused_folder(folder):
-    """`folder`, or the first of folder-2, folder-3, ... that holds no results and no checkpoint."""
-    taken = lambda f: any(os.path.exists(os.path.join(f, name)) for name in ("results.json", "checkpoint.pt"))
-    return next(f for f in itertools.chain([folder], (f"{folder}-{i}" for i in itertools.count(2))) if not taken(f))
 
 
 # ============================================================================
@@ -1530,6 +1462,9 @@ def plot_curves(paths, out_png):
     scale, unit = (1e9, "G") if max(r["anytime"][-1]["flops"] for r in runs) >= 1e9 else (1e6, "M")
     weighted = [(label, [h for h in r.get("history") or [] if h.get("weights")]) for label, r in zip(labels, runs)]
     weighted = [(label, h) for label, h in weighted if h]
+
+
+
     panels = 2 + len(weighted)
     columns, rows = min(3, panels), -(-panels // 3)
     figure = plt.figure(figsize=(5.2 * columns, 4.4 * rows))
@@ -1575,9 +1510,7 @@ def plot_curves(paths, out_png):
                                        + ("" if spearman is None else f" (Spearman {spearman:+.2f})"))
         weight_axes.set(xlabel="tenth of the hold-out by the exit's loss (1: easiest)", ylabel="mean weight",
                         title=f"{label}: WPN weights", xticks=range(1, 11))
-        weight_axes.legend(fontsize=7)
-        weight_axes.grid(alpha=0.3)
-    for a in (axes, holdout_axes):
+    for a in figure.axes:
         a.grid(alpha=0.3)
         if a.lines:
             a.legend(fontsize=7)
@@ -1592,10 +1525,8 @@ def plot_curves(paths, out_png):
 
 
 def select_q(paths, out_json, points=5):
-    """--select-q (supplementary Sec. 1.3: q tuned on held-out training data): the runs of a q sweep
-    compared on their hold-out curves, never the test set. At a budget, a run scores its best hold-out
-    point within it (what a deployer could choose); the best mean over 101 budgets across the
-    Mul-Adds that every curve covers wins."""
+    """--select-q (supplementary Sec. 1.3: q tuned on held-out training data): the runs of a q sweep compared on
+    their hold-out curves, never the test set; the best mean of `best_within` wins."""
     runs = [read_results(p, "--select-q") for p in paths]
     first = runs[0]["config"]
     same = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "q")]
@@ -1609,62 +1540,46 @@ def select_q(paths, out_json, points=5):
     qs = [r["config"]["q"] for r in runs]
     need(first["method"] == "l2w" and len(set(qs)) == len(qs),
          "--select-q compares L2W-DEN runs (--method l2w), each with another --q")
-    curves = [r["holdout_dynamic"] for r in runs]
-    low, high = common_range(curves)
-    budgets = [low + (high - low) * i / 100 for i in range(101)]
-    rows = []
-    for q, path, curve in sorted(zip(qs, paths, curves)):
-        best = [max(p["acc"] for p in curve if p["flops"] <= b) for b in budgets]   # the cheapest point fits every b
-        rows.append({"q": q, "run": path, "mean_acc": statistics.fmean(best),
-                     "acc": [best[i * 100 // (points - 1)] for i in range(points)]})
+    budgets, scores = best_within([r["holdout_dynamic"] for r in runs], "--select-q")
+    shown = [i * 100 // (points - 1) for i in range(points)]
+    rows = [{"q": q, "run": path, "mean_acc": statistics.fmean(best), "acc": [best[i] for i in shown]}
+            for q, path, best in sorted(zip(qs, paths, scores))]
     chosen = max(rows, key=lambda row: row["mean_acc"])
-    shown = [budgets[i * 100 // (points - 1)] for i in range(points)]
     print("hold-out top-1 (%) at each budget (Mul-Adds per image): the best point of the run's hold-out curve "
-          "within it\n    q " + "".join(f"{b / 1e6:9.2f}M" for b in shown) + "   mean over the range")
+          "within it\n    q " + "".join(f"{budgets[i] / 1e6:9.2f}M" for i in shown) + "   mean over the range")
     for row in rows:
         print(f"{row['q']:5g} " + "".join(f"{a:10.2f}" for a in row["acc"]) + f"   {row['mean_acc']:.2f}")
     print(f"chosen: q {chosen['q']:g} ({chosen['run']})")
-    write_json(out_json, {"budgets": shown, "range": [low, high], "rows": rows, "chosen_q": chosen["q"],
-                          "chosen_run": chosen["run"]})
+    write_json(out_json, {"budgets": [budgets[i] for i in shown], "range": [budgets[0], budgets[-1]], "rows": rows,
+                          "chosen_q": chosen["q"], "chosen_run": chosen["run"]})
     return chosen["q"]
 
 
-def common_range(curves):
-    """The range of Mul-Adds per image that every budgeted curve covers: (low, high)."""
-    return max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
-
-
-def curve_mean(curve, low, high, points=101):
-    """Mean accuracy of a budgeted curve over `points` budgets evenly spread on [low, high], read
-    linearly between its points (equal costs: their mean accuracy)."""
-    costs = sorted({p["flops"] for p in curve})
-    accs = [statistics.fmean(p["acc"] for p in curve if p["flops"] == c) for c in costs]
-
-    def at(b):   # (the last budget may round a hair past `high`, this curve's dearest point)
-        b = min(b, costs[-1])
-        return accs[0] if b <= costs[0] else next(a0 + (a1 - a0) * (b - c0) / (c1 - c0) for c0, c1, a0, a1
-                                                  in zip(costs, costs[1:], accs, accs[1:]) if b <= c1)
-    return statistics.fmean(at(low + (high - low) * i / (points - 1)) for i in range(points))
+def best_within(curves, command, points=101):
+    """(budgets, per curve its accuracy at each): `points` budgets evenly spread over the Mul-Adds per image that
+    every budgeted curve covers; at a budget a curve scores its best point within it (what a deployer could pick)."""
+    low, high = max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
+    need(low <= high, f"{command}: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
+    budgets = [low + (high - low) * i / (points - 1) for i in range(points - 1)] + [high]   # (no rounding past it)
+    return budgets, [[max(p["acc"] for p in c if p["flops"] <= b) for b in budgets] for c in curves]
 
 
 def summarize(paths, out_json):
-    """--summary: runs that differ only in their seed form a group. Per group, the mean and standard
-    deviation over the seeds of each exit's test top-1 and of the budgeted curve's mean accuracy
-    over the Mul-Adds that every run covers (`curve_mean`); for each L2W-DEN group whose baseline
-    group is among the runs (the same config but the method), the paired difference L2W-DEN minus
-    baseline, seed by seed. It reports test figures: it chooses nothing."""
+    """--summary: runs that differ only in their seed form a group. Per group, the mean and standard deviation over
+    the seeds of each exit's test top-1 and of the budgeted curve's mean (`best_within`); for each L2W-DEN group
+    whose baseline is among the runs (the same config but the method), L2W-DEN minus baseline, seed by seed.
+    It reports test figures: it chooses nothing."""
     runs = [read_results(p, "--summary") for p in paths]
-    low, high = common_range([r["dynamic"] for r in runs])
-    need(low <= high, "--summary: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
+    budgets, scores = best_within([r["dynamic"] for r in runs], "--summary")
     key = lambda c, skip=(): tuple(repr(c.get(k)) for k in TRAINED if k not in ("seed", *skip))
     groups = {}
-    for path, results in zip(paths, runs):
+    for path, results, best in zip(paths, runs, scores):
         seed = results["config"]["seed"]
         group = groups.setdefault(key(results["config"]), {"config": results["config"], "runs": {}})
         if seed in group["runs"]:
             raise UsageError(f"--summary: '{path}' and '{group['runs'][seed]['path']}' are the same run (seed {seed})")
         group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
-                               "budgeted_mean": curve_mean(results["dynamic"], low, high)}
+                               "budgeted_mean": statistics.fmean(best)}
     groups = list(groups.values())
     apart = [k for k in TRAINED if k not in ("method", "arch", "exits", "dataset", "seed")]
     for group, label in zip(groups, run_labels([g["config"] for g in groups], apart)):
@@ -1677,7 +1592,7 @@ def summarize(paths, out_json):
         return {"top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
                 "budgeted_mean": budgeted[0], "budgeted_std": budgeted[1]}
 
-    report = {"range": [low, high], "groups": [], "paired": []}
+    report = {"range": [budgets[0], budgets[-1]], "groups": [], "paired": []}
     for group in groups:
         per_seed = [group["runs"][seed] for seed in sorted(group["runs"])]
         report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]),
@@ -1769,7 +1684,7 @@ def data_pipeline(cfg, device):
     except data.DataError as e:
         print(f"data   not timed: {e}")
         return
-    batches = iter(make_loader(splits.train, cfg, device, shuffle=True))
+    batches = iter(data.make_loader(splits.train, cfg, device, shuffle=True))
     next(batches, None)   # warm-up: loader workers start
     load = lambda: sum(len(to_device(*batch, device, cfg)[0]) for batch in itertools.islice(batches, cfg.bench_iters))
     seconds, images_loaded, _ = timed(load, None, device)

@@ -4,8 +4,8 @@ MSDNet: Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image C
 (Sec. 4, Fig. 2). RANet: Yang et al., "Resolution Adaptive Networks for Efficient Inference", CVPR 2020
 (Sec. 3, Fig. 2), as released (yangle15/RANet-pytorch) where the paper leaves details open.
 IMTA: Li et al., "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019: Gradient Equilibrium
-(MSDNet(gradient_equilibrium=True)) for phase 1, Inline Subnetwork Collaboration and One-for-all
-distillation (IMTANet) for phase 2.
+(MSDNet(gradient_equilibrium=True)) for phase 1, Inline Subnetwork Collaboration (IMTANet) and One-for-all
+distillation (`distillation_losses`) for phase 2.
 
 Every network returns one logit tensor per exit, cheapest first, and offers `exits_iter(x)`: a generator of
 the exits' logits to which early-exit inference may send the indices of the samples that go on, so that
@@ -137,9 +137,8 @@ class MSDTransition(nn.Module):
 
 
 class MSDNet(nn.Module):
-    """MSDNet with 'max' scale pruning, bottlenecks and transitions (compression 0.5). Block k holds
-    steps[k] layers and ends in exit k, which reads the coarsest scale. `gradient_equilibrium` adds
-    IMTA's GE to the backward pass; the forward is unchanged."""
+    """MSDNet with 'max' scale pruning, bottlenecks and transitions (compression 0.5). Block k holds steps[k] layers
+    and ends in exit k, which reads the coarsest scale. `gradient_equilibrium`: IMTA's GE in the backward pass."""
 
     def __init__(self, num_classes, exits, imagenet=False, step=None, base=None, gradient_equilibrium=False):
         super().__init__()
@@ -200,7 +199,7 @@ class MSDNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# IMTA's second phase: new heads with ISC on a frozen MSDNet (one-for-all KD in l2w.py)
+# IMTA's second phase: new heads with ISC on a frozen MSDNet, one-for-all distillation
 # ----------------------------------------------------------------------------
 
 def isc(num_classes, width):
@@ -253,6 +252,27 @@ class IMTANet(nn.Module):
         """The new heads' logits per exit; `with_teacher` adds the frozen last exit's, detached (the KD target)."""
         features, logits = map(list, zip(*self.features_and_exits(x)))
         return (logits, self.backbone.exits[-1][-1](features[-1]).detach()) if with_teacher else logits
+
+
+def distillation_losses(logits, teacher, targets, temperature, gamma, reduction="mean"):
+    """IMTA's one-for-all distillation (Sec. 3.3) per sample and exit, (n, K): the last exit learns from the labels,
+    exit k (1 - gamma) CE + gamma T^2 KL(teacher || z_k) at temperature T; 'mean' divides the KL by the classes,
+    as IMTA's nn.KLDivLoss() does."""
+    soft_teacher = F.log_softmax(teacher.detach() / temperature, dim=1)
+    columns = []
+    for z in logits[:-1]:
+        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), soft_teacher, reduction="none", log_target=True).sum(1)
+        if reduction == "mean":
+            kl = kl / z.shape[1]
+        columns.append((1 - gamma) * F.cross_entropy(z, targets, reduction="none") + gamma * temperature ** 2 * kl)
+    columns.append(F.cross_entropy(logits[-1], targets, reduction="none"))
+    return torch.stack(columns, dim=1)
+
+
+def imta_exit_losses(model, images, targets, temperature, gamma, reduction="mean"):
+    """l2w.train_step's loss_fn in IMTA's second phase: the new heads against the frozen last exit."""
+    logits, teacher = model(images, with_teacher=True)
+    return distillation_losses(logits, teacher, targets, temperature, gamma, reduction)
 
 
 # ----------------------------------------------------------------------------

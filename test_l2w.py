@@ -1360,27 +1360,29 @@ def test_summary_groups_runs_by_seed_and_pairs_l2w_with_its_baseline_worked_by_h
     result = cli("--summary", *runs, "--out", tmp_path / "summary.json")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "summary.json").read_text())
-    # every run's curve covers 12-20 M; read linearly between points (a cost reached twice: the mean)
+    # every run's curve covers 12-20 M; at each of 101 budgets 12 + 0.08 i M a run scores its best point
+    # within it: l2w0 70 at i = 0..37 (below 15 M), 78 at 38..99, 80 at 20 M; the others their first
+    # point's accuracy below 20 M and their best at 20 M (base1 reaches 20 M twice: 82)
     assert report["range"] == [12e6, 20e6]
-    grid = np.linspace(12e6, 20e6, 101)
-    budgeted = {"l2w0": np.interp(grid, [10e6, 15e6, 20e6], [70, 78, 80]).mean(), "l2w1": 79.2, "base0": 74.0,
-                "base1": (70 + 81) / 2}
+    budgeted = {"l2w0": (38 * 70 + 62 * 78 + 80) / 101, "l2w1": (100 * 72 + 84) / 101,
+                "base0": (100 * 68 + 78) / 101, "base1": (100 * 70 + 82) / 101}
     l2w_group, baseline_group = report["groups"]
     assert (l2w_group["seeds"], baseline_group["seeds"]) == ([0, 1], [0, 1])
     assert l2w_group["top1_mean"] == [71, 82] and baseline_group["top1_mean"] == [69, 79.5]
     assert l2w_group["top1_std"] == pytest.approx([2 ** 0.5, 8 ** 0.5])
-    assert l2w_group["budgeted_mean"] == pytest.approx((budgeted["l2w0"] + 79.2) / 2)
-    assert baseline_group["budgeted_std"] == pytest.approx(np.std([74.0, 75.5], ddof=1))
+    assert l2w_group["budgeted_mean"] == pytest.approx((budgeted["l2w0"] + budgeted["l2w1"]) / 2)
+    assert baseline_group["budgeted_std"] == pytest.approx(np.std([budgeted["base0"], budgeted["base1"]], ddof=1))
     [pair] = report["paired"]
     assert [d["seed"] for d in pair["per_seed"]] == [0, 1]
     assert [d["top1"] for d in pair["per_seed"]] == [[2, 1], [2, 4]]
-    assert pair["per_seed"][1]["budgeted_mean"] == pytest.approx(79.2 - 75.5)
+    assert pair["per_seed"][1]["budgeted_mean"] == pytest.approx(budgeted["l2w1"] - budgeted["base1"])
     assert pair["top1_mean"] == [2, 2.5] and pair["top1_std"] == pytest.approx([0, 4.5 ** 0.5])
-    assert pair["budgeted_mean"] == pytest.approx((budgeted["l2w0"] - 74 + 79.2 - 75.5) / 2)
+    assert pair["budgeted_mean"] == pytest.approx((budgeted["l2w0"] - budgeted["base0"]
+                                                   + budgeted["l2w1"] - budgeted["base1"]) / 2)
     out = result.stdout
     assert "l2w msdnet2 synthetic minus baseline msdnet2 synthetic, paired by seed" in out
-    assert re.search(r"baseline msdnet2 synthetic +2 +69\.00 ± 1\.41 +79\.50 ± 0\.71 +74\.75 ± 1\.06", out), out
-    assert re.search(r"seed 1 +\+2\.00 +\+4\.00 +\+3\.70", out), out
+    assert re.search(r"baseline msdnet2 synthetic +2 +69\.00 ± 1\.41 +79\.50 ± 0\.71 +69\.11 ± 1\.43", out), out
+    assert re.search(r"seed 1 +\+2\.00 +\+4\.00 +\+2\.00", out), out
     # a run given twice, and runs of networks whose curves share no range, end in one line
     twice = cli("--summary", runs[0], runs[0])
     assert twice.returncode == 2 and twice.stderr.count("\n") == 1 and "are the same run (seed 0)" in twice.stderr
@@ -1394,8 +1396,9 @@ def test_summary_groups_runs_by_seed_and_pairs_l2w_with_its_baseline_worked_by_h
     assert cli("--summary", shuffled, "--out", tmp_path / "s.json").returncode == 0
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["range"] == [low, high]
+    points = [(high, 80), (low, 60), (8e6, 75)]
     assert report["groups"][0]["budgeted_mean"] == pytest.approx(
-        np.interp(np.linspace(low, high, 101), [low, 8e6, high], [60, 75, 80]).mean())
+        np.mean([max(acc for cost, acc in points if cost <= b) for b in np.linspace(low, high, 101)]))
 
 
 def test_summary_labels_say_what_sets_groups_apart_and_phase2_runs_group_by_what_they_trained(tmp_path, capsys):
@@ -2032,7 +2035,7 @@ def predict_on_two_ranks(rank, folder):
                 if "running" in name:
                     buffer.add_(1.0)
         dataset = torch.utils.data.TensorDataset(setup["images"], setup["labels"])
-        loader = l2w.make_loader(dataset, small_cfg(batch_size=4, world_size=2), torch.device("cpu"), shuffle=False)
+        loader = data.make_loader(dataset, small_cfg(batch_size=4, world_size=2), torch.device("cpu"), shuffle=False)
         loader = [(dataset[b][0], dataset[b][1]) for b in ([i for _, i in batch] for batch in loader.batch_sampler)]
         out = l2w.predict(model, loader, torch.device("cpu"), small_cfg())
         if rank == 0:
@@ -2116,7 +2119,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
         f"--weights '{tmp_path / 'none.pth'}' does not exist": ["--weights", str(tmp_path / "none.pth")],
         "invalid int value": ["--exits", "three"],
         f"cifar10 not found in '{tmp_path / 'empty'}'": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "empty")],
-        "unknown --imta 'both'": ["--imta", "both"],
+        "unknown imta 'both' (choose pretrain, finetune)": ["--imta", "both"],
         "--imta is built for msdnet": ["--arch", "ranet", "--exits", "6", "--imta", "pretrain"],
         "--imta finetune needs --pretrained": ["--imta", "finetune"],
         "--pretrained is for --imta finetune": ["--pretrained", str(phase1)],
@@ -2219,7 +2222,7 @@ def test_folder_dataset_loads_and_trains_end_to_end(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         seeded = []
         m.setattr(torch, "manual_seed", seeded.append)
-        epoch = list(l2w.make_loader(splits.train, dataclasses.replace(cfg, batch_size=4), torch.device("cpu"), True))
+        epoch = list(data.make_loader(splits.train, dataclasses.replace(cfg, batch_size=4), torch.device("cpu"), True))
         assert sum(len(y) for _, y in epoch) == 12 and seeded == []
     out = tmp_path / "run"
     result = cli("--dataset", "folder", "--data-dir", str(tmp_path), "--image-size", "32", "--exits", "2",
@@ -2673,11 +2676,11 @@ def test_distillation_loss_hand_worked():
     teacher, label = torch.zeros(1, 2), torch.tensor([0])
     ce, kl = math.log(4 / 3), 0.5 * math.log(4 / 3)
     for reduction, kl_used in (("mean", kl / 2), ("batchmean", kl)):   # mean: KL / classes (IMTA)
-        losses = l2w.distillation_losses([z1, last], teacher, label, 1.0, 0.5, reduction)
+        losses = models.distillation_losses([z1, last], teacher, label, 1.0, 0.5, reduction)
         assert losses[0].tolist() == pytest.approx([0.5 * ce + 0.5 * kl_used, math.log(4)], rel=1e-6)
     # T = 2: softmax(z / 2) = (sqrt 3, 1) / (1 + sqrt 3), KL = 1/2 ln((1 + sqrt 3)^2 / (4 sqrt 3)), times T^2
     kl_t2 = 0.5 * math.log((1 + math.sqrt(3)) ** 2 / (4 * math.sqrt(3)))
-    losses = l2w.distillation_losses([z1, last], teacher, label, 2.0, 0.9, "mean")
+    losses = models.distillation_losses([z1, last], teacher, label, 2.0, 0.9, "mean")
     assert losses[0, 0].item() == pytest.approx(0.1 * ce + 0.9 * 4 * kl_t2 / 2, rel=1e-6)
 
 
@@ -2687,7 +2690,7 @@ def test_distillation_loss_averages_to_imtas_batch_loss():
     torch.manual_seed(0)
     logits, teacher, labels = [torch.randn(6, 5) for _ in range(3)], torch.randn(6, 5), torch.randint(5, (6,))
     temperature, gamma = 3.0, 0.9
-    losses = l2w.distillation_losses(logits, teacher, labels, temperature, gamma, "mean")
+    losses = models.distillation_losses(logits, teacher, labels, temperature, gamma, "mean")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # torch warns that 'mean' divides by the classes too
         kl_div = torch.nn.KLDivLoss(reduction="mean")
@@ -2875,7 +2878,7 @@ def test_imta_pretrain_then_finetune_through_the_cli(imta_phase1, tmp_path):
     start.load_state_dict(second["wpn_init"])
     images, targets = zip(*data.load(cfg, second["holdout_indices"]).threshold_set)
     with torch.no_grad():
-        losses = l2w.imta_exit_losses(net, torch.stack(images), torch.tensor(targets), 3.0, 0.9)
+        losses = models.imta_exit_losses(net, torch.stack(images), torch.tensor(targets), 3.0, 0.9)
     want, got = l2w.weight_profile(losses, wpn, cfg, start), results["history"][-1]["weights"]
     assert got["spearman"] == pytest.approx(want["spearman"]) and got["moved"] == pytest.approx(want["moved"])
     np.testing.assert_allclose(got["deciles"], want["deciles"], rtol=1e-6)
