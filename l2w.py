@@ -582,9 +582,7 @@ def budget_evaluate(budget, val, test, flops):
     if budget >= flops[-1]:
         log(f"--budget {budget / 1e6:.2f}M is at least the whole network's {flops[-1] / 1e6:.2f}M Mul-Adds "
             "per image: the whole network is used")
-
         q, thresholds = None, torch.tensor([math.inf] * (exits - 1) + [-math.inf])
-
     else:
         curve = dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops, BUDGET_QS)
         fitting = [row for row in curve if row["flops"] <= budget]
@@ -1258,11 +1256,9 @@ def check_config(cfg):
 
 def missing_device(device):
     """Why this machine cannot run on `device` (cuda, cuda:1, ...), or '' when it can."""
-    if not device.startswith("cuda"):
-        return ""
-    if not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         return "CUDA is not available here"
-    if int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
+    if device.startswith("cuda") and int(device.partition(":")[2] or 0) >= torch.cuda.device_count():
         return f"this machine has {torch.cuda.device_count()} CUDA devices"
     return ""
 
@@ -1462,9 +1458,6 @@ def plot_curves(paths, out_png):
     scale, unit = (1e9, "G") if max(r["anytime"][-1]["flops"] for r in runs) >= 1e9 else (1e6, "M")
     weighted = [(label, [h for h in r.get("history") or [] if h.get("weights")]) for label, r in zip(labels, runs)]
     weighted = [(label, h) for label, h in weighted if h]
-
-
-
     panels = 2 + len(weighted)
     columns, rows = min(3, panels), -(-panels // 3)
     figure = plt.figure(figsize=(5.2 * columns, 4.4 * rows))
