@@ -166,6 +166,7 @@ def check_knobs(cfg):
 
 class WPN(nn.Module):
     """Weight prediction network (step 2): an MLP (`depth` ReLU layers of `width`), K losses -> (-1, 1)^K."""
+
     def __init__(self, exits, depth=1, width=500):
         super().__init__()
         layers, d_in = [], exits
@@ -645,7 +646,9 @@ def timed(step, images, device):
 @ieee_fp32()   # as `predict`, whose logits the budgeted protocol simulates from
 def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
     """--early-exit: the thresholds at cfg.q (or --budget's), for real: each test batch through the whole network
-    and `early_exit_predict` in alternating order, at batch 1 and --batch-size, against the simulation."""
+    and `early_exit_predict` in alternating order, at batch 1 and --batch-size; `same_as_budgeted` counts the
+    images whose exit and prediction are the simulated ones."""
+
     net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
     q = budget["q"] if budget else cfg.q
     thresholds = (torch.tensor(budget["thresholds"]) if budget else
