@@ -7,7 +7,7 @@
 # Extra flags are passed to every run, e.g.  bash run.sh --data-dir /datasets --device cuda:1
 # DRY_RUN=1 bash run.sh prints what it would run, and runs nothing.
 #
-# bash run.sh miniature [FLAGS]: the miniature study instead, on a CPU in about 10 minutes: baseline
+# bash run.sh miniature [FLAGS]: the miniature study instead, on a CPU in about 6 minutes: baseline
 # and L2W-DEN on the demo's synthetic data (the synthetic preset, 3 exits) for seeds 0-4, then
 # their comparison (l2w.py --summary) in runs/miniature/summary.json.
 #
