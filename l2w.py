@@ -128,9 +128,8 @@ PRESETS = {
     "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
-    # the demo (3 exits), chosen on the hold-out: 2,000 training images seen twice keep the losses
-    # spread; a meta step every 2nd iteration takes a minute, and the WPN's Adam at 20x the paper's
-    # lr moves its weights in those 62 steps
+    # the demo (3 exits), chosen on the hold-out: 2,000 training images seen twice keep the losses spread;
+    # a meta step every 2nd iteration takes a minute; the WPN's Adam, at 20x the paper's lr, moves in 62 steps
     "synthetic": dict(epochs=2, batch_size=64, lr=0.3, wpn_lr=2e-3, q=0.75, delta=0.8, constraint="col",
                       meta_interval=2, holdout=500, synthetic_size=2500, workers=0, print_every=10, image_size=32),
 }
