@@ -406,8 +406,7 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
                                       train_losses, draws)
             else:
                 m = higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss_at, meta_scaler)
-        skipped = optimizer_step(wpn_optimizer, meta_scaler)   # step 5: Adam step of the WPN
-        meta_loss = m.detach()
+        skipped, meta_loss = optimizer_step(wpn_optimizer, meta_scaler), m.detach()   # step 5: Adam step of the WPN
 
     # Step 6, the real step: weights from the updated WPN, no gradient into it.
     if cfg.method == "l2w":
@@ -433,13 +432,12 @@ def check_meta_step(model, optimizer, cfg):
         raise ValueError(f"the optimizer does not hold {missing[0]}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if cfg.meta_grad == "higher" and len(held) > len(trainable):
-        raise ValueError(f"meta_grad 'higher' needs an optimizer of trainable parameters only; this one also "
-                         f"holds {len(held) - len(trainable)} frozen ones (leave them out, or use meta_grad 'jvp')")
+        raise ValueError(f"meta_grad 'higher': the optimizer also holds {len(held) - len(trainable)} frozen ones "
+                         "(leave them out, or use meta_grad 'jvp')")
     if any(group.get("maximize") for group in groups):
         raise ValueError("the virtual step descends the weighted loss: an optimizer with maximize=True cannot take it")
     if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
-        raise ValueError(f"meta_grad 'jvp' takes the virtual step with SGD's formula and needs a torch.optim.SGD "
-                         f"optimizer, got {type(optimizer).__name__} (use meta_grad 'higher')")
+        raise ValueError(f"meta_grad 'jvp' needs torch.optim.SGD, got {type(optimizer).__name__} (use 'higher')")
 
 
 def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=True,
@@ -478,8 +476,8 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 @torch.no_grad()
 @ieee_fp32()   # the same checkpoint gives the same logits, whatever the TF32 settings
 def predict(model, loader, device, cfg, with_teacher=False):
-    """(K (n, classes) logits, targets) of a split on the CPU (`with_teacher`: IMTA's teacher's appended);
-    under torchrun each rank predicts its share with rank 0's weights and statistics, rank 0 gets the whole."""
+    """(K (n, classes) logits, targets) of a split on the CPU (`with_teacher`: IMTA's teacher's appended); under
+    torchrun each rank predicts its share with rank 0's weights and statistics, rank 0 gets the whole."""
     net = unwrap(model).eval()
     if dist.is_initialized():   # each rank's running statistics have followed its own shard
         for buffer in net.buffers():
@@ -581,8 +579,7 @@ def budget_evaluate(budget, val, test, flops):
     (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(*val)
     exits = len(flops)
     if budget >= flops[-1]:
-        log(f"--budget {budget / 1e6:.2f}M is at least the whole network's {flops[-1] / 1e6:.2f}M Mul-Adds "
-            "per image: the whole network is used")
+        log(f"--budget {budget / 1e6:.2f}M covers the whole network ({flops[-1] / 1e6:.2f}M Mul-Adds): no early exit")
         q, thresholds = None, torch.tensor([math.inf] * (exits - 1) + [-math.inf])
     else:
         curve = dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops, BUDGET_QS)
@@ -645,10 +642,8 @@ def timed(step, images, device):
 @torch.inference_mode()
 @ieee_fp32()   # as `predict`, whose logits the budgeted protocol simulates from
 def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
-    """--early-exit: the thresholds at cfg.q (or --budget's), for real: each test batch through the whole network
-    and `early_exit_predict` in alternating order, at batch 1 and --batch-size; `same_as_budgeted` counts the
-    images whose exit and prediction are the simulated ones."""
-
+    """--early-exit: the thresholds at cfg.q (or --budget's) for real, at batch 1 and --batch-size, each test batch
+    through the whole network and `early_exit_predict` in turn; `same_as_budgeted`: images that exit as simulated."""
     net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
     q = budget["q"] if budget else cfg.q
     thresholds = (torch.tensor(budget["thresholds"]) if budget else
@@ -682,12 +677,11 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
     result = {"q": q, "accuracy": runs[0]["accuracy"], "budgeted_accuracy": percent(simulated_predictions == test[1]),
               "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
               "runs": runs}
-    log(f"\nearly exit at {'the last exit' if q is None else f'q {q:.4g}'} (test set, {n} images, run exit by exit "
-        f"and through the whole network)\n top-1 {result['accuracy']:.2f} (budgeted protocol: "
-        f"{result['budgeted_accuracy']:.2f}), {average_flops / 1e6:.2f}M Mul-Adds per image (whole network "
-        f"{flops[-1] / 1e6:.2f}M: {result['flops_speedup']:.2f}x), exit shares {' '.join(f'{s:.3f}' for s in shares)}\n"
-        " batch   early exit: ms/image  images/s   whole network: ms/image  images/s   speedup   "
-        "share of the Mul-Adds speedup   same as budgeted")
+    log(f"\nearly exit at {'the last exit' if q is None else f'q {q:.4g}'} (test set, {n} images)\n top-1 "
+        f"{result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), {average_flops / 1e6:.2f}M "
+        f"Mul-Adds per image (whole network {flops[-1] / 1e6:.2f}M: {result['flops_speedup']:.2f}x), exit shares "
+        f"{' '.join(f'{s:.3f}' for s in shares)}\n batch   early exit: ms/image  images/s   whole network: ms/image  "
+        "images/s   speedup   share of the Mul-Adds speedup   same as budgeted")
     for run in runs:
         log(f"{run['batch_size']:6d} {run['ms_per_image']:21.3f} {run['images_per_s']:9.1f} "
             f"{run['whole_ms_per_image']:24.3f} {run['whole_images_per_s']:9.1f} {run['speedup']:8.2f}x "
@@ -807,11 +801,8 @@ def load_checkpoint(path):
     check_file(path, "checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))   # what weights_only refused to build
-        raise UsageError(f"checkpoint '{path}' needs arbitrary code to load ({unsafe.group(1)}); refused, since "
-                         f"loading it could run anything" if unsafe else
-                         f"checkpoint '{path}' is corrupt or not an l2w.py checkpoint ({type(e).__name__})") from None
+    except Exception as e:   # weights_only refuses what would build anything but tensors and plain containers
+        raise UsageError(f"checkpoint '{path}' is corrupt, unsafe or not of l2w.py ({type(e).__name__})") from None
     missing = [k for k in ("config", "model", "wpn", "optimizer", "wpn_optimizer", "epoch", "batch", "rng",
                            "holdout_indices") if not isinstance(state, dict) or k not in state]
     need(not missing, f"checkpoint '{path}' is not an l2w.py checkpoint (it lacks {', '.join(missing)})")
@@ -819,8 +810,7 @@ def load_checkpoint(path):
 
 
 def setup_device(cfg):
-    """The device, and under torchrun (WORLD_SIZE > 1) the process group: NCCL on GPUs (rank i on
-    cuda:LOCAL_RANK), gloo on CPU. A GPU is made the current one before anything starts CUDA."""
+    """The device, and under torchrun the process group (NCCL on GPUs, each rank on cuda:LOCAL_RANK; gloo on CPU)."""
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # read when cuBLAS starts
@@ -883,8 +873,7 @@ def build(cfg, num_classes, device):
 
 
 def method_options(cfg, device):
-    """The engineering, through `train_step`'s optional arguments: IMTA's loss, --amp, --tf32, and fp16's
-    two loss scalers (the WPN's meta gradients overflow at other scales than the backbone's)."""
+    """`train_step`'s optional arguments: IMTA's loss, --amp, --tf32, fp16's loss scalers (the WPN's overflow apart)."""
     options = {"autocast": partial(torch.autocast, device.type, dtype=amp_dtype(device), enabled=cfg.amp)}
     if cfg.tf32:
         options["meta_precision"] = contextlib.nullcontext   # PyTorch's TF32 settings in steps 1-5 too
@@ -907,30 +896,22 @@ def load_weights(cfg, model, wpn):
     """--weights: a released MSDNet-PyTorch / L2W-DEN checkpoint into `model` (and its WPN into `wpn`)."""
     try:
         info = load_released(model, cfg.weights, wpn)
-    except ValueError as e:
-        message = str(e) + (" (--exits, --step, --base, --image-size and the data set choose the network; "
-                            "--wpn-depth and --wpn-width the WPN)" if "does not fit this" in str(e) else "")
-        with contextlib.suppress(UsageError):   # one of l2w.py's own checkpoints? say what it is for
-            imta = load_checkpoint(cfg.weights)["config"].get("imta")
-            message = (f"--weights '{cfg.weights}' is a checkpoint of l2w.py{f' (--imta {imta})' if imta else ''}, "
-                       "not a released one: evaluate or continue it with --resume"
-                       + ("; phase 2 starts from it with --imta finetune --pretrained" if imta == "pretrain" else ""))
-        raise UsageError(message) from None
+    except ValueError as e:   # another network or WPN than the flags build, or not a released file
+        hint = ("--exits, --step, --base, --image-size and the data choose the network, --wpn-depth and --wpn-width "
+                "the WPN" if "does not fit this" in str(e) else "l2w.py's own: --resume, IMTA phase 1's: --pretrained")
+        raise UsageError(f"{e} ({hint})") from None
     except Exception as e:   # not a file torch.load(weights_only=True) can read
         raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
-    log(f"loaded the released weights {cfg.weights} (epoch {info.get('epoch', '?')}"
-        f"{', and its WPN' if info['wpn'] else ''})")
+    log(f"loaded {cfg.weights}{' and its WPN' if info['wpn'] else ''} (released, epoch {info.get('epoch', '?')})")
 
 
 def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
-    """Where training starts: the --resume checkpoint, else the frozen phase-1 network (--imta finetune) or released
-    weights (--weights). Returns (epoch, iteration, history, the epoch's running sums, the WPN as training found it)."""
+    """From --resume, --pretrained (IMTA's phase 2), --weights or scratch: (epoch, iteration, history, tally, WPN)."""
     (net, wpn), optimizers = map(unwrap, nets[:2]), nets[2:]
     if not state:
         if pretrained:
             if pretrained["config"].get("imta") != "pretrain":
-                log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (not --imta "
-                    "pretrain); phase 2 runs on it, but IMTA's first phase trains with it")
+                log(f"warning: --pretrained '{cfg.pretrained}' was trained without gradient equilibrium (phase 1)")
             try:
                 net.backbone.load_state_dict(pretrained["model"])
             except RuntimeError as e:
@@ -938,11 +919,9 @@ def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
         if cfg.weights:
             load_weights(cfg, net, wpn)
             if splits.threshold_source == "holdout":
-                log("warning: thresholds fitted on images a network trained on are optimistic, and the authors' "
-                    "L2W-DEN models trained on every training image (so did their own evaluation); "
-                    + ("" if cfg.holdout_indices else "this hold-out is drawn from --seed; ") + "--holdout-indices "
-                    "gives the images of a network trained without them (MSDNet-PyTorch's index.pth, a run's "
-                    "holdout_indices.json)")
+                log("warning: thresholds fitted on images a network trained on are optimistic (the authors' L2W-DEN "
+                    "models trained on all); " + ("" if cfg.holdout_indices else "this hold-out is drawn from --seed; ")
+                    + "--holdout-indices gives a network's own (MSDNet-PyTorch's index.pth, holdout_indices.json)")
         return 0, 0, [], None, copy.deepcopy(wpn)
     try:
         for module, key in ((net, "model"), (wpn, "wpn"), *zip(optimizers, ("optimizer", "wpn_optimizer"))):
@@ -969,8 +948,8 @@ def start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch):
     """What can be checked only with the data and the network, then the run in a few lines."""
     need(cfg.eval_only or cfg.epochs <= start_epoch or n_batches,
          f"--batch-size {cfg.batch_size} is larger than the {len(splits.train)} training images")
-    need(not cfg.budget or cfg.budget >= flops[0], f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's "
-         f"{flops[0] / 1e6:.2f}M Mul-Adds per image: no thresholds can meet it")   # said before any image is predicted
+    need(not cfg.budget or cfg.budget >= flops[0],   # said before any image is predicted
+         f"--budget {cfg.budget / 1e6:.2f}M is below the first exit's {flops[0] / 1e6:.2f}M Mul-Adds per image")
     heads = sum(p.numel() for p in trainable_parameters(unwrap(model)).values())
     imta = {"pretrain": "\nIMTA phase 1: gradient equilibrium in the backward pass",
             "finetune": f"\nIMTA phase 2: the network of {cfg.pretrained or cfg.resume} frozen, {heads:,} parameters "
@@ -983,25 +962,21 @@ def start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch):
         log(f"ignored {len(splits.ignored)} files that are not class folders: {', '.join(splits.ignored[:5])}"
             + (f" and {len(splits.ignored) - 5} more" if len(splits.ignored) > 5 else ""))
     if splits.threshold_source == "train":
-        log("no hold-out split (--holdout 0): thresholds are fitted on the training images with test-time transforms; "
-            "no per-epoch validation")
+        log("no hold-out split (--holdout 0): thresholds are fitted on the training images, no per-epoch validation")
     if is_main():
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "holdout_indices.json"), splits.holdout_indices.tolist())
 
 
 class StopSignal:
-    """SIGTERM and SIGUSR1 (SLURM's warning): a checkpoint after the current iteration, then stop. Under torchrun every
-    rank stops at the same iteration without waiting for its GPU: each iteration starts an all_reduce of the flags on
-    a CPU (gloo) group and reads the one of the iteration before."""
+    """SIGTERM and SIGUSR1 (SLURM's warning): a checkpoint after the iteration, then stop. Under torchrun the ranks
+    agree without waiting for a GPU: each iteration starts an all_reduce of the flags on gloo, reads the last one's."""
 
     def __init__(self):
         self.received, self.pending = 0, None
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def handle(self, signum, frame):
-        self.received = signum
+        handle = lambda signum, frame: setattr(self, "received", signum)
+        self.previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGUSR1)}
 
     def __call__(self):   # the signal to stop for (0: go on), the same on every rank
         if self.group is None:
@@ -1054,17 +1029,16 @@ def train(cfg, state=None):
     total_iters, (flops, params) = cfg.epochs * n_batches, count_cost(unwrap(model), cfg.image_size)
     start_up(cfg, splits, model, device, flops, params, n_batches, start_epoch)
     save = partial(save_checkpoint, cfg, nets, scalers, splits, device, history, initial_wpn)
-    stop, seconds, done, skipped, val = StopSignal(), 0.0, 0, 0, None   # seconds, done: this process's iterations
+    stop, skipped, val = StopSignal(), 0, None
     try:
         for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
             skip = start_batch if epoch == start_epoch else 0
             train_loader.batch_sampler.set_epoch(epoch, skip)
-            # The epoch's loss and meta loss, summed on the device and read at progress lines only (a
-            # read makes the host wait for the GPU); a mid-epoch checkpoint carries them.
-            sums, counts, epoch_seconds = ((tally["sums"].to(device), tally["counts"], tally["seconds"])
-                                           if skip and tally else (torch.zeros(2, device=device), [0, 0], 0.0))
+            # The epoch's loss and meta loss, summed on the device and read at progress lines only (a read makes
+            # the host wait for the GPU), their counts and the epoch's seconds: a mid-epoch checkpoint carries them.
+            tally = tally if skip and tally else {"sums": torch.zeros(2), "counts": [0, 0], "seconds": 0.0}
+            sums, counts, started = tally["sums"].to(device), tally["counts"], time.time() - tally["seconds"]
             torch.backends.cudnn.benchmark = not cfg.deterministic   # training's shapes repeat: kernels timed once
-            started = time.time()
             for i, (images, targets) in enumerate(train_loader, start=skip):
                 iteration = epoch * n_batches + i
                 optimizer.param_groups[0]["lr"] = cosine(cfg.lr, iteration, total_iters)
@@ -1075,30 +1049,27 @@ def train(cfg, state=None):
                     if value is not None:
                         sums[k] += value
                         counts[k] += 1
-                done, skipped = done + 1, skipped + out["wpn_skipped"]
+                skipped += out["wpn_skipped"]
                 if (i + 1) % cfg.print_every == 0 or i + 1 == n_batches:
                     loss, meta = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # the epoch's means
-                    elapsed = seconds + time.time() - started
+                    per_iteration = (time.time() - started) / (i + 1)   # over the epoch
                     log(f"epoch {epoch + 1}/{cfg.epochs} iter {i + 1}/{n_batches} loss {loss:.4f} meta "
                         f"{'-' if meta is None else f'{meta:.4f}'} lr {optimizer.param_groups[0]['lr']:.4f} "
-                        f"{done * cfg.batch_size / elapsed:.0f} img/s "
-                        f"ETA {datetime.timedelta(seconds=int(elapsed / done * (total_iters - iteration - 1)))}"
+                        f"{cfg.batch_size / per_iteration:.0f} img/s "
+                        f"ETA {datetime.timedelta(seconds=int(per_iteration * (total_iters - iteration - 1)))}"
                         + (f" | WPN steps skipped on fp16 overflow: {skipped}" if skipped else ""))
                 signum = stop()
                 if signum or (cfg.save_every and (iteration + 1) % cfg.save_every == 0 and i + 1 < n_batches):
-                    lap = time.time() - started   # training time only: not the checkpoint's
-                    seconds, epoch_seconds = seconds + lap, epoch_seconds + lap
-                    save(epoch, i + 1, {"sums": sums.cpu(), "counts": counts, "seconds": epoch_seconds})
-                    started = time.time()
+                    saving = time.time()   # training time only: not the checkpoint's
+                    save(epoch, i + 1, {"sums": sums.cpu(), "counts": counts, "seconds": saving - started})
+                    started += time.time() - saving
                 if signum:
                     log(f"stopped by signal {signum} at epoch {epoch + 1}, iteration {i + 1}; continue with "
                         f"--resume {os.path.join(cfg.out, 'checkpoint.pt')}")
                     if dist.is_initialized():   # every rank leaves once the checkpoint is written
                         dist.barrier()
                     raise SystemExit(128 + signum)   # the usual exit code of a signalled job
-            lap = time.time() - started
-            seconds, epoch_seconds = seconds + lap, epoch_seconds + lap
-            history.append(epoch_record(cfg, epoch, sums, counts, epoch_seconds, optimizer, wpn_optimizer))
+            history.append(epoch_record(cfg, epoch, sums, counts, time.time() - started, optimizer, wpn_optimizer))
             torch.backends.cudnn.benchmark = False   # evaluation picks the same kernels every time
             if splits.threshold_source == "holdout":   # the last epoch's also fits the thresholds
                 started = time.time()
@@ -1114,8 +1085,7 @@ def train(cfg, state=None):
 
 
 def epoch_record(cfg, epoch, sums, counts, seconds, optimizer, wpn_optimizer):
-    """results.json["history"]'s record of an epoch: mean loss and meta loss (over the iterations that
-    had one), the last iteration's learning rates, images per second; `validate` adds the rest."""
+    """results.json["history"]'s record of an epoch (`validate` adds the hold-out's accuracy and the WPN's weights)."""
     (loss, meta_loss), (iterations, meta_iterations) = sums.tolist(), counts
     return {"epoch": epoch + 1, "loss": loss / iterations if iterations else None,
             "meta_loss": meta_loss / meta_iterations if meta_iterations else None,
@@ -1125,8 +1095,7 @@ def epoch_record(cfg, epoch, sums, counts, seconds, optimizer, wpn_optimizer):
 
 
 def validate(cfg, model, wpn, loader, device, record, initial_wpn):
-    """The hold-out's top-1 per exit and the WPN's `weight_profile` into the epoch's `record`;
-    returns its (logits, targets) on rank 0."""
+    """The hold-out's top-1 per exit and the WPN's `weight_profile` into `record`; its (logits, targets) on rank 0."""
     distilled = cfg.method == "l2w" and cfg.imta == "finetune"   # IMTA's phase 2: the WPN weighs distillation losses
     val = predict(model, loader, device, cfg, with_teacher=distilled)
     if not is_main():
@@ -1194,8 +1163,8 @@ def need(ok, message):
 def check_config(cfg):
     """Every field's range and every combination that cannot run, before any data is loaded or written."""
     for name, allowed in CLI_CHOICES.items():
-        need(getattr(cfg, name) in allowed, f"unknown {name} '{getattr(cfg, name)}' (choose "
-                                            f"{', '.join(filter(None, allowed))})")
+        choose = ", ".join(filter(None, allowed))
+        need(getattr(cfg, name) in allowed, f"unknown {name} '{getattr(cfg, name)}' (choose {choose})")
     for names, ok, rule, *why in RANGES:
         for name in names:
             need(ok(getattr(cfg, name)), f"--{name.replace('_', '-')} {rule}, got {getattr(cfg, name)}{''.join(why)}")
@@ -1205,34 +1174,26 @@ def check_config(cfg):
     except OverflowError:
         fits = False
     need(fits, f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
-    ranks = f"{cfg.world_size} ranks"
+    ranks, finetune = f"{cfg.world_size} ranks", cfg.imta == "finetune"
     for ok, message in [
-        (cfg.batch_size % (2 * cfg.world_size) == 0, f"--batch-size must be even (it is split into two halves) and "
-         f"divisible by 2 x {ranks}, got {cfg.batch_size}"),
-        (cfg.imta != "finetune" or cfg.eval_only or cfg.batch_size >= 4 * cfg.world_size, f"--imta finetune needs "
-         f"--batch-size >= 4 x {ranks} (ISC's BatchNorm1d needs 2 samples in each half-batch), got {cfg.batch_size}"),
-        (not cfg.imta or cfg.arch == "msdnet", f"--imta is built for msdnet (IMTA's techniques as released), "
-                                               f"not {cfg.arch}"),
-        (cfg.imta != "finetune" or cfg.pretrained or cfg.resume,
-         "--imta finetune needs --pretrained PATH (a checkpoint of --imta pretrain)"),
-        (not cfg.pretrained or cfg.imta == "finetune", "--pretrained is for --imta finetune"),
+        (cfg.batch_size % (2 * cfg.world_size) == 0,
+         f"--batch-size {cfg.batch_size} must divide into two equal halves on each of {ranks}"),
+        (not finetune or cfg.eval_only or cfg.batch_size >= 4 * cfg.world_size,
+         f"--imta finetune needs --batch-size >= 4 x {ranks} (ISC's BatchNorm1d: 2 samples a half-batch)"),
+        (not cfg.imta or cfg.arch == "msdnet", f"--imta is built for msdnet (as IMTA released it), not {cfg.arch}"),
+        (not finetune or cfg.pretrained or cfg.resume, "--imta finetune needs --pretrained PATH (of --imta pretrain)"),
+        (not cfg.pretrained or finetune, "--pretrained is for --imta finetune"),
         (not (cfg.pretrained and cfg.weights), "--pretrained and --weights both give the network: give one of them"),
-        (cfg.dataset in ("imagenet", "folder") or cfg.image_size == 32,
-         f"{cfg.dataset} images are 32x32; --image-size {cfg.image_size} is for imagenet or folder"),
-        (not cfg.eval_only or cfg.resume or cfg.weights,
-         "--eval-only needs --resume PATH or --weights PATH (the checkpoint to evaluate)"),
-        (not cfg.budget or cfg.eval_only,
-         "--budget picks exit thresholds for a trained network: give it with --eval-only --resume CKPT"),
-        (not cfg.budget or cfg.holdout > 0,
-         "--budget searches the thresholds on the hold-out split, and this run has none (--holdout 0)"),
-        (not cfg.holdout_indices or cfg.holdout > 0, "--holdout-indices gives the hold-out split, and --holdout 0 "
-         "asks for none"),
-        (not (cfg.early_exit and cfg.world_size > 1),
-         "--early-exit times inference in one process; run it without torchrun"),
+        (cfg.dataset in ("imagenet", "folder") or cfg.image_size == 32, f"{cfg.dataset} images are 32x32"),
+        (not cfg.eval_only or cfg.resume or cfg.weights, "--eval-only needs --resume PATH or --weights PATH"),
+        (not cfg.budget or cfg.eval_only, "--budget is for a trained network: --eval-only --resume CKPT --budget"),
+        (not cfg.budget or cfg.holdout > 0, "--budget fits the thresholds on the hold-out, and --holdout 0 has none"),
+        (not cfg.holdout_indices or cfg.holdout > 0,
+         "--holdout-indices gives the hold-out split, and --holdout 0 asks for none"),
+        (not (cfg.early_exit and cfg.world_size > 1), "--early-exit times inference in one process, not torchrun"),
         (not (cfg.bench and cfg.eval_only), "--bench and --eval-only cannot be combined"),
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device),
-         f"unknown device '{cfg.device}' (choose auto, cpu, cuda or cuda:N)"),
-        (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file; it must be a directory (new or a run's)"),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device), f"unknown device '{cfg.device}' (auto, cpu, cuda, cuda:N)"),
+        (not os.path.isfile(cfg.out), f"--out '{cfg.out}' is a file, not a folder"),
     ]:
         need(ok, message)
     for path, flag in ((cfg.weights, "--weights"), (cfg.holdout_indices, "--holdout-indices")):
@@ -1345,8 +1306,7 @@ def parse_config(argv=None):
                                                      "metavar": f.name.upper()}))
     flags = vars(parser.parse_args(argv))
     need(flags.get("lr") != 0, "--lr must be a finite number > 0 (leave it out for the paper's rule at the batch size)")
-    need(not (flags.get("resume") and flags.get("weights")),
-         "--weights starts a run from released weights, --resume continues one: give one of them")
+    need(not (flags.get("resume") and flags.get("weights")), "--weights and --resume: give one of them")
     state = load_checkpoint(flags["resume"]) if flags.get("resume") else None
     known = {f.name for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in state["config"].items() if k in known and k != "eval_only"} if state else {}
@@ -1364,7 +1324,11 @@ def parse_config(argv=None):
                         **saved, **flags})
     except ValueError as e:   # the method's knobs (check_knobs)
         raise UsageError(str(e)) from None
-    cfg.world_size = torchrun_world_size()
+    world = os.environ.get("WORLD_SIZE", "1")   # torchrun sets it and the variables its rendezvous reads
+    unset = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ and world != "1"]
+    need(world.isdigit() and int(world) >= 1 and not unset, f"WORLD_SIZE={world!r} in the environment without "
+         f"{', '.join(unset) or 'a number >= 1'}: start the processes with torchrun, or unset it")
+    cfg.world_size = int(world)
     if "workers" not in flags:   # a default or preset asks for no more loader processes than CPUs (torch warns)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()   # not macOS
         cfg.workers = min(cfg.workers, cpus)
@@ -1397,24 +1361,11 @@ def pretrained_fields(flags):
     path = flags["pretrained"]
     state = load_checkpoint(path)
     config = state["config"]
-    need(config.get("imta") != "finetune", f"--pretrained '{path}' is an --imta finetune checkpoint; give the "
-                                           "--imta pretrain one")
+    need(config.get("imta") != "finetune", f"--pretrained '{path}' is of --imta finetune; give the --imta pretrain one")
     need(not state["batch"] and state["epoch"] >= config.get("epochs", 0), f"--pretrained '{path}' is unfinished "
-         f"({state['epoch']} of {config.get('epochs')} epochs done) and phase 2 would freeze it as it is; finish it "
-         f"first with --resume {path}")
+         f"({state['epoch']} of {config.get('epochs')} epochs done); finish it first with --resume {path}")
     return kept_fields(flags, config, PRETRAINED_FIELDS, "the pretrained network's",
                        "--imta finetune takes it from --pretrained")
-
-
-def torchrun_world_size():
-    """WORLD_SIZE as torchrun sets it, with the variables its rendezvous reads (1 without torchrun)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    need(world.isdigit() and int(world) >= 1,
-         f"WORLD_SIZE={world!r} in the environment; torchrun sets it to the number of processes")
-    unset = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    need(int(world) == 1 or not unset, f"WORLD_SIZE={world} in the environment without {', '.join(unset)}: start "
-                                       "the processes with torchrun (which sets them all), or unset WORLD_SIZE")
-    return int(world)
 
 
 # ============================================================================
@@ -1439,17 +1390,14 @@ TRAINED = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRA
 
 
 def run_labels(configs, fields=("seed",)):
-    """Each run's method, network and data, then those of `fields` that tell it from the others
-    (e.g. seed=1, wpn_width=10; L2W-DEN's own settings only for its runs)."""
+    """Each run's method, network and data, then those of `fields` that tell it apart (L2W-DEN's own: its runs only)."""
     differ = [k for k in fields if len({repr(c.get(k)) for c in configs}) > 1]
     return [f"{c['method']} {c['arch']}{c['exits']} {c['dataset']}" + "".join(
         f" {k}={c.get(k)}" for k in differ if not (c["method"] == "baseline" and k in META_FIELDS)) for c in configs]
 
 
 def plot_curves(paths, out_png):
-    """One figure of finished runs: the test set's budgeted curve and each exit's point (and those of
-    --early-exit, --budget); each exit's hold-out accuracy by epoch; for each L2W-DEN run, the WPN's
-    weight by hold-out loss decile at the first and the last epoch. Returns the runs' labels."""
+    """Finished runs' budgeted curves and exits, hold-out top-1 by epoch, WPN weights by loss decile; their labels."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -1474,11 +1422,9 @@ def plot_curves(paths, out_png):
         if "early_exit" in results:
             e, run = results["early_exit"], results["early_exit"]["runs"][0]
             at = "the last exit" if e["q"] is None else f"q {e['q']:g}"
-            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=color,
-                      label=f"{label}: early exit at {at}, measured")
-            axes.annotate(f"{run['ms_per_image']:.1f} ms/image at batch {run['batch_size']}\n"
-                          f"(whole network {run['whole_ms_per_image']:.1f})", (e["flops"] / scale, e["accuracy"]),
-                          textcoords="offset points", xytext=(8, -24), fontsize=8)
+            axes.plot(e["flops"] / scale, e["accuracy"], "*", markersize=14, color=color, label=f"{label}: early exit "
+                      f"at {at}, {run['ms_per_image']:.1f} ms/image at batch {run['batch_size']} (whole network "
+                      f"{run['whole_ms_per_image']:.1f})")
         if "budget" in results:
             b = results["budget"]
             axes.axvline(b["budget"] / scale, color=color, linestyle=":", linewidth=1)
@@ -1521,21 +1467,17 @@ def plot_curves(paths, out_png):
 
 
 def select_q(paths, out_json, points=5):
-    """--select-q (supplementary Sec. 1.3: q tuned on held-out training data): the runs of a q sweep compared on
-    their hold-out curves, never the test set; the best mean of `best_within` wins."""
+    """--select-q (supplementary Sec. 1.3): of a q sweep, the q whose hold-out curve has the best `best_within` mean."""
     runs = [read_results(p, "--select-q") for p in paths]
     first = runs[0]["config"]
     same = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, "q")]
     for path, results in zip(paths, runs):
-        need(results.get("holdout_dynamic"), f"--select-q: '{path}' has no hold-out curve (its run held out no "
-                                             "images: --holdout 0)")
+        need(results.get("holdout_dynamic"), f"--select-q: '{path}' has no hold-out curve (--holdout 0)")
         differ = next((k for k in same if results["config"].get(k) != first.get(k)), "")
         need(not differ, f"--select-q: '{path}' is not of the sweep of '{paths[0]}' (--{differ.replace('_', '-')} "
-                         f"{results['config'].get(differ)}, not {first.get(differ)}); give runs that differ in "
-                         "--q only")
+                         f"{results['config'].get(differ)}, not {first.get(differ)}): give runs that differ in --q")
     qs = [r["config"]["q"] for r in runs]
-    need(first["method"] == "l2w" and len(set(qs)) == len(qs),
-         "--select-q compares L2W-DEN runs (--method l2w), each with another --q")
+    need(first["method"] == "l2w" and len(set(qs)) == len(qs), "--select-q takes L2W-DEN runs, each with another --q")
     budgets, scores = best_within([r["holdout_dynamic"] for r in runs], "--select-q")
     shown = [i * 100 // (points - 1) for i in range(points)]
     rows = [{"q": q, "run": path, "mean_acc": statistics.fmean(best), "acc": [best[i] for i in shown]}
@@ -1552,8 +1494,7 @@ def select_q(paths, out_json, points=5):
 
 
 def best_within(curves, command, points=101):
-    """(budgets, per curve its accuracy at each): `points` budgets evenly spread over the Mul-Adds per image that
-    every budgeted curve covers; at a budget a curve scores its best point within it (what a deployer could pick)."""
+    """`points` budgets over the Mul-Adds all budgeted curves cover, and per curve its best accuracy within each."""
     low, high = max(min(p["flops"] for p in c) for c in curves), min(max(p["flops"] for p in c) for c in curves)
     need(low <= high, f"{command}: the runs' budgeted curves share no range of Mul-Adds; give runs of one network")
     budgets = [low + (high - low) * i / (points - 1) for i in range(points - 1)] + [high]   # (no rounding past it)
@@ -1561,10 +1502,8 @@ def best_within(curves, command, points=101):
 
 
 def summarize(paths, out_json):
-    """--summary: runs that differ only in their seed form a group. Per group, the mean and standard deviation over
-    the seeds of each exit's test top-1 and of the budgeted curve's mean (`best_within`); for each L2W-DEN group
-    whose baseline is among the runs (the same config but the method), L2W-DEN minus baseline, seed by seed.
-    It reports test figures: it chooses nothing."""
+    """--summary: per group of runs that differ only in the seed, mean and spread of each exit's test top-1 and of
+    the `best_within` mean; L2W-DEN minus its baseline (if given), seed by seed. Test figures: it chooses nothing."""
     runs = [read_results(p, "--summary") for p in paths]
     budgets, scores = best_within([r["dynamic"] for r in runs], "--summary")
     key = lambda c, skip=(): tuple(repr(c.get(k)) for k in TRAINED if k not in ("seed", *skip))
