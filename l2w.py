@@ -44,7 +44,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -58,7 +57,7 @@ from models import (IMTANet, build_model, check_input_size, count_cost, distilla
 # Config: one dataclass; per-dataset presets hold the paper's values
 # ============================================================================
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     dataset: str = "cifar10"       # cifar10 | cifar100 | cifar10-lt | cifar100-lt | imagenet | folder | synthetic
     data_dir: str = "./data"       # CIFAR: torchvision downloads here; imagenet/folder: DIR/train, DIR/val
@@ -121,11 +120,9 @@ class Config:
 CIFAR = dict(epochs=300, batch_size=1024, q=0.75, delta=0.8, constraint="col",   # lr: Config's rule, 0.8
              meta_interval=1, holdout=5000, image_size=32)
 PRESETS = {
-    "cifar10": CIFAR,
-    "cifar100": CIFAR,
+    "cifar10": CIFAR, "cifar100": CIFAR,
     # long-tailed CIFAR keeps 12,406 / 10,847 images at imbalance 100: a smaller hold-out
-    "cifar10-lt": {**CIFAR, "holdout": 1000},
-    "cifar100-lt": {**CIFAR, "holdout": 1000},
+    "cifar10-lt": {**CIFAR, "holdout": 1000}, "cifar100-lt": {**CIFAR, "holdout": 1000},
     "imagenet": dict(epochs=100, batch_size=4096, q=0.5, delta=0.3, constraint="mat",
                      meta_interval=100, holdout=50000, image_size=224, workers=8, print_every=50),
     # the demo (3 exits), chosen on the hold-out: 2,000 training images seen twice keep the losses spread;
@@ -712,8 +709,7 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
     profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
                "moved": None if initial_wpn is None else (weights - weights_of(initial_wpn)).abs().mean(0).tolist()}
     for w, loss in zip(weights.T, losses.T):
-        rank_w, rank_l = average_ranks(w), average_ranks(loss)
-        rank_w, rank_l = rank_w - rank_w.mean(), rank_l - rank_l.mean()
+        rank_w, rank_l = (ranks - ranks.mean() for ranks in (average_ranks(w), average_ranks(loss)))
         spread = (rank_w.square().sum() * rank_l.square().sum()).sqrt()
         profile["spearman"].append((rank_w @ rank_l / spread).item() if spread > 0 else None)
         profile["deciles"].append([part.mean().item() if len(part) else None
@@ -886,10 +882,8 @@ def method_options(cfg, device):
 
 
 def to_device(images, targets, device, cfg):
-    images = images.to(device, non_blocking=True)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(device, non_blocking=True)
+    layout = torch.channels_last if cfg.channels_last else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=layout), targets.to(device, non_blocking=True)
 
 
 def load_weights(cfg, model, wpn):
@@ -1128,8 +1122,7 @@ def mul_adds(text):
     try:
         return float(text[:-1] if scale != 1 else text) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected Mul-Adds per image such as 20e6, 20M or 1.5G, "
-                                         f"not '{text}'") from None
+        raise argparse.ArgumentTypeError(f"expected Mul-Adds per image such as 20e6, 20M or 1.5G: '{text}'") from None
 
 
 def finite(low, strict=False):   # a float's range: nan and inf are out of every one
@@ -1351,8 +1344,8 @@ def kept_fields(flags, config, fields, whose, why):
     """The `fields` of a checkpoint's config (else Config's default); a flag may not contradict them."""
     kept = {k: config.get(k, getattr(Config, k)) for k in fields}
     for k, v in kept.items():
-        need(k not in flags or flags[k] == v, f"--{k.replace('_', '-')} {flags.get(k)} does not match {whose} "
-                                              f"{repr(v) if isinstance(v, str) else v} ({why})")
+        need(k not in flags or flags[k] == v,
+             f"--{k.replace('_', '-')} {flags.get(k)} does not match {whose} {v!r} ({why})")
     return kept
 
 
@@ -1459,8 +1452,8 @@ def plot_curves(paths, out_png):
     figure.tight_layout()
     try:   # in the format its name says, PNG if it says none, and always to exactly that path
         figure.savefig(out_png, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
-    except ValueError as e:   # a format matplotlib does not write
-        raise UsageError(f"--out '{out_png}': {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:   # no such folder; a format matplotlib does not write
+        raise UsageError(f"--out '{out_png}' cannot be written ({getattr(e, 'strerror', None) or e})") from None
     finally:
         plt.close(figure)
     return labels
@@ -1648,10 +1641,7 @@ def main(argv=None):
             parser.add_argument("--out", default=out, help=f"the file to write (default: {out})")
             args = parser.parse_args(argv)
             path = os.path.join(args.out, out) if os.path.isdir(args.out) else args.out   # a folder: out in it
-            try:
-                run(getattr(args, command[2:].replace("-", "_")), path)
-            except OSError as e:   # the runs are read with errors of their own: this is the writing
-                raise UsageError(f"--out '{path}' cannot be written ({e.strerror or e})") from None
+            run(getattr(args, command[2:].replace("-", "_")), path)
             print(f"wrote {path}")
             return
         cfg, state = parse_config(argv)

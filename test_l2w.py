@@ -2985,7 +2985,7 @@ def test_budget_on_a_trained_run_fits_on_the_hold_out_and_runs_for_real(q_sweep,
     # out of range: below the first exit, an error; the whole network's cost or more, a line
     assert "below the first exit's" in one_line_error([*evaluate, "--budget", str(flops[0] * 0.9)])
     l2w.main([*evaluate, "--budget", str(flops[-1])])
-    assert len([line for line in capsys.readouterr().out.splitlines() if "the whole network is used" in line]) == 1
+    assert len([line for line in capsys.readouterr().out.splitlines() if "covers the whole network" in line]) == 1
     whole = json.loads((tmp_path / "b" / "results.json").read_text())["budget"]
     assert whole["thresholds"] == [math.inf, -math.inf] and whole["test_flops"] == flops[-1]
     assert whole["test_acc"] == pytest.approx(anytime[-1]["acc1"])
@@ -3005,8 +3005,9 @@ def test_budget_search_with_three_exits_is_best_on_a_fine_grid():
 def test_budget_takes_mul_adds_as_users_write_them():
     assert l2w.mul_adds("20e6") == l2w.mul_adds("20M") == l2w.mul_adds("20000000") == 20e6
     assert l2w.mul_adds("1.5G") == 1.5e9 and l2w.mul_adds("500k") == 5e5
-    assert "such as 20e6, 20M or 1.5G, not '20X'" in one_line_error(["--budget", "20X"])
-    assert "give it with --eval-only" in one_line_error(["--dataset", "synthetic", "--budget", "20M"])
+    assert "such as 20e6, 20M or 1.5G: '20X'" in one_line_error(["--budget", "20X"])
+    assert "--budget is for a trained network: --eval-only --resume CKPT" in one_line_error(
+        ["--dataset", "synthetic", "--budget", "20M"])
 
 
 def test_plot_marks_a_budget_runs_point(tmp_path, monkeypatch):
