@@ -1161,9 +1161,8 @@ def check_config(cfg):
     for names, ok, rule, *why in RANGES:
         for name in names:
             need(ok(getattr(cfg, name)), f"--{name.replace('_', '-')} {rule}, got {getattr(cfg, name)}{''.join(why)}")
-    try:   # q^k must neither overflow nor vanish
-        fractions = exit_fractions(cfg.q, cfg.exits)
-        fits = bool(torch.isfinite(fractions).all()) and fractions.min() > 0
+    try:   # q^k must neither overflow nor vanish (each fraction is in [0, 1] or nan, and nan > 0 is false)
+        fits = bool(exit_fractions(cfg.q, cfg.exits).min() > 0)
     except OverflowError:
         fits = False
     need(fits, f"--q {cfg.q} gives exit fractions q^k / sum_j q^j that are 0 or not finite for {cfg.exits} exits")
@@ -1194,9 +1193,10 @@ def check_config(cfg):
             check_file(path, flag)
     need(not missing_device(cfg.device), f"--device {cfg.device} asked for, but {missing_device(cfg.device)}")
     checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-    need(cfg.bench or cfg.eval_only or not os.path.isfile(checkpoint) or cfg.resume and os.path.samefile(
-        checkpoint, cfg.resume), f"'{cfg.out}' already holds a run's checkpoint; continue it with --resume "
-                                 f"{checkpoint}, or give another --out")
+    if os.path.isfile(checkpoint) and not cfg.bench:   # a run's folder: only its own --resume writes into it
+        need(not cfg.eval_only, f"--eval-only writes results.json; '{cfg.out}' holds a training run: use another --out")
+        need(cfg.resume and os.path.samefile(checkpoint, cfg.resume), f"'{cfg.out}' already holds a run's checkpoint; "
+             f"continue it with --resume {checkpoint}, or give another --out")
     if not cfg.bench:   # `folder` exists or can be made, and files can be written in it; makes and leaves nothing
         existing = os.path.abspath(cfg.out)
         while not os.path.exists(existing):
@@ -1242,16 +1242,11 @@ PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdo
 RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
 
 
-def number(value):
-    """A number as a folder name shows it: short, and never the same text for two values."""
-    text = f"{value:g}"
-    return text if isinstance(value, int) or float(text) == value else repr(value)
-
-
 def default_out(cfg):
-    """runs/<data>_<network>_<method>_seed<seed>, then _<field><value> for every other field that changes
-    training and differs from the preset (_wpn-width10; a file to start from: _from-<its run or file>),
-    so that runs that train differently never share a folder."""
+    """runs/<data>_<network>_<method>_seed<seed>, then _<field><value> for every other field that changes training and
+    differs from the preset (_wpn-width10, _from-<run or file>), so runs that train differently never share a folder."""
+    # a number as the name shows it: short, and never the same text for two values
+    number = lambda v: f"{v:g}" if isinstance(v, int) or float(f"{v:g}") == v else repr(v)
     data_name = cfg.dataset + (f"{cfg.imbalance:g}" if cfg.dataset.endswith("-lt") else "")
     if cfg.dataset == "folder":   # the data are the folder
         data_name += "-" + os.path.basename(os.path.abspath(cfg.data_dir))
@@ -1272,10 +1267,9 @@ def default_out(cfg):
         if f.name in skip or value == getattr(preset, f.name):
             continue
         if f.name in FILE_FIELDS:   # a run's file by its folder, another by its name
-            path = os.path.abspath(value)
+            folder, file = os.path.split(os.path.abspath(value))
             name += ("_split-" if f.name == "holdout_indices" else "_from-") + (
-                os.path.basename(os.path.dirname(path)) if os.path.basename(path) in
-                ("checkpoint.pt", "holdout_indices.json") else os.path.basename(path).split(".")[0])
+                os.path.basename(folder) if file in ("checkpoint.pt", "holdout_indices.json") else file.split(".")[0])
         else:
             name += f"_{flag}" + ("" if value is True else f"-{value}" if isinstance(value, str) else number(value))
     return os.path.join("runs", name)
@@ -1291,12 +1285,11 @@ def parse_config(argv=None):
                                   "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves; "
                                   "--summary PATH [PATH ...] [--out summary.json] compares methods over seeds")
     for f in dataclasses.fields(Config):
-        if f.metadata.get("cli", True):
-            flag, help = "--" + f.name.replace("_", "-"), comments.get(f.name, "")
-            help += "" if f.name == "lr" else f" (default: {f.default})"   # lr: the rule, said in its comment
-            parser.add_argument(flag, help=help, **({"action": "store_true"} if f.type is bool else
-                                                    {"type": mul_adds if f.name == "budget" else f.type,
-                                                     "metavar": f.name.upper()}))
+        if f.metadata.get("cli", True):   # lr shows no default: its comment says the rule
+            help = comments.get(f.name, "") + ("" if f.name == "lr" else f" (default: {f.default})")
+            kind = ({"action": "store_true"} if f.type is bool else
+                    {"type": mul_adds if f.name == "budget" else f.type, "metavar": f.name.upper()})
+            parser.add_argument("--" + f.name.replace("_", "-"), help=help, **kind)
     flags = vars(parser.parse_args(argv))
     need(flags.get("lr") != 0, "--lr must be a finite number > 0 (leave it out for the paper's rule at the batch size)")
     need(not (flags.get("resume") and flags.get("weights")), "--weights and --resume: give one of them")
@@ -1335,8 +1328,6 @@ def parse_config(argv=None):
     elif not cfg.out:
         cfg.out = default_out(cfg)
     check_config(cfg)
-    need(not (cfg.eval_only and os.path.isfile(os.path.join(cfg.out, "checkpoint.pt"))),
-         f"--eval-only writes results.json; '{cfg.out}' holds a training run, choose another --out")
     return cfg, state
 
 
@@ -1367,19 +1358,13 @@ def pretrained_fields(flags):
 
 def read_results(path, command="--plot"):
     """results.json of a run directory, or the file itself."""
-    file = os.path.join(path, "results.json") if os.path.isdir(path) else path
     try:
-        with open(file) as f:
+        with open(os.path.join(path, "results.json") if os.path.isdir(path) else path) as f:
             results = json.load(f)
         results["config"], results["anytime"], results["dynamic"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{command}: '{path}' is not a run directory or results.json ({type(e).__name__})") from None
     return results
-
-
-# What a run trained: every field but where and how it ran and the files it started from (an IMTA
-# phase-2 run of each seed starts from a phase-1 run of its own).
-TRAINED = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, *FILE_FIELDS)]
 
 
 def run_labels(configs, fields=("seed",)):
@@ -1391,10 +1376,8 @@ def run_labels(configs, fields=("seed",)):
 
 def plot_curves(paths, out_png):
     """Finished runs' budgeted curves and exits, hold-out top-1 by epoch, WPN weights by loss decile; their labels."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:   # a Figure of its own, not pyplot's: no GUI backend, nothing to close
+        import matplotlib.figure
     except ImportError:
         raise UsageError("--plot draws with matplotlib, which is not installed: pip install matplotlib") from None
     runs = [read_results(p) for p in paths]
@@ -1404,12 +1387,11 @@ def plot_curves(paths, out_png):
     weighted = [(label, h) for label, h in weighted if h]
     panels = 2 + len(weighted)
     columns, rows = min(3, panels), -(-panels // 3)
-    figure = plt.figure(figsize=(5.2 * columns, 4.4 * rows))
+    figure = matplotlib.figure.Figure(figsize=(5.2 * columns, 4.4 * rows))
     axes, holdout_axes = figure.add_subplot(rows, columns, 1), figure.add_subplot(rows, columns, 2)
     for label, results in zip(labels, runs):
-        curve, = axes.plot([d["flops"] / scale for d in results["dynamic"]], [d["acc"] for d in results["dynamic"]],
-                           label=f"{label}: budgeted")
-        color = curve.get_color()
+        color = axes.plot([d["flops"] / scale for d in results["dynamic"]], [d["acc"] for d in results["dynamic"]],
+                          label=f"{label}: budgeted")[0].get_color()   # the run's color in the first two panels
         axes.plot([a["flops"] / scale for a in results["anytime"]], [a["acc1"] for a in results["anytime"]], "o",
                   color=color, label=f"{label}: each exit")
         if "early_exit" in results:
@@ -1426,9 +1408,8 @@ def plot_curves(paths, out_png):
         history = [h for h in results.get("history") or [] if h.get("holdout_top1")]
         exits = len(history[0]["holdout_top1"]) if history else 0
         for k in range(exits):   # the deeper the exit, the darker its line
-            holdout_axes.plot([h["epoch"] for h in history], [h["holdout_top1"][k] for h in history], "o-",
-                              color=color, alpha=0.3 + 0.7 * (k + 1) / exits, markersize=3,
-                              label=f"{label}: exit {k + 1}")
+            holdout_axes.plot([h["epoch"] for h in history], [h["holdout_top1"][k] for h in history], "o-", color=color,
+                              alpha=0.3 + 0.7 * (k + 1) / exits, markersize=3, label=f"{label}: exit {k + 1}")
     axes.set(xlabel=f"Mul-Adds per image ({unit})", ylabel="top-1 accuracy (%)", title="test set")
     holdout_axes.set(xlabel="epoch", ylabel="hold-out top-1 accuracy (%)", title="hold-out, each exit, by epoch")
     holdout_axes.xaxis.get_major_locator().set_params(integer=True)
@@ -1437,7 +1418,7 @@ def plot_curves(paths, out_png):
         weight_axes.axhline(1, color="gray", linewidth=0.8)   # every weight of the baseline
         exits = len(history[0]["weights"]["deciles"])
         for k in range(exits):
-            color = plt.get_cmap("viridis")(k / max(exits - 1, 1) * 0.9)
+            color = matplotlib.colormaps["viridis"](k / max(exits - 1, 1) * 0.9)
             for h, style in ((history[0], "--"), (history[-1], "-")) if len(history) > 1 else ((history[0], "-"),):
                 spearman = h["weights"]["spearman"][k]
                 weight_axes.plot(range(1, 11), h["weights"]["deciles"][k], style, color=color, marker=".",
@@ -1454,8 +1435,6 @@ def plot_curves(paths, out_png):
         figure.savefig(out_png, format=os.path.splitext(out_png)[1][1:] or "png", dpi=100)
     except (OSError, ValueError) as e:   # no such folder; a format matplotlib does not write
         raise UsageError(f"--out '{out_png}' cannot be written ({getattr(e, 'strerror', None) or e})") from None
-    finally:
-        plt.close(figure)
     return labels
 
 
@@ -1499,7 +1478,10 @@ def summarize(paths, out_json):
     the `best_within` mean; L2W-DEN minus its baseline (if given), seed by seed. Test figures: it chooses nothing."""
     runs = [read_results(p, "--summary") for p in paths]
     budgets, scores = best_within([r["dynamic"] for r in runs], "--summary")
-    key = lambda c, skip=(): tuple(repr(c.get(k)) for k in TRAINED if k not in ("seed", *skip))
+    # What a run trained: every field but where and how it ran and the files it started from (an IMTA phase-2
+    # run of each seed starts from a phase-1 run of its own).
+    trained = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, *FILE_FIELDS)]
+    key = lambda c, skip=(): tuple(repr(c.get(k)) for k in trained if k not in ("seed", *skip))
     groups = {}
     for path, results, best in zip(paths, runs, scores):
         seed = results["config"]["seed"]
@@ -1508,48 +1490,37 @@ def summarize(paths, out_json):
             raise UsageError(f"--summary: '{path}' and '{group['runs'][seed]['path']}' are the same run (seed {seed})")
         group["runs"][seed] = {"path": path, "top1": [a["acc1"] for a in results["anytime"]],
                                "budgeted_mean": statistics.fmean(best)}
-    groups = list(groups.values())
-    apart = [k for k in TRAINED if k not in ("method", "arch", "exits", "dataset", "seed")]
-    for group, label in zip(groups, run_labels([g["config"] for g in groups], apart)):
-        group["label"] = label
 
     def over_seeds(rows):   # mean and standard deviation over the seeds' rows, per exit and budgeted
-        spread = lambda values: (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
-        top1 = [spread(column) for column in zip(*(r["top1"] for r in rows))]
-        budgeted = spread([r["budgeted_mean"] for r in rows])
-        return {"top1_mean": [m for m, _ in top1], "top1_std": [s for _, s in top1],
-                "budgeted_mean": budgeted[0], "budgeted_std": budgeted[1]}
+        std = lambda values: statistics.stdev(values) if len(values) > 1 else None
+        top1, budgeted = list(zip(*(r["top1"] for r in rows))), [r["budgeted_mean"] for r in rows]
+        return {"top1_mean": [statistics.fmean(c) for c in top1], "top1_std": [std(c) for c in top1],
+                "budgeted_mean": statistics.fmean(budgeted), "budgeted_std": std(budgeted)}
 
+    apart = [k for k in trained if k not in ("method", "arch", "exits", "dataset", "seed")]
     report = {"range": [budgets[0], budgets[-1]], "groups": [], "paired": []}
-    for group in groups:
+    for group, label in zip(groups.values(), run_labels([g["config"] for g in groups.values()], apart)):
+        group["label"] = label
         per_seed = [group["runs"][seed] for seed in sorted(group["runs"])]
-        report["groups"].append({"label": group["label"], "seeds": sorted(group["runs"]),
+        report["groups"].append({"label": label, "seeds": sorted(group["runs"]),
                                  "runs": [r["path"] for r in per_seed], **over_seeds(per_seed)})
     methods_apart = ("method", *META_FIELDS)
-    for group in groups:
-        base = next((g for g in groups if g["config"]["method"] == "baseline"
+    for group in groups.values():
+        base = next((g for g in groups.values() if g["config"]["method"] == "baseline"
                      and key(g["config"], methods_apart) == key(group["config"], methods_apart)), None)
         if group["config"]["method"] != "l2w" or base is None:
             continue
-        seeds = sorted(set(group["runs"]) & set(base["runs"]))
         differences = [{"seed": s, "top1": [a - b for a, b in zip(group["runs"][s]["top1"], base["runs"][s]["top1"])],
                         "budgeted_mean": group["runs"][s]["budgeted_mean"] - base["runs"][s]["budgeted_mean"]}
-                       for s in seeds]
+                       for s in sorted(set(group["runs"]) & set(base["runs"]))]   # the seeds both have
         if differences:
             report["paired"].append({"l2w": group["label"], "baseline": base["label"], "per_seed": differences,
                                      **over_seeds(differences)})
-    print_summary(report)
-    write_json(out_json, report)
-    return report
-
-
-def print_summary(report):
     width = max(len(g["label"]) for g in report["groups"]) + 2
     show = lambda mean, std=None, sign="": f"{mean:{sign}8.2f}" + ("       " if std is None else f" ± {std:4.2f}")
     exits = max(len(g["top1_mean"]) for g in report["groups"])
-    low, high = report["range"]
     header = (f"{'':{width}}seeds" + "".join(f"{f'exit {k + 1}':>15}" for k in range(exits))
-              + f"   budgeted: mean over {low / 1e6:.2f}-{high / 1e6:.2f}M Mul-Adds")
+              + f"   budgeted: mean over {budgets[0] / 1e6:.2f}-{budgets[-1] / 1e6:.2f}M Mul-Adds")
     print(f"test top-1 (%), mean ± standard deviation over the seeds\n{header}")
     for g in report["groups"]:
         print(f"{g['label']:{width}}{len(g['seeds']):5d}" + "".join(map(show, g["top1_mean"], g["top1_std"]))
@@ -1561,6 +1532,8 @@ def print_summary(report):
                   + "   " + show(d["budgeted_mean"], sign="+"))
         print(f"{'mean ± std':{width + 5}}" + "".join(map(show, pair["top1_mean"], pair["top1_std"], "+" * exits))
               + "   " + show(pair["budgeted_mean"], pair["budgeted_std"], "+"))
+    write_json(out_json, report)
+    return report
 
 
 # ============================================================================
@@ -1575,17 +1548,14 @@ def bench(cfg):
     model, wpn, optimizer, wpn_optimizer, options = build(cfg, num_classes, device)
     images, targets = to_device(torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size),
                                 torch.randint(num_classes, (cfg.batch_size,)), device, cfg)
-
-    def iteration(**knobs):   # plain: the baseline's iteration, two SGD steps with every weight 1
-        train_step(model, wpn, optimizer, wpn_optimizer, images, targets, dataclasses.replace(cfg, **knobs), **options)
-
+    iteration = partial(train_step, model, wpn, optimizer, wpn_optimizer, images, targets, **options)   # given a cfg
     print(f"bench: {cfg.arch} {cfg.exits} exits, {cfg.image_size}x{cfg.image_size} images, batch {cfg.batch_size}, "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {torch.get_num_threads()} "
           f"threads, amp {cfg.amp}, channels-last {cfg.channels_last}, median of {cfg.bench_iters}")
     # The three kinds of iteration alternate (a busy machine slows them alike) and take turns at going first.
-    steps = [("plain", partial(iteration, method="baseline")),
-             ("higher", partial(iteration, method="l2w", meta_grad="higher")),
-             ("jvp", partial(iteration, method="l2w", meta_grad="jvp"))]
+    steps = [("plain", partial(iteration, dataclasses.replace(cfg, method="baseline"))),   # baseline: every weight 1
+             ("higher", partial(iteration, dataclasses.replace(cfg, method="l2w", meta_grad="higher"))),
+             ("jvp", partial(iteration, dataclasses.replace(cfg, method="l2w", meta_grad="jvp")))]
     times, memory = {name: [] for name, _ in steps}, {}
     for i in range(cfg.bench_iters + 2):   # two warm-up rounds
         for name, step in steps[i % 3:] + steps[:i % 3]:
@@ -1599,26 +1569,21 @@ def bench(cfg):
           f"{results['jvp'] / results['plain']:.2f}x  jvp/higher {results['jvp'] / results['higher']:.2f}x")
     if device.type == "cpu":
         print(f"peak memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
-    if cfg.dataset != "synthetic":
-        data_pipeline(cfg, device)
-    return results
-
-
-def data_pipeline(cfg, device):
-    """The training data pipeline's images/s (--bench-iters batches after one): does it or the
-    iteration bound a run? Loaded after the timings, so that their peak memory holds no images."""
+    if cfg.dataset == "synthetic":
+        return results
+    # Does the data pipeline or the iteration bound a run? Loaded last: the iterations' peak memory holds no images.
     try:
         splits = data.load(cfg, device=device)
     except data.DataError as e:
         print(f"data   not timed: {e}")
-        return
+        return results
     batches = iter(data.make_loader(splits.train, cfg, device, shuffle=True))
     next(batches, None)   # warm-up: loader workers start
     load = lambda: sum(len(to_device(*batch, device, cfg)[0]) for batch in itertools.islice(batches, cfg.bench_iters))
     seconds, images_loaded, _ = timed(load, None, device)
-    print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ("
-          + ("augmented on the device)" if isinstance(splits.train, data.DeviceImages) else
-             f"{cfg.workers} loader workers)"))
+    how = "augmented on the device" if isinstance(splits.train, data.DeviceImages) else f"{cfg.workers} loader workers"
+    print(f"data   {images_loaded / seconds:9.1f} img/s: the training data pipeline ({how})")
+    return results
 
 
 # ============================================================================
