@@ -473,8 +473,7 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
 @torch.no_grad()
 @ieee_fp32()   # the same checkpoint gives the same logits, whatever the TF32 settings
 def predict(model, loader, device, cfg, with_teacher=False):
-    """(K (n, classes) logits, targets) of a split on the CPU (`with_teacher`: IMTA's teacher's appended); under
-    torchrun each rank predicts its share with rank 0's weights and statistics, rank 0 gets the whole."""
+    """(K (n, classes) logits, targets) on the CPU, on rank 0 only; `with_teacher`: IMTA's teacher's appended."""
     net = unwrap(model).eval()
     if dist.is_initialized():   # each rank's running statistics have followed its own shard
         for buffer in net.buffers():
@@ -504,12 +503,6 @@ def topk_accuracy(logits, targets, k):
     return percent((top == targets[:, None]).any(dim=1))
 
 
-def anytime_evaluate(logits, targets, flops, params):
-    """Anytime protocol: top-1/top-5 of every exit with its cumulative Mul-Adds and params."""
-    return [{"exit": k + 1, "acc1": topk_accuracy(z, targets, 1), "acc5": topk_accuracy(z, targets, 5),
-             "flops": flops[k], "params": params[k]} for k, z in enumerate(logits)]
-
-
 def fit_thresholds(confidence, fractions):
     """MSDNet's dynamic_eval_find_threshold: exit k's threshold is the confidence of the floor(n f_k)-th most
     confident sample not yet exited (+inf if that is 0 or not reached); the last exit takes the rest (-inf)."""
@@ -534,30 +527,22 @@ def exit_with_thresholds(confidence, thresholds):
 
 
 def budgeted_point(thresholds, confidence, correct, flops):
-    """Accuracy (%) and mean Mul-Adds per image with these thresholds; confidence, correct: (K, n)."""
-    thresholds, flops = thresholds.to(confidence.device), flops.to(confidence.device)
-    exit_of = exit_with_thresholds(confidence, thresholds)
-    n = confidence.shape[1]
-    share = torch.bincount(exit_of, minlength=len(flops)).double() / n
-    return percent(correct[exit_of, torch.arange(n, device=confidence.device)]), float((share * flops).sum())
+    """Accuracy (%) and mean Mul-Adds per image with these thresholds; confidence, correct: (K, n); flops: K."""
+    exit_of = exit_with_thresholds(confidence, thresholds.to(confidence.device))
+    share = torch.bincount(exit_of, minlength=len(flops)).double() / len(exit_of)
+    return percent(correct.gather(0, exit_of[None])), float((share * share.new_tensor(flops)).sum())   # at its exit
 
 
 def correctness(logits, targets):
-    """(K, n): whether each exit's prediction of each sample is right."""
     return torch.stack([z.argmax(dim=1) == targets for z in logits])
 
 
-def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops,
-                     qs=tuple(p / 20 for p in range(1, 40))):
+def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops, qs=tuple(p / 20 for p in range(1, 40))):
     """Budgeted protocol (MSDNet's dynamic_evaluate): at each q, thresholds fitted on `val`, scored on `test`."""
     val_conf, test_conf = confidences(val_logits), confidences(test_logits)
-    correct, flops = correctness(test_logits, test_targets), torch.tensor(flops, dtype=torch.float64)
-    curve = []
-    for q in qs:
-        thresholds = fit_thresholds(val_conf, exit_fractions(q, len(test_logits)))
-        acc, cost = budgeted_point(thresholds, test_conf, correct, flops)
-        curve.append({"q": q, "acc": acc, "flops": cost})
-    return curve
+    correct, exits = correctness(test_logits, test_targets), len(test_logits)
+    points = (budgeted_point(fit_thresholds(val_conf, exit_fractions(q, exits)), test_conf, correct, flops) for q in qs)
+    return [{"q": q, "acc": acc, "flops": cost} for q, (acc, cost) in zip(qs, points)]
 
 
 def holdout_halves(logits, targets):
@@ -565,34 +550,30 @@ def holdout_halves(logits, targets):
     return tuple(([z[half::2] for z in logits], targets[half::2]) for half in (0, 1))
 
 
-# --budget tries every q of this grid: steps of 0.001 up to 2 (it holds the budgeted protocol's 39
-# values and every coarser decimal grid), then steps of 1 % up to 1000 (the last exit takes nearly all).
+# --budget's q: steps of 0.001 up to 2 (the protocol's 39 among them), then of 1 % up to 1000 (nearly all at the last).
 BUDGET_QS = [p / 1000 for p in range(1, 2001)] + [2 * 1.01 ** j for j in range(1, 625)]
 
 
 def budget_evaluate(budget, val, test, flops):
     """--budget: of the thresholds fitted at each q of BUDGET_QS on one half of the hold-out, the most accurate
     within `budget` on the other (then the cheapest). The test set is scored, never looked at to choose."""
-    (fit_logits, fit_targets), (score_logits, score_targets) = holdout_halves(*val)
-    exits = len(flops)
+    fit, score = holdout_halves(*val)
     if budget >= flops[-1]:
         log(f"--budget {budget / 1e6:.2f}M covers the whole network ({flops[-1] / 1e6:.2f}M Mul-Adds): no early exit")
-        q, thresholds = None, torch.tensor([math.inf] * (exits - 1) + [-math.inf])
+        q, thresholds = None, torch.tensor([math.inf] * (len(flops) - 1) + [-math.inf])
     else:
-        curve = dynamic_evaluate(fit_logits, fit_targets, score_logits, score_targets, flops, BUDGET_QS)
+        curve = dynamic_evaluate(*fit, *score, flops, BUDGET_QS)
         fitting = [row for row in curve if row["flops"] <= budget]
         if not fitting:
             raise UsageError(f"--budget {budget / 1e6:.2f}M: no thresholds meet it on the hold-out (the cheapest: "
                              f"{min(row['flops'] for row in curve) / 1e6:.2f}M Mul-Adds per image)")
         q = max(fitting, key=lambda row: (row["acc"], -row["flops"]))["q"]
-        thresholds = fit_thresholds(confidences(fit_logits), exit_fractions(q, exits))
-    flops = torch.tensor(flops, dtype=torch.float64)
-    holdout_acc, holdout_flops = budgeted_point(thresholds, confidences(score_logits),
-                                                correctness(score_logits, score_targets), flops)
+        thresholds = fit_thresholds(confidences(fit[0]), exit_fractions(q, len(flops)))
+    holdout_acc, holdout_flops = budgeted_point(thresholds, confidences(score[0]), correctness(*score), flops)
     test_acc, test_flops = budgeted_point(thresholds, confidences(test[0]), correctness(*test), flops)
     log(f"\nbudget {budget / 1e6:.2f}M Mul-Adds per image: {'the whole network' if q is None else f'q {q:.4g}'}, "
-        f"thresholds {' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit_targets)} "
-        f"images, scored on {len(score_targets)}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per "
+        f"thresholds {' '.join(f'{t:.4f}' for t in thresholds.tolist())}\n hold-out (fitted on {len(fit[1])} "
+        f"images, scored on {len(score[1])}): top-1 {holdout_acc:.2f}, {holdout_flops / 1e6:.2f}M Mul-Adds per "
         f"image\n test set ({len(test[1])} images): top-1 {test_acc:.2f}, {test_flops / 1e6:.2f}M Mul-Adds per image")
     return {"budget": budget, "q": q, "thresholds": thresholds.tolist(), "holdout_acc": holdout_acc,
             "holdout_flops": holdout_flops, "test_acc": test_acc, "test_flops": test_flops}
@@ -604,9 +585,8 @@ def early_exit_predict(model, images, thresholds):
     exits need is cut to those that remain. Returns (predictions, exits), as `exit_with_thresholds` simulates."""
     if model.training:   # not unconditionally: eval() walks every module, as long as a first exit at batch 1
         model.eval()
-    n, device = images.shape[0], images.device
-    predictions, exit_of = (torch.empty(n, dtype=torch.long, device=device) for _ in range(2))
-    remaining = torch.arange(n, device=device)    # original index of every sample still running
+    remaining = torch.arange(len(images), device=images.device)    # original index of every sample still running
+    predictions, exit_of = (torch.empty_like(remaining) for _ in range(2))
     stream = model.exits_iter(images)
     logits = next(stream)
     for k in range(len(thresholds)):
@@ -638,7 +618,7 @@ def timed(step, images, device):
 
 @torch.inference_mode()
 @ieee_fp32()   # as `predict`, whose logits the budgeted protocol simulates from
-def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=None):
+def early_exit_evaluate(cfg, model, splits, device, val, test, flops, budget=None):
     """--early-exit: the thresholds at cfg.q (or --budget's) for real, at batch 1 and --batch-size, each test batch
     through the whole network and `early_exit_predict` in turn; `same_as_budgeted`: images that exit as simulated."""
     net, exits, n = unwrap(model).eval(), len(flops), len(test[1])
@@ -650,13 +630,12 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
     steps = {"whole": net, "early": partial(early_exit_predict, net, thresholds=thresholds.to(device))}
     runs = []
     for batch_size in dict.fromkeys([1, cfg.batch_size]):
-        loader = data.make_loader(test_set, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
+        loader = data.make_loader(splits.test, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
         seconds, early = {"whole": 0.0, "early": 0.0}, []
         for i, (images, labels) in enumerate(loader):
             images, _ = to_device(images, labels, device, cfg)
-            if i == 0:   # warm-up: the first calls allocate memory and pick kernels
-                for step in steps.values():
-                    timed(step, images, device)
+            for step in steps.values() if i == 0 else ():   # warm-up: the first calls allocate memory and pick kernels
+                timed(step, images, device)
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
                 elapsed, out, _ = timed(steps[name], images, device)
                 seconds[name] += elapsed
@@ -670,12 +649,11 @@ def early_exit_evaluate(cfg, model, test_set, device, val, test, flops, budget=N
                      "same_as_budgeted": int(((exit_of == simulated) & (predictions == simulated_predictions)).sum()),
                      "exit_shares": (torch.bincount(exit_of, minlength=exits).double() / n).tolist()})
     shares = torch.tensor(runs[0]["exit_shares"], dtype=torch.float64)
-    average_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
+    mean_flops = float((shares * torch.tensor(flops, dtype=torch.float64)).sum())
     result = {"q": q, "accuracy": runs[0]["accuracy"], "budgeted_accuracy": percent(simulated_predictions == test[1]),
-              "flops": average_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / average_flops,
-              "runs": runs}
+              "flops": mean_flops, "whole_flops": flops[-1], "flops_speedup": flops[-1] / mean_flops, "runs": runs}
     log(f"\nearly exit at {'the last exit' if q is None else f'q {q:.4g}'} (test set, {n} images)\n top-1 "
-        f"{result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), {average_flops / 1e6:.2f}M "
+        f"{result['accuracy']:.2f} (budgeted protocol: {result['budgeted_accuracy']:.2f}), {mean_flops / 1e6:.2f}M "
         f"Mul-Adds per image (whole network {flops[-1] / 1e6:.2f}M: {result['flops_speedup']:.2f}x), exit shares "
         f"{' '.join(f'{s:.3f}' for s in shares)}\n batch   early exit: ms/image  images/s   whole network: ms/image  "
         "images/s   speedup   share of the Mul-Adds speedup   same as budgeted")
@@ -701,13 +679,11 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
     """What the WPN learned from held-out (n, K) losses, per exit: the `mean` weight; `spearman` of weight and loss
     (None if either is constant; the paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of
     each tenth by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
-    def weights_of(net):   # in float64: float32's rounding (~1e-7, another on each BLAS) would order close weights
-        net = unwrap(net)
-        params = {name: p.double().cpu() for name, p in net.named_parameters()}
-        return sample_weights(functional_call(net, params, (losses.double().cpu(),)), cfg.delta, cfg.constraint)
-    weights, losses = weights_of(wpn), losses.double().cpu()
+    losses = losses.double().cpu()   # float64: float32's rounding (~1e-7, BLAS-dependent) would order close weights
+    weigh = lambda net: sample_weights(copy.deepcopy(unwrap(net)).cpu().double()(losses), cfg.delta, cfg.constraint)
+    weights = weigh(wpn)
     profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
-               "moved": None if initial_wpn is None else (weights - weights_of(initial_wpn)).abs().mean(0).tolist()}
+               "moved": None if initial_wpn is None else (weights - weigh(initial_wpn)).abs().mean(0).tolist()}
     for w, loss in zip(weights.T, losses.T):
         rank_w, rank_l = (ranks - ranks.mean() for ranks in (average_ranks(w), average_ranks(loss)))
         spread = (rank_w.square().sum() * rank_l.square().sum()).sqrt()
@@ -722,16 +698,16 @@ def evaluate(cfg, model, splits, device, val, flops, params, history):
     test = predict(model, data.make_loader(splits.test, cfg, device, False), device, cfg)
     if not is_main():
         return None
-    (test_logits, test_targets), (val_logits, val_targets) = test, val
-    anytime = anytime_evaluate(test_logits, test_targets, flops, params)
-    dynamic = dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
-    fit, score = holdout_halves(val_logits, val_targets)   # the budgeted curve on the hold-out alone
+    anytime = [{"exit": k + 1, "acc1": topk_accuracy(z, test[1], 1), "acc5": topk_accuracy(z, test[1], 5),
+                "flops": flops[k], "params": params[k]} for k, z in enumerate(test[0])]   # anytime: every exit
+    dynamic = dynamic_evaluate(*val, *test, flops)
+    fit, score = holdout_halves(*val)   # the budgeted curve on the hold-out alone
     holdout = dynamic_evaluate(*fit, *score, flops) if splits.threshold_source == "holdout" else None
-    log(f"\nanytime (test set, {len(test_targets)} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
+    log(f"\nanytime (test set, {len(test[1])} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
     for row in anytime:
         log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
             f"{row['params'] / 1e6:12.3f}")
-    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val_targets)} images"
+    log(f"\nbudgeted (thresholds on the {splits.threshold_source} split, {len(val[1])} images"
         + ("; hold-out columns: thresholds fitted on one half of it, scored on the other)" if holdout else ")")
         + "\n    q   top-1   Mul-Adds (M)" + ("   hold-out top-1   Mul-Adds (M)" if holdout else ""))
     for row, own in zip(dynamic, holdout or [None] * len(dynamic)):
@@ -743,8 +719,7 @@ def evaluate(cfg, model, splits, device, val, flops, params, history):
     if cfg.budget:
         results["budget"] = budget_evaluate(cfg.budget, val, test, flops)
     if cfg.early_exit:
-        results["early_exit"] = early_exit_evaluate(cfg, model, splits.test, device, val, test, flops,
-                                                    results.get("budget"))
+        results["early_exit"] = early_exit_evaluate(cfg, model, splits, device, val, test, flops, results.get("budget"))
     write_json(os.path.join(cfg.out, "results.json"), results)
     log(f"\nwrote {cfg.out}/results.json")
     return results
@@ -785,7 +760,6 @@ def write_json(path, obj):
 
 
 def check_file(path, what):
-    """One line for a path that is not a file: missing, or a folder (naming the checkpoint in it)."""
     inside = os.path.join(path, "checkpoint.pt")
     need(not os.path.isdir(path), f"{what} '{path}' is a folder, not a file"
          + (f"; the run's checkpoint in it is '{inside}'" if os.path.isfile(inside) else ""))
@@ -975,10 +949,9 @@ class StopSignal:
     def __call__(self):   # the signal to stop for (0: go on), the same on every rank
         if self.group is None:
             return self.received
-        agreed = 0
         if self.pending:   # started an iteration ago: on a loaded CPU, hardly ever still running
             self.pending[0].wait()
-            agreed = int(self.pending[1])
+        agreed = int(self.pending[1]) if self.pending else 0
         flag = torch.tensor([self.received])
         self.pending = dist.all_reduce(flag, dist.ReduceOp.MAX, group=self.group, async_op=True), flag
         return agreed
@@ -1080,12 +1053,10 @@ def train(cfg, state=None):
 
 def epoch_record(cfg, epoch, sums, counts, seconds, optimizer, wpn_optimizer):
     """results.json["history"]'s record of an epoch (`validate` adds the hold-out's accuracy and the WPN's weights)."""
-    (loss, meta_loss), (iterations, meta_iterations) = sums.tolist(), counts
-    return {"epoch": epoch + 1, "loss": loss / iterations if iterations else None,
-            "meta_loss": meta_loss / meta_iterations if meta_iterations else None,
-            "lr": optimizer.param_groups[0]["lr"], "wpn_lr": wpn_optimizer.param_groups[0]["lr"],
-            "holdout_top1": None, "seconds": seconds,
-            "images_per_s": iterations * cfg.batch_size / seconds if seconds else None, "weights": None}
+    loss, meta_loss = (s / c if c else None for s, c in zip(sums.tolist(), counts))   # as the progress lines
+    return {"epoch": epoch + 1, "loss": loss, "meta_loss": meta_loss, "lr": optimizer.param_groups[0]["lr"],
+            "wpn_lr": wpn_optimizer.param_groups[0]["lr"], "holdout_top1": None, "seconds": seconds,
+            "images_per_s": counts[0] * cfg.batch_size / seconds if seconds else None, "weights": None}
 
 
 def validate(cfg, model, wpn, loader, device, record, initial_wpn):
@@ -1097,11 +1068,10 @@ def validate(cfg, model, wpn, loader, device, record, initial_wpn):
     if distilled:
         (*logits, teacher), targets = val
         val = logits, targets
+        losses = distillation_losses(logits, teacher, targets, cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction)
     record["holdout_top1"] = [topk_accuracy(z, val[1], 1) for z in val[0]]
     if cfg.method == "l2w":
-        losses = (distillation_losses(val[0], teacher, val[1], cfg.kd_temperature, cfg.kd_gamma, cfg.kd_reduction)
-                  if distilled else exit_cross_entropy(*val))
-        record["weights"] = weight_profile(losses, wpn, cfg, initial_wpn)
+        record["weights"] = weight_profile(losses if distilled else exit_cross_entropy(*val), wpn, cfg, initial_wpn)
     weights = record["weights"]
     log(f"epoch {record['epoch']}/{cfg.epochs} hold-out top-1 per exit: "
         + " ".join(f"{a:.2f}" for a in record["holdout_top1"])
@@ -1234,8 +1204,7 @@ META_FIELDS = ("wpn_lr", "wpn_weight_decay", "wpn_depth", "wpn_width", "q", "del
                "meta_grad", "tf32")
 KD_FIELDS = ("kd_temperature", "kd_gamma", "kd_reduction")
 FILE_FIELDS = ("pretrained", "weights", "holdout_indices")
-# --imta finetune takes these from the --pretrained checkpoint: the network it freezes and the
-# data it was trained on (its hold-out split too, so no phase trains on the hold-out images).
+# --imta finetune takes from --pretrained the network it freezes, its data and its hold-out (no phase trains on it).
 PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdout_indices", "arch", "exits", "step",
                      "base", "image_size")
 # --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
@@ -1479,8 +1448,7 @@ def summarize(paths, out_json):
     the `best_within` mean; L2W-DEN minus its baseline (if given), seed by seed. Test figures: it chooses nothing."""
     runs = [read_results(p, "--summary") for p in paths]
     budgets, scores = best_within([r["dynamic"] for r in runs], "--summary")
-    # What a run trained: every field but where and how it ran and the files it started from (an IMTA phase-2
-    # run of each seed starts from a phase-1 run of its own).
+    # What a run trained: all but where and how it ran and the files it started from (each seed's own IMTA phase 1).
     trained = [f.name for f in dataclasses.fields(Config) if f.name not in (*NOT_TRAINING, *FILE_FIELDS)]
     key = lambda c, skip=(): tuple(repr(c.get(k)) for k in trained if k not in ("seed", *skip))
     groups = {}

@@ -1192,7 +1192,7 @@ def test_accuracies_are_what_they_mean_without_float32_noise():
     assert l2w.topk_accuracy(logits, targets, 1) == 73.0 and l2w.topk_accuracy(logits, targets, 5) == 100.0
     assert l2w.topk_accuracy(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), targets[:3], 1) == 66.6667
     correct = torch.tensor([[True] * 73 + [False] * 27, [False] * 100])
-    acc, _ = l2w.budgeted_point(torch.tensor([0.5, -math.inf]), torch.ones(2, 100), correct, torch.tensor([1.0, 2.0]))
+    acc, _ = l2w.budgeted_point(torch.tensor([0.5, -math.inf]), torch.ones(2, 100), correct, [1.0, 2.0])
     assert acc == 73.0
 
 
@@ -3322,8 +3322,7 @@ def test_budgeted_point_takes_logits_on_another_device_than_its_thresholds():
     # operand in an operation raises; what is left to raise is what needs values: bincount's size.
     confidence, correct = torch.rand(3, 10, device="meta"), torch.ones(3, 10, dtype=torch.bool, device="meta")
     with pytest.raises(NotImplementedError, match="bincount"):
-        l2w.budgeted_point(torch.tensor([0.5, 0.5, -math.inf]), confidence, correct,
-                           torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        l2w.budgeted_point(torch.tensor([0.5, 0.5, -math.inf]), confidence, correct, [1.0, 2.0, 3.0])
 
 
 def test_a_sample_that_reaches_no_threshold_runs_to_the_last_exit_in_both_protocols():
