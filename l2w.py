@@ -70,7 +70,7 @@ class Config:
     method: str = "l2w"            # l2w (learned weights) | baseline (all weights 1, no meta step)
     epochs: int = 300
     batch_size: int = 1024         # global batch, split into two halves, each one SGD update
-    lr: float = 0.0                # cosine to 0; leave it out for the paper's 0.1 x half-batch / 64 (CIFAR) or / 256
+    lr: float = 0.0                # cosine to 0; leave it out for the paper's 0.1 x half-batch / 64 (/ 256 from 64 px)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     wpn_lr: float = 1e-4           # Adam, cosine to 0
@@ -92,14 +92,14 @@ class Config:
     channels_last: bool = False    # NHWC memory format, faster convolutions on recent GPUs
     tf32: bool = False             # TF32 in the meta-gradient too: faster on recent GPUs, less exact
     deterministic: bool = False    # deterministic GPU kernels (slower), so that a resume is bit-identical on a GPU too
-    out: str = ""                  # run directory; default runs/<dataset>_<arch><exits>_<method>_<q>_<seed>
+    out: str = ""                  # run folder, else runs/<data>_<arch><exits>_<method>[_q<q>]_seed<seed>[_<flag>...]
     print_every: int = 20          # iterations between progress lines
-    save_every: int = 0            # iterations between checkpoints (0: each epoch); also on SIGTERM/SIGUSR1
+    save_every: int = 0            # checkpoints every N iterations too (0: epochs' ends only); also on SIGTERM/SIGUSR1
     resume: str = ""               # checkpoint to continue from (or to evaluate with --eval-only)
     weights: str = ""              # released MSDNet-PyTorch / L2W-DEN checkpoint to start from (or to evaluate)
     eval_only: bool = False        # evaluate --resume or --weights and write results.json, no training
-    early_exit: bool = False       # also run the test set with real early exiting at --q, timed vs the whole network
-    budget: float = 0.0            # --eval-only: mean Mul-Adds/image (20M)
+    early_exit: bool = False       # also real early exit on the test set at --q or --budget, timed vs the whole network
+    budget: float = 0.0            # --eval-only: the mean Mul-Adds per image to stay within, as 20M or 1.5G
     bench: bool = False            # time plain, L2W (higher) and L2W (jvp) iterations, then exit
     bench_iters: int = 10          # timed iterations per method in --bench
     imta: str = ""                 # IMTA phase: pretrain (gradient equilibrium) | finetune (ISC + distillation)
@@ -234,9 +234,9 @@ def meta_exit_assignment(confidence, fractions):
 
 
 def meta_loss_fn(logits, targets, q):
-    """Meta objective (step 4): the meta samples assigned to exits with fractions f_k ~ q^k, as budgeted
-    inference would; the sum over exits of the mean CE of those leaving there, each CE weighted 1 / (the
-    exit's count) or 0 (a mask would make the host wait for the GPU to count)."""
+    """Meta objective (step 4): each meta sample goes to an exit as budgeted inference with fractions f_k ~ q^k
+    would send it; the sum over exits of the mean CE of the samples there (one-hot weights 1 / count: boolean
+    indexing would make the host wait for the GPU to count)."""
     logits = check_exit_logits(logits)
     exit_of = meta_exit_assignment(confidences([z.detach() for z in logits]), exit_fractions(q, len(logits)))
     losses = exit_cross_entropy(logits, targets)
@@ -280,16 +280,16 @@ def higher_meta_gradient(wpn, optimizer, params, losses, weights, meta_loss, sca
 
 
 def virtual_sgd_step(optimizer, params, grads):
-    """theta' = theta - lr (mu buf + g + wd theta), torch.optim.SGD's formula with each parameter's group
-    and momentum buffer (none yet: the step). Affine in g: returns (theta', a), d theta'_p / d g_p = -a_p."""
+    """theta' = theta - lr (mu buf + g + wd theta), torch.optim.SGD's formula with each parameter's group and
+    momentum buffer (before SGD's first step: the step). Affine in g: returns (theta', a), d theta'_p / d g_p = -a_p."""
     group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
     theta_virtual, slopes = [], []
     for p, g in zip(params, grads):
         group = group_of[p]
         mu, dampening = group["momentum"], group["dampening"]
         step, slope = g.add(p, alpha=group["weight_decay"]), 1.0
-        buf = optimizer.state.get(p, {}).get("momentum_buffer") if mu else None
-        if mu:
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if mu:   # SGD's buffer: mu buf + (1 - dampening) step, and at the first step the step itself
             buf, slope = (step, 1.0) if buf is None else (buf.mul(mu).add_(step, alpha=1 - dampening), 1 - dampening)
             step, slope = (step.add(buf, alpha=mu), 1 + mu * slope) if group["nesterov"] else (buf, slope)
         theta_virtual.append(p.add(step, alpha=-group["lr"]))
@@ -351,8 +351,8 @@ def ieee_fp32():
     cudnn = torch.backends.cudnn
     # torch >= 2.9 also keeps a precision per operation, which the older flags set too, and raises where
     # the two disagree (a user's set_float32_matmul_precision("high") and our "ieee"): both are set.
-    per_op = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, cudnn.conv, cudnn.rnn] if hasattr(
-        cudnn, "conv") else []
+    per_op = ([torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, cudnn.conv, cudnn.rnn]
+              if hasattr(cudnn, "conv") else [])
     try:   # unreadable where a user set per-operation ones alone (they disagree already): left alone
         older = torch.get_float32_matmul_precision(), cudnn.allow_tf32
     except RuntimeError:
@@ -380,13 +380,13 @@ def half_step(model, wpn, optimizer, wpn_optimizer, images, targets, meta_images
     meta_step = cfg.method == "l2w" and meta
     meta_scaler, real_scaler = (scalers["meta"], scalers["real"]) if scalers else (None, None)
     draws = random_state(images.device) if meta_step else None   # what step 1's dropout draws from
-    # Step 1: L[i, k], in fp32 under AMP and steps 1-5 in IEEE fp32 (`meta_precision`): in bf16 or TF32 the
-    # meta-gradient is mostly rounding error. This forward's graph serves both the virtual and the real step.
+    # Step 1: L[i, k]; on a meta step outside autocast (step 4 keeps it), and steps 1-5's fp32 in IEEE, not TF32
+    # (`meta_precision`): bf16 or TF32 make the meta-gradient mostly rounding error. Its graph serves steps 3, 6.
     with (meta_precision if meta_step else autocast)():
         losses = loss_fn(model, images, targets)
     meta_loss, skipped = None, False
     if meta_step:
-        params = trainable_parameters(net)   # steps 2-5 move the WPN only; the virtual step what the real one does
+        params = trainable_parameters(net)   # steps 2-5 move only the WPN; the virtual step, what the real one moves
 
         def train_losses(theta):   # the train half's losses at `theta`
             return loss_fn(partial(functional_forward, net, theta), images, targets)
@@ -429,8 +429,8 @@ def check_meta_step(model, optimizer, cfg):
         raise ValueError(f"the optimizer does not hold {missing[0]}"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     if cfg.meta_grad == "higher" and len(held) > len(trainable):
-        raise ValueError(f"meta_grad 'higher': the optimizer also holds {len(held) - len(trainable)} frozen ones "
-                         "(leave them out, or use meta_grad 'jvp')")
+        raise ValueError(f"meta_grad 'higher': the optimizer holds {len(held) - len(trainable)} frozen parameter(s) "
+                         "too (leave them out, or use meta_grad 'jvp')")
     if any(group.get("maximize") for group in groups):
         raise ValueError("the virtual step descends the weighted loss: an optimizer with maximize=True cannot take it")
     if cfg.meta_grad == "jvp" and type(optimizer) is not torch.optim.SGD:
@@ -456,14 +456,14 @@ def train_step(model, wpn, optimizer, wpn_optimizer, images, targets, cfg, meta=
         check_meta_step(model, optimizer, cfg)
     model.train()
     wpn.train()
-    a, b = images.chunk(2), targets.chunk(2)
-    if len(a) != 2 or a[0].shape[0] != a[1].shape[0]:
+    x, y = images.chunk(2), targets.chunk(2)   # half A: x[0], y[0]; half B: x[1], y[1]
+    if len(x) != 2 or x[0].shape[0] != x[1].shape[0]:
         raise ValueError(f"a batch of {images.shape[0]} cannot be split into two equal halves")
-    halves = [half_step(model, wpn, optimizer, wpn_optimizer, a[i], b[i], a[1 - i], b[1 - i], cfg, meta,
-                        loss_fn, autocast, scalers, meta_precision) for i in (0, 1)]
-    metas = [h[1] for h in halves if h[1] is not None]
-    return {"loss": (halves[0][0] + halves[1][0]) / 2, "meta_loss": sum(metas) / 2 if metas else None,
-            "wpn_skipped": sum(h[2] for h in halves)}
+    (loss_a, meta_a, skipped_a), (loss_b, meta_b, skipped_b) = (   # (train, meta) = (A, B), then (B, A)
+        half_step(model, wpn, optimizer, wpn_optimizer, x[i], y[i], x[1 - i], y[1 - i], cfg, meta, loss_fn, autocast,
+                  scalers, meta_precision) for i in (0, 1))
+    return {"loss": (loss_a + loss_b) / 2, "meta_loss": None if meta_a is None else (meta_a + meta_b) / 2,
+            "wpn_skipped": skipped_a + skipped_b}
 
 
 # ============================================================================
@@ -527,20 +527,19 @@ def exit_with_thresholds(confidence, thresholds):
 
 
 def budgeted_point(thresholds, confidence, correct, flops):
-    """Accuracy (%) and mean Mul-Adds per image with these thresholds; confidence, correct: (K, n); flops: K."""
+    """Top-1 (%) at each image's exit and mean Mul-Adds per image with these thresholds; confidence, correct: (K, n)."""
     exit_of = exit_with_thresholds(confidence, thresholds.to(confidence.device))
     share = torch.bincount(exit_of, minlength=len(flops)).double() / len(exit_of)
-    return percent(correct.gather(0, exit_of[None])), float((share * share.new_tensor(flops)).sum())   # at its exit
+    return percent(correct.gather(0, exit_of[None])), float((share * share.new_tensor(flops)).sum())
 
 
 def correctness(logits, targets):
     return torch.stack([z.argmax(dim=1) == targets for z in logits])
 
 
-def dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops, qs=tuple(p / 20 for p in range(1, 40))):
+def dynamic_evaluate(val, test, flops, qs=tuple(p / 20 for p in range(1, 40))):
     """Budgeted protocol (MSDNet's dynamic_evaluate): at each q, thresholds fitted on `val`, scored on `test`."""
-    val_conf, test_conf = confidences(val_logits), confidences(test_logits)
-    correct, exits = correctness(test_logits, test_targets), len(test_logits)
+    val_conf, test_conf, correct, exits = confidences(val[0]), confidences(test[0]), correctness(*test), len(flops)
     points = (budgeted_point(fit_thresholds(val_conf, exit_fractions(q, exits)), test_conf, correct, flops) for q in qs)
     return [{"q": q, "acc": acc, "flops": cost} for q, (acc, cost) in zip(qs, points)]
 
@@ -562,7 +561,7 @@ def budget_evaluate(budget, val, test, flops):
         log(f"--budget {budget / 1e6:.2f}M covers the whole network ({flops[-1] / 1e6:.2f}M Mul-Adds): no early exit")
         q, thresholds = None, torch.tensor([math.inf] * (len(flops) - 1) + [-math.inf])
     else:
-        curve = dynamic_evaluate(*fit, *score, flops, BUDGET_QS)
+        curve = dynamic_evaluate(fit, score, flops, BUDGET_QS)
         fitting = [row for row in curve if row["flops"] <= budget]
         if not fitting:
             raise UsageError(f"--budget {budget / 1e6:.2f}M: no thresholds meet it on the hold-out (the cheapest: "
@@ -629,13 +628,14 @@ def early_exit_evaluate(cfg, model, splits, device, val, test, flops, budget=Non
     simulated_predictions = torch.stack(test[0]).argmax(dim=2)[simulated, torch.arange(n)]
     steps = {"whole": net, "early": partial(early_exit_predict, net, thresholds=thresholds.to(device))}
     runs = []
-    for batch_size in dict.fromkeys([1, cfg.batch_size]):
+    for batch_size in dict.fromkeys([1, cfg.batch_size]):   # once if --batch-size is 1
         loader = data.make_loader(splits.test, dataclasses.replace(cfg, batch_size=batch_size), device, shuffle=False)
         seconds, early = {"whole": 0.0, "early": 0.0}, []
         for i, (images, labels) in enumerate(loader):
             images, _ = to_device(images, labels, device, cfg)
-            for step in steps.values() if i == 0 else ():   # warm-up: the first calls allocate memory and pick kernels
-                timed(step, images, device)
+            if i == 0:   # warm-up: the first calls allocate memory and pick kernels
+                for step in steps.values():
+                    timed(step, images, device)
             for name in ("whole", "early") if i % 2 == 0 else ("early", "whole"):
                 elapsed, out, _ = timed(steps[name], images, device)
                 seconds[name] += elapsed
@@ -679,7 +679,7 @@ def weight_profile(losses, wpn, cfg, initial_wpn=None):
     """What the WPN learned from held-out (n, K) losses, per exit: the `mean` weight; `spearman` of weight and loss
     (None if either is constant; the paper: < 0 at early exits, > 0 at late ones); `deciles`, the mean weight of
     each tenth by loss, easiest first; `moved`, the mean |w - w_start| against the WPN's start."""
-    losses = losses.double().cpu()   # float64: float32's rounding (~1e-7, BLAS-dependent) would order close weights
+    losses = losses.double().cpu()   # float64 (the WPNs on copies): float32's rounding would order close weights
     weigh = lambda net: sample_weights(copy.deepcopy(unwrap(net)).cpu().double()(losses), cfg.delta, cfg.constraint)
     weights = weigh(wpn)
     profile = {"mean": weights.mean(0).tolist(), "spearman": [], "deciles": [],
@@ -700,9 +700,8 @@ def evaluate(cfg, model, splits, device, val, flops, params, history):
         return None
     anytime = [{"exit": k + 1, "acc1": topk_accuracy(z, test[1], 1), "acc5": topk_accuracy(z, test[1], 5),
                 "flops": flops[k], "params": params[k]} for k, z in enumerate(test[0])]   # anytime: every exit
-    dynamic = dynamic_evaluate(*val, *test, flops)
-    fit, score = holdout_halves(*val)   # the budgeted curve on the hold-out alone
-    holdout = dynamic_evaluate(*fit, *score, flops) if splits.threshold_source == "holdout" else None
+    dynamic = dynamic_evaluate(val, test, flops)
+    holdout = dynamic_evaluate(*holdout_halves(*val), flops) if splits.threshold_source == "holdout" else None
     log(f"\nanytime (test set, {len(test[1])} images)\n exit   top-1   top-5   Mul-Adds (M)   params (M)")
     for row in anytime:
         log(f"{row['exit']:5d} {row['acc1']:7.2f} {row['acc5']:7.2f} {row['flops'] / 1e6:14.2f} "
@@ -749,10 +748,11 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as e:   # torch.save reports a failed write as a RuntimeError
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        free = shutil.disk_usage(os.path.dirname(path) or ".").free / 2 ** 20
+        folder = os.path.dirname(path) or "."
+        free = f"; {shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free there" if os.path.isdir(folder) else ""
         kept = "the last one written is intact" if os.path.exists(path) else "nothing was written"
-        raise UsageError(f"cannot write '{path}' ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}; "
-                         f"{free:.0f} MiB free there); {kept}") from None
+        raise UsageError(f"cannot write '{path}' ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}{free}); "
+                         f"{kept}") from None
 
 
 def write_json(path, obj):
@@ -865,16 +865,17 @@ def load_weights(cfg, model, wpn):
     try:
         info = load_released(model, cfg.weights, wpn)
     except ValueError as e:   # another network or WPN than the flags build, or not a released file
-        hint = ("--exits, --step, --base, --image-size and the data choose the network, --wpn-depth and --wpn-width "
-                "the WPN" if "does not fit this" in str(e) else "l2w.py's own: --resume, IMTA phase 1's: --pretrained")
-        raise UsageError(f"{e} ({hint})") from None
+        hints = {"does not fit this": "--exits, --step, --base, --image-size and the data choose the network, "
+                                      "--wpn-depth and --wpn-width the WPN",
+                 "no 'state_dict'": "l2w.py's own: --resume, IMTA phase 1's: --pretrained"}
+        raise UsageError(str(e) + "".join(f" ({hint})" for key, hint in hints.items() if key in str(e))) from None
     except Exception as e:   # not a file torch.load(weights_only=True) can read
         raise UsageError(f"--weights '{cfg.weights}' is not a readable checkpoint ({type(e).__name__})") from None
     log(f"loaded {cfg.weights}{' and its WPN' if info['wpn'] else ''} (released, epoch {info.get('epoch', '?')})")
 
 
 def starting_point(cfg, state, pretrained, splits, device, nets, scalers):
-    """From --resume, --pretrained (IMTA's phase 2), --weights or scratch: (epoch, iteration, history, tally, WPN)."""
+    """From --resume, --pretrained (IMTA 2), --weights or scratch: (epoch, iteration, history, tally, initial WPN)."""
     (net, wpn), optimizers = map(unwrap, nets[:2]), nets[2:]
     if not state:
         if pretrained:
@@ -998,7 +999,7 @@ def train(cfg, state=None):
     save = partial(save_checkpoint, cfg, nets, scalers, splits, device, history, initial_wpn)
     stop, skipped, val = StopSignal(), 0, None
     try:
-        for epoch in range(start_epoch, cfg.epochs) if not cfg.eval_only else ():
+        for epoch in range(start_epoch, start_epoch if cfg.eval_only else cfg.epochs):
             skip = start_batch if epoch == start_epoch else 0
             train_loader.batch_sampler.set_epoch(epoch, skip)
             # The epoch's loss and meta loss, summed on the device and read at progress lines only (a read makes
@@ -1250,7 +1251,8 @@ def parse_config(argv=None):
     --resume continues beside the checkpoint with its config, flags winning but RESUME_FIELDS'; --eval-only
     writes into <checkpoint's folder>/eval (or runs/eval_<file>), then eval-2, ..., never over results."""
     comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = OneLineParser(description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS,
+    parser = OneLineParser(description=__doc__.split("\n\n")[0] + " --dataset's preset (the paper's settings, l2w.py's "
+                           "PRESETS) replaces some of the defaults shown.", argument_default=argparse.SUPPRESS,
                            epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
                                   "--select-q PATH [PATH ...] [--out select_q.json] picks q on their hold-out curves; "
                                   "--summary PATH [PATH ...] [--out summary.json] compares methods over seeds")
@@ -1312,8 +1314,7 @@ def kept_fields(flags, config, fields, whose, why):
 
 def pretrained_fields(flags):
     """The PRETRAINED_FIELDS of the --pretrained checkpoint, which must be a finished phase-1 run."""
-    path = flags["pretrained"]
-    state = load_checkpoint(path)
+    path, state = flags["pretrained"], load_checkpoint(flags["pretrained"])
     config = state["config"]
     need(config.get("imta") != "finetune", f"--pretrained '{path}' is of --imta finetune; give the --imta pretrain one")
     need(not state["batch"] and state["epoch"] >= config.get("epochs", 0), f"--pretrained '{path}' is unfinished "
@@ -1562,7 +1563,7 @@ def bench(cfg):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        commands = {"--plot": (plot_curves, "curves.png", "accuracy against Mul-Adds of finished runs"),
+        commands = {"--plot": (plot_curves, "curves.png", "accuracy vs Mul-Adds, hold-out accuracy, WPN weights"),
                     "--select-q": (select_q, "select_q.json", "q chosen on the hold-out curves of a q sweep"),
                     "--summary": (summarize, "summary.json", "runs that differ only in seed: mean and spread "
                                                              "per group, and L2W-DEN minus baseline per seed")}

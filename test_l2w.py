@@ -460,10 +460,12 @@ def test_cli_weights_evaluates_a_released_checkpoint_and_refuses_one_that_does_n
     assert [r["acc1"] for r in results["anytime"]] == pytest.approx(expected, abs=1e-9)
     for flags, message in [(["--exits", "4"], "does not fit this MSDNet: exits 3 in the file, 4 here"),
                            (["--wpn-width", "100"], "its WPN (depth 1, width 500, exits 3) does not fit"),
-                           (["--resume", str(path)], "give one of them")]:
+                           (["--resume", str(path)], "give one of them"),
+                           (["--arch", "ranet", "--exits", "6"], "this model is a RANet")]:   # no hint: none helps
         bad = cli(*args, "--eval-only", "--weights", str(path), *flags, "--out", str(tmp_path / "bad"))
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and message in lines[0], bad.stderr
+    assert lines[0].endswith("released checkpoints are MSDNets; this model is a RANet"), lines
 
 
 # ----------------------------------------------------------------------------
@@ -798,7 +800,7 @@ def test_readme_own_project_example_runs_and_the_readme_stays_for_users(capsys):
     (dict(forward=lambda z: z[1]), r"per-exit logits.*got a tensor of shape \(4, 5\)"),
     (dict(forward=lambda z: {"exit1": z[0]}), "per-exit logits.*got dict"),
     (dict(forward=lambda z: (Reverse.apply(z[0]), z[1]), jvp=True), "forward-mode AD .* use meta_grad 'higher'"),
-    (dict(frozen_in=True), "meta_grad 'higher': the optimizer also holds 1 frozen ones (leave them out, or use meta_grad 'jvp')"),
+    (dict(frozen_in=True), "meta_grad 'higher': the optimizer holds 1 frozen parameter(s) too (leave them out, or use meta_grad 'jvp')"),
     (dict(maximize=True), "maximize=True"),
     (dict(q=0.0), "q must be a finite number > 0 and delta one >= 0, got q 0.0 and delta 0.8"),
 ])
@@ -1240,7 +1242,7 @@ def test_dynamic_evaluate_matches_msdnet_loop():
     test_logits = [torch.randn(150, classes) * s for s in scale]
     val_targets, test_targets = torch.randint(classes, (120,)), torch.randint(classes, (150,))
     flops = [1e6, 2.5e6, 4e6, 7e6]
-    curve = l2w.dynamic_evaluate(val_logits, val_targets, test_logits, test_targets, flops)
+    curve = l2w.dynamic_evaluate((val_logits, val_targets), (test_logits, test_targets), flops)
     expected = msdnet_dynamic_eval_loop(val_logits, val_targets, test_logits, test_targets, flops)
     assert len(curve) == 39 and [c["q"] for c in curve] == [p / 20 for p in range(1, 40)]
     for row, (acc, exp_flops) in zip(curve, expected):
@@ -3342,7 +3344,7 @@ def test_a_sample_that_reaches_no_threshold_runs_to_the_last_exit_in_both_protoc
         assert simulated.tolist() == exit_of.tolist() == expected
     # the budgeted protocol on all-NaN logits charges the whole network
     logits, targets = [torch.full((4, 10), nan)] * 3, torch.zeros(4, dtype=torch.long)
-    curve = l2w.dynamic_evaluate(logits, targets, logits, targets, [1.0, 2.0, 3.0])
+    curve = l2w.dynamic_evaluate((logits, targets), (logits, targets), [1.0, 2.0, 3.0])
     assert {point["flops"] for point in curve} == {3.0}
 
 
@@ -3409,6 +3411,10 @@ def test_bad_paths_and_environments_give_one_line_before_anything_is_written(wei
     results.write_text(json.dumps(fake_results("l2w", 3)))
     line = one_line_error(["--plot", str(results), "--out", str(tmp_path / "missing" / "c.png")])
     assert f"--out '{tmp_path / 'missing' / 'c.png'}' cannot be written (" in line
+    # --summary (and --select-q) write through atomic_write, which names a missing folder in one line
+    missing = tmp_path / "missing" / "summary.json"
+    assert one_line_error(["--summary", str(results), "--out", str(missing)]) == (
+        f"error: cannot write '{missing}' (No such file or directory); nothing was written")
     # WORLD_SIZE without torchrun
     monkeypatch.setenv("WORLD_SIZE", "2")
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
