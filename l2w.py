@@ -1211,6 +1211,7 @@ PRETRAINED_FIELDS = ("dataset", "imbalance", "synthetic_size", "holdout", "holdo
 # --resume keeps these from the checkpoint: they fix the data (the seed draws the synthetic and the
 # long-tailed sets), the hold-out split, the networks it holds and the batches its position counts.
 RESUME_FIELDS = PRETRAINED_FIELDS + ("seed", "imta", "wpn_depth", "wpn_width", "batch_size")
+FIELD_HELP = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))   # each field's comment
 
 
 def default_out(cfg):
@@ -1250,7 +1251,6 @@ def parse_config(argv=None):
     """The CLI, generated from the Config fields and their comments. Returns (config, checkpoint or None):
     --resume continues beside the checkpoint with its config, flags winning but RESUME_FIELDS'; --eval-only
     writes into <checkpoint's folder>/eval (or runs/eval_<file>), then eval-2, ..., never over results."""
-    comments = dict(re.findall(r"^    (\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
     parser = OneLineParser(description=__doc__.split("\n\n")[0] + " --dataset's preset (the paper's settings, l2w.py's "
                            "PRESETS) replaces some of the defaults shown.", argument_default=argparse.SUPPRESS,
                            epilog="python l2w.py --plot PATH [PATH ...] [--out curves.png] draws finished runs; "
@@ -1258,7 +1258,7 @@ def parse_config(argv=None):
                                   "--summary PATH [PATH ...] [--out summary.json] compares methods over seeds")
     for f in dataclasses.fields(Config):
         if f.metadata.get("cli", True):   # lr shows no default: its comment says the rule
-            help = comments.get(f.name, "") + ("" if f.name == "lr" else f" (default: {f.default})")
+            help = FIELD_HELP.get(f.name, "") + ("" if f.name == "lr" else f" (default: {f.default})")
             kind = ({"action": "store_true"} if f.type is bool else
                     {"type": mul_adds if f.name == "budget" else f.type, "metavar": f.name.upper()})
             parser.add_argument("--" + f.name.replace("_", "-"), help=help, **kind)
