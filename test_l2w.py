@@ -1939,8 +1939,7 @@ def predict_on_two_ranks(rank, folder):
 def test_help_and_docstring_say_what_holds():
     # --lr 0 is refused, so the help says to leave --lr out for the paper's rule; the demo's time is
     # the README's; the per-image seed is what PyTorch's CPU generator uses, 32 bits
-    parser_help = subprocess.run([sys.executable, os.path.join(HERE, "l2w.py"), "--help"], capture_output=True,
-                                 text=True).stdout
+    parser_help = cli("--help").stdout
     lr_help = " ".join(parser_help.split("\n  --lr LR")[1].split("\n  --momentum")[0].split())
     assert "leave it out for the paper's" in lr_help and "default: 0.0" not in lr_help, lr_help
     readme = open(os.path.join(HERE, "README.md")).read()
